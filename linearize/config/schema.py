@@ -1,0 +1,133 @@
+"""Dataclass schemas for every config section. OmegaConf builds structured (strict) configs from these,
+so an unknown key or a wrong type is an error. Defaults follow the LoLCATs recipe (../shared/METHODS.md)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+# sigmoid(logit(0.1)) = 0.1: LoLCATs starts every head giving the window 10% weight.
+INIT_WINDOW_LOGIT = math.log(0.1 / 0.9)
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2-135m-instruct"  # HF directory, a .gguf file, or a registered name
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    tokenizer: Optional[str] = None  # defaults to model.path
+
+
+@dataclass
+class AttentionConfig:
+    mechanism: str = "window_linear"  # linear | window_linear | liger | liger_window | lawcat | softmax
+    feature_map: str = "hedgehog"  # hedgehog | hedgehog_joint | t2r | elu | softmax_dim | identity
+    feature_dim: int = 64  # f: hedgehog output width is 2f
+    tie_qk_feature_map: bool = False  # one map shared by q and k (lawcat always ties)
+    window_size: int = 64  # W for window mechanisms
+    window_only: bool = False  # window_linear without the linear branch: the sliding-window baseline
+    init_window_logit: float = INIT_WINDOW_LOGIT
+    liger_alpha: float = 0.5  # liger_window: weight of the sliding-window softmax half
+    liger_beta: float = 0.5  # liger_window: weight of the gated linear half
+    gate_rank: int = 16  # lawcat: low-rank gate projection width
+    gate_norm: float = 16.0  # liger/lawcat: g = logsigmoid(.) / gate_norm
+    conv_kernel: int = 4  # lawcat: causal depthwise conv width
+    softmax_layers: list[int] = field(default_factory=list)  # layers that keep teacher attention
+    layers: Optional[list[int]] = None  # layers to convert (None = all not in softmax_layers)
+    form: str = "chunk"  # chunk | parallel | recurrent: how the student computes a full sequence
+    chunk_size: int = 64
+    backend: str = "auto"  # auto | torch | triton
+
+
+@dataclass
+class DataConfig:
+    train: str = "demo-wiki"  # text/jsonl/parquet file, a registered corpus name, or a hub dataset name
+    eval: str = "demo-news"
+    text_field: str = "text"  # column for jsonl/parquet/hub datasets
+    seq_len: int = 512
+    eval_fraction: float = 0.0  # >0: hold out this fraction of data.train when data.eval is empty
+    max_eval_sequences: int = 80
+    shuffle: bool = True
+
+
+@dataclass
+class TransferConfig:
+    max_steps: int = 100
+    save_every: int = 50
+    eval_every: int = 50
+    keep_last: int = 2
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"  # cosine | plateau | constant
+    warmup_steps: int = 0
+    min_lr: float = 1e-5
+    plateau_patience: int = 10
+    plateau_factor: float = 0.1
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 disables clipping
+    mse_factor: float = 1000.0
+    attn_ce_weight: float = 0.0  # >0 needs attention.form=parallel
+    autocast: str = "none"  # none | bfloat16 | float16
+
+
+@dataclass
+class LoraRecoveryConfig:
+    max_steps: int = 100
+    save_every: int = 50
+    eval_every: int = 50
+    keep_last: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 1e-6
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    kl_weight: float = 0.0  # >0 adds KL(teacher || student) on logits
+    train_student: bool = False  # keep feature maps / gates trainable during LoRA
+    autocast: str = "none"
+
+
+@dataclass
+class EvaluateConfig:
+    max_sequences: int = 80
+    sample_prompt: str = "The capital of France is"
+    sample_tokens: int = 24
+
+
+@dataclass
+class ExportConfig:
+    merge_lora: bool = True
+    dtype: Optional[str] = None  # defaults to model.dtype
+
+
+@dataclass
+class EngineConfig:
+    name: str = "single"  # single | deepspeed
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+
+
+@dataclass
+class RunConfig:
+    run_name: str = "demo"
+    output_dir: str = "checkpoints"
+    seed: int = 0
+    stages: list[str] = field(
+        default_factory=lambda: ["attention_transfer", "lora_recovery", "evaluate", "export"]
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    attention_transfer: TransferConfig = field(default_factory=TransferConfig)
+    lora_recovery: LoraRecoveryConfig = field(default_factory=LoraRecoveryConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)

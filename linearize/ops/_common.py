@@ -1,0 +1,110 @@
+"""Helpers shared by the ops: shape checks, GQA head expansion, fp32 staging, chunk padding, and the
+`backend=` / `form=` dispatch of the public functions.
+
+Triton kernels live in `linearize/ops/<op>/triton.py` and are imported lazily, only when a call asks
+for them, so importing `linearize.ops` never imports triton."""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Callable
+
+import torch
+
+# Added to the normalizer of normalized linear attention so an all-zero feature row cannot divide by 0.
+NORMALIZE_EPS = 1e-6
+
+BACKENDS = ("auto", "torch", "triton")
+FORM_NAMES = ("chunk", "parallel", "recurrent")
+
+
+def check_heads(num_q_heads: int, num_kv_heads: int) -> int:
+    """Return the GQA group size `H // H_kv`; raise if the kv heads do not divide the query heads."""
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of key/value heads ({num_kv_heads})")
+    return num_q_heads // num_kv_heads
+
+
+def check_same_tokens(**tensors: torch.Tensor) -> None:
+    """Raise unless every tensor is `[B, T, H, D]` with one shared `B` and `T`."""
+    ref_name, ref = next(iter(tensors.items()))
+    for name, x in tensors.items():
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, T, H, D], got shape {tuple(x.shape)}")
+        if x.shape[:2] != ref.shape[:2]:
+            raise ValueError(f"{name} has [B, T] = {tuple(x.shape[:2])} but {ref_name} has {tuple(ref.shape[:2])}")
+
+
+def heads_first_fp32(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`[B, T, H_x, D]` → fp32 `[B, num_heads, T, D]`, repeating each head `num_heads // H_x` times
+    (query head h reads kv head `h // group`)."""
+    group = check_heads(num_heads, x.shape[2])
+    x = x.float().transpose(1, 2)  # [B, H_x, T, D]
+    if group > 1:
+        x = x.repeat_interleave(group, dim=1)  # [B, H, T, D]
+    return x
+
+
+def append_ones(v: torch.Tensor) -> torch.Tensor:
+    """`[..., V]` → `[..., V + 1]`: the ones column makes one pass yield numerator and normalizer."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def pad_time(x: torch.Tensor, multiple: int, dim: int = 2) -> torch.Tensor:
+    """Zero-pad dimension `dim` at the end up to a multiple of `multiple`."""
+    extra = -x.shape[dim] % multiple
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def check_form(form: str, backend: str) -> None:
+    """Raise on an unknown form/backend, or on a Triton request for a form only torch implements."""
+    if form not in FORM_NAMES:
+        raise ValueError(f"unknown form {form!r}; valid forms: {', '.join(FORM_NAMES)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "triton" and form != "chunk":
+        raise ValueError(f"backend='triton' implements only form='chunk', not form={form!r}")
+
+
+def load_triton_function(op_package: str, function_name: str) -> Callable:
+    """Import `<op_package>.triton` and return `function_name` from it; ImportError says what is missing."""
+    module_name = f"{op_package}.triton"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(f"Triton backend unavailable: cannot import {module_name} ({err})") from err
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise ImportError(f"Triton backend unavailable: {module_name} has no function {function_name}")
+    return function
+
+
+def resolve_chunk_backend(
+    backend: str, op_package: str, triton_name: str, torch_fn: Callable, sample: torch.Tensor
+) -> Callable:
+    """The chunk implementation for `backend`: "torch" → `torch_fn`; "triton" → the Triton function
+    (ImportError if missing); "auto" → Triton for CUDA tensors when importable, else `torch_fn`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return torch_fn
+    if backend == "triton":
+        return load_triton_function(op_package, triton_name)
+    if not sample.is_cuda:
+        return torch_fn
+    try:
+        return load_triton_function(op_package, triton_name)
+    except ImportError as err:
+        # auto falls back so CUDA machines without triton still run; the warning keeps a broken kernel
+        # module from going unnoticed.
+        warnings.warn(f"{err}; using the torch chunk form", stacklevel=3)
+        return torch_fn

@@ -1,0 +1,70 @@
+"""Causal linear attention (`[B, T, H, K]` layout), public entry points.
+
+`chunk_linear_attn(q, k, v, *, scale=None, normalize=True, initial_state=None, output_final_state=False,
+chunk_size=64, backend="auto", form="chunk") -> (o, final_state)`
+
+- `form` selects the computation: "chunk" (default; the only form with a Triton kernel),
+  "parallel" (quadratic masked; the reference) or "recurrent" (token by token). `FORMS` maps each name
+  to its pure-PyTorch function, all with the same arguments. For forms other than "chunk",
+  `chunk_size` is ignored and `backend` must be "auto" or "torch".
+- `backend`: "auto" uses `triton.chunk_linear_attn_triton` for CUDA tensors when that module imports,
+  else torch; "triton" forces it (ImportError if unavailable); "torch" forces the torch chunk form.
+
+`fused_recurrent_linear_attn(...)`: the decoding step (any T, cheap at T = 1), same arguments and
+defaults as the chunk form (normalize=True, unlike fla's fused recurrent op); pure PyTorch for now.
+
+Math, shapes and state layout: see `naive.py`.
+"""
+from __future__ import annotations
+
+from .._common import check_form, resolve_chunk_backend
+from .naive import chunk_linear_attn_torch, parallel_linear_attn, recurrent_linear_attn
+
+FORMS = {
+    "chunk": chunk_linear_attn_torch,
+    "parallel": parallel_linear_attn,
+    "recurrent": recurrent_linear_attn,
+}
+TRITON_FUNCTION = "chunk_linear_attn_triton"
+
+
+def chunk_linear_attn(
+    q,
+    k,
+    v,
+    *,
+    scale=None,
+    normalize=True,
+    initial_state=None,
+    output_final_state=False,
+    chunk_size=64,
+    backend="auto",
+    form="chunk",
+):
+    """Causal linear attention; q `[B, T, H, K]`, k `[B, T, H_kv, K]`, v `[B, T, H_kv, V]` →
+    (o `[B, T, H, V]`, state `[B, H, K, V(+1)]` or None)."""
+    check_form(form, backend)
+    kwargs = dict(
+        scale=scale, normalize=normalize, initial_state=initial_state, output_final_state=output_final_state
+    )
+    if form != "chunk":
+        return FORMS[form](q, k, v, **kwargs)
+    impl = resolve_chunk_backend(backend, __name__, TRITON_FUNCTION, chunk_linear_attn_torch, q)
+    return impl(q, k, v, chunk_size=chunk_size, **kwargs)
+
+
+def fused_recurrent_linear_attn(q, k, v, *, scale=None, normalize=True, initial_state=None, output_final_state=False):
+    """Decoding step(s): same contract as `chunk_linear_attn`, computed token by token."""
+    return recurrent_linear_attn(
+        q, k, v, scale=scale, normalize=normalize, initial_state=initial_state, output_final_state=output_final_state
+    )
+
+
+__all__ = [
+    "FORMS",
+    "chunk_linear_attn",
+    "chunk_linear_attn_torch",
+    "fused_recurrent_linear_attn",
+    "parallel_linear_attn",
+    "recurrent_linear_attn",
+]

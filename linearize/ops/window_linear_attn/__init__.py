@@ -1,0 +1,84 @@
+"""LoLCATs hybrid attention: sliding-window softmax over the last W keys + linear attention over older
+keys, one shared normalizer (`[B, T, H, D]` layout). Public entry points.
+
+`window_linear_attn(q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
+output_final_state=False, chunk_size=64, backend="auto", form="chunk") -> (o, WindowLinearState | None)`
+
+- q `[B, T, H, D]`, k `[B, T, H_kv, D]`, v `[B, T, H_kv, V]`, fq/fk `[B, T, H, F]`, window_logit `[H]`.
+- Sliding-window-only baseline: pass fq = fk = zeros (the linear branch then contributes nothing).
+- `form` selects the computation: "chunk" (default; `[C, W + C]` blocks, the only form with a Triton
+  kernel), "parallel" (quadratic; the reference) or "recurrent" (token by token). `FORMS` maps each
+  name to its pure-PyTorch function, all with the same arguments. For forms other than "chunk",
+  `chunk_size` is ignored and `backend` must be "auto" or "torch".
+- `backend`: "auto" uses `triton.window_linear_attn_triton` for CUDA tensors when that module imports,
+  else torch; "triton" forces it (ImportError if unavailable); "torch" forces the torch chunk form.
+
+`fused_recurrent_window_linear_attn(...)`: the decoding step (any T, cheap at T = 1), same arguments;
+pure PyTorch for now.
+
+Math, shapes and the state layout: see `naive.py`.
+"""
+from __future__ import annotations
+
+from .._common import check_form, resolve_chunk_backend
+from .naive import (
+    WindowLinearState,
+    chunk_window_linear_attn_torch,
+    parallel_window_linear_attn,
+    recurrent_window_linear_attn,
+)
+
+FORMS = {
+    "chunk": chunk_window_linear_attn_torch,
+    "parallel": parallel_window_linear_attn,
+    "recurrent": recurrent_window_linear_attn,
+}
+TRITON_FUNCTION = "window_linear_attn_triton"
+
+
+def window_linear_attn(
+    q,
+    k,
+    v,
+    fq,
+    fk,
+    window_logit,
+    *,
+    window_size=64,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    chunk_size=64,
+    backend="auto",
+    form="chunk",
+):
+    """Hybrid window + linear attention → (o `[B, T, H, V]`, `WindowLinearState` or None)."""
+    check_form(form, backend)
+    kwargs = dict(
+        window_size=window_size, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+    )
+    if form != "chunk":
+        return FORMS[form](q, k, v, fq, fk, window_logit, **kwargs)
+    impl = resolve_chunk_backend(backend, __name__, TRITON_FUNCTION, chunk_window_linear_attn_torch, q)
+    return impl(q, k, v, fq, fk, window_logit, chunk_size=chunk_size, **kwargs)
+
+
+def fused_recurrent_window_linear_attn(
+    q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None, output_final_state=False
+):
+    """Decoding step(s): same contract as `window_linear_attn`, computed token by token."""
+    return recurrent_window_linear_attn(
+        q, k, v, fq, fk, window_logit, window_size=window_size, scale=scale,
+        initial_state=initial_state, output_final_state=output_final_state,
+    )
+
+
+__all__ = [
+    "FORMS",
+    "WindowLinearState",
+    "chunk_window_linear_attn_torch",
+    "fused_recurrent_window_linear_attn",
+    "parallel_window_linear_attn",
+    "recurrent_window_linear_attn",
+    "window_linear_attn",
+]

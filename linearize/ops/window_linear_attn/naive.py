@@ -1,0 +1,250 @@
+"""Pure-PyTorch LoLCATs hybrid attention (sliding-window softmax + linear attention over older keys)
+in three forms with one signature: `parallel_window_linear_attn` (quadratic), `chunk_window_linear_attn_torch`
+(chunked, never a T×T matrix) and `recurrent_window_linear_attn` (token by token: decoding and oracle).
+
+Shapes: q `[B, T, H, D]`; k `[B, T, H_kv, D]`; v `[B, T, H_kv, V]`; fq, fk `[B, T, H, F]` (feature-mapped
+queries/keys); window_logit `[H]`. Returns `(o [B, T, H, V] in v.dtype, WindowLinearState or None)`.
+
+For query t, window keys s ∈ (t−W, t] and linear keys s ≤ t−W:
+  a_sm(t, s)  = sigmoid(window_logit_h) · exp(scale · q_t·k_s − c_t),  c_t = max window score of row t
+  a_lin(t, s) = fq_t · fk_s
+  o_t = (Σ a_sm v_s + Σ a_lin v_s) / (Σ a_sm + Σ a_lin)
+The window always holds s = t, so c_t is finite and Σ a_sm > 0: fq = fk = 0 gives the pure
+sliding-window softmax baseline. Everything is computed in fp32; the state is fp32.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .._common import append_ones, check_chunk_size, check_heads, check_same_tokens, heads_first_fp32
+
+
+class WindowLinearState(NamedTuple):
+    """Everything a continuation needs. With W' = min(W, tokens seen):
+    kv `[B, H, F, V + 1]`: Σ fk_s [v_s, 1]ᵀ over keys that left the cache;
+    k `[B, H_kv, W', D]`, v `[B, H_kv, W', V]`, fk `[B, H, W', F]`: the last W' raw keys, values and key
+    features (the oldest is already a linear key for the next query)."""
+
+    kv: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    fk: torch.Tensor
+
+
+class _Inputs(NamedTuple):
+    """fp32 heads-first inputs with the cached prefix of P keys prepended to the keys."""
+
+    q: torch.Tensor  # [B, H, T, D], already scaled
+    fq: torch.Tensor  # [B, H, T, F]
+    k: torch.Tensor  # [B, H, P + T, D]
+    v1: torch.Tensor  # [B, H, P + T, V + 1]
+    fk: torch.Tensor  # [B, H, P + T, F]
+    kv0: torch.Tensor  # [B, H, F, V + 1]
+    gamma: torch.Tensor  # [H, 1, 1]
+    prefix: int  # P
+    k_raw: torch.Tensor  # [B, H_kv, P + T, D]
+    v_raw: torch.Tensor  # [B, H_kv, P + T, V]
+
+
+def _check_inputs(q, k, v, fq, fk, window_logit, window_size):
+    check_same_tokens(q=q, k=k, v=v, fq=fq, fk=fk)
+    if window_size < 1:
+        raise ValueError(f"window_size must be >= 1, got {window_size}")
+    if k.shape[2] != v.shape[2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"k {tuple(k.shape)} must match v's heads and q's width (q {tuple(q.shape)}, v {tuple(v.shape)})")
+    if fq.shape[2:] != fk.shape[2:] or fq.shape[2] != q.shape[2]:
+        raise ValueError(f"fq {tuple(fq.shape)} and fk {tuple(fk.shape)} must both have q's {q.shape[2]} heads and one width")
+    if tuple(window_logit.shape) != (q.shape[2],):
+        raise ValueError(f"window_logit must have shape ({q.shape[2]},), got {tuple(window_logit.shape)}")
+    check_heads(q.shape[2], k.shape[2])
+
+
+def _empty_state(q, k, v, fq):
+    """The state of an empty prefix: zero linear state, no cached keys."""
+    batch, _, heads, _ = q.shape
+    fp32 = dict(dtype=torch.float32, device=q.device)
+    return WindowLinearState(
+        kv=torch.zeros(batch, heads, fq.shape[-1], v.shape[-1] + 1, **fp32),
+        k=torch.zeros(batch, k.shape[2], 0, k.shape[-1], **fp32),
+        v=torch.zeros(batch, v.shape[2], 0, v.shape[-1], **fp32),
+        fk=torch.zeros(batch, heads, 0, fq.shape[-1], **fp32),
+    )
+
+
+def _check_state(state, reference, window_size):
+    for name, got, want in zip(WindowLinearState._fields, state, reference):
+        if got.shape[:2] != want.shape[:2] or got.shape[3:] != want.shape[3:]:
+            raise ValueError(f"initial_state.{name} has shape {tuple(got.shape)}, expected like {tuple(want.shape)}")
+    if state.k.shape[2] > window_size or not state.k.shape[2] == state.v.shape[2] == state.fk.shape[2]:
+        raise ValueError(f"initial_state caches {state.k.shape[2]} keys; expected one count <= window_size={window_size}")
+
+
+def _prepare(q, k, v, fq, fk, window_logit, window_size, scale, initial_state):
+    _check_inputs(q, k, v, fq, fk, window_logit, window_size)
+    empty = _empty_state(q, k, v, fq)
+    state = empty if initial_state is None else WindowLinearState(*initial_state)
+    _check_state(state, empty, window_size)
+    heads = q.shape[2]
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    k_all = torch.cat([state.k.float(), k.float().transpose(1, 2)], dim=2)  # [B, H_kv, P + T, D]
+    v_all = torch.cat([state.v.float(), v.float().transpose(1, 2)], dim=2)  # [B, H_kv, P + T, V]
+    group = heads // k.shape[2]
+    return _Inputs(
+        q=heads_first_fp32(q, heads) * scale,
+        fq=heads_first_fp32(fq, heads),
+        k=k_all.repeat_interleave(group, dim=1),  # [B, H, P + T, D]
+        v1=append_ones(v_all.repeat_interleave(group, dim=1)),  # [B, H, P + T, V + 1]
+        fk=torch.cat([state.fk.float(), fk.float().transpose(1, 2)], dim=2),  # [B, H, P + T, F]
+        kv0=state.kv.float(),
+        gamma=torch.sigmoid(window_logit.float()).view(heads, 1, 1),  # [H, 1, 1]
+        prefix=state.k.shape[2],
+        k_raw=k_all,
+        v_raw=v_all,
+    )
+
+
+def _final_state(inputs, window_size):
+    """State after the last token: keys older than the last W join kv; the last W' stay cached."""
+    num_old = max(inputs.k_raw.shape[2] - window_size, 0)
+    old_fk, old_v1 = inputs.fk[:, :, :num_old], inputs.v1[:, :, :num_old]  # [B, H, n_old, F / V + 1]
+    return WindowLinearState(
+        kv=inputs.kv0 + old_fk.transpose(-1, -2) @ old_v1,  # [B, H, F, V + 1]
+        k=inputs.k_raw[:, :, num_old:],
+        v=inputs.v_raw[:, :, num_old:],
+        fk=inputs.fk[:, :, num_old:],
+    )
+
+
+def _combine(scores, window, linear, fq, fk, v1, kv, gamma):
+    """Hybrid numerator and normalizer `[..., Tq, V + 1]` from raw softmax scores `[..., Tq, Tk]`,
+    the window / linear key masks `[..., Tq, Tk]` and the linear state `kv` of the older keys."""
+    scores = scores.masked_fill(~window, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)  # c_t, finite: every row's window holds s = t
+    a_sm = gamma * (scores - row_max).exp()  # [..., Tq, Tk]
+    a_lin = (fq @ fk.transpose(-1, -2)) * linear  # [..., Tq, Tk]
+    return (a_sm + a_lin) @ v1 + fq @ kv
+
+
+def _divide(num_den, dtype):
+    """`[B, H, T, V + 1]` → `[B, T, H, V]` in `dtype`."""
+    return (num_den[..., :-1] / num_den[..., -1:]).transpose(1, 2).to(dtype)
+
+
+def parallel_window_linear_attn(
+    q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
+    output_final_state=False, chunk_size=None,
+):
+    """Quadratic masked form over all `P + T` keys. `chunk_size` is accepted and ignored."""
+    x = _prepare(q, k, v, fq, fk, window_logit, window_size, scale, initial_state)
+    seq_len = x.q.shape[2]
+    query_pos = torch.arange(seq_len, device=x.q.device)
+    key_pos = torch.arange(-x.prefix, seq_len, device=x.q.device)
+    distance = query_pos[:, None] - key_pos[None, :]  # [T, P + T]
+    window = (distance >= 0) & (distance < window_size)
+    linear = distance >= window_size
+    scores = x.q @ x.k.transpose(-1, -2)  # [B, H, T, P + T]
+    num_den = _combine(scores, window, linear, x.fq, x.fk, x.v1, x.kv0, x.gamma)
+    final = _final_state(x, window_size) if output_final_state else None
+    return _divide(num_den, v.dtype), final
+
+
+def _chunk_blocks(x, window_size, chunk_size):
+    """Front-pad the keys so every query chunk n sees the key block of padded positions
+    [nC, nC + W + C) (the previous W keys and its own C); return the blocks and the padding."""
+    seq_len = x.q.shape[2]
+    num_chunks = -(-seq_len // chunk_size)
+    front = window_size - x.prefix
+    back = num_chunks * chunk_size - seq_len
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 0, front, back))  # [B, H, W + N·C, ·]
+
+    block = window_size + chunk_size
+
+    def blocks(t):
+        return pad(t).unfold(2, block, chunk_size).transpose(-1, -2)  # [B, H, N, W + C, ·]
+
+    return blocks, pad, front, num_chunks
+
+
+def chunk_window_linear_attn_torch(
+    q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
+    output_final_state=False, chunk_size=64,
+):
+    """Chunked form: each query chunk of C tokens scores a `[C, W + C]` key block (the previous W keys
+    and its own), masked into window keys s ∈ (t−W, t] and in-block linear keys s ≤ t−W; keys older than
+    the block reach it through the linear state `kv_n = kv0 + Σ_{m<n} fk_mᵀ [v_m, 1]` (an exclusive
+    cumulative sum over chunks)."""
+    check_chunk_size(chunk_size)
+    x = _prepare(q, k, v, fq, fk, window_logit, window_size, scale, initial_state)
+    seq_len = x.q.shape[2]
+    blocks, pad, front, num_chunks = _chunk_blocks(x, window_size, chunk_size)
+    q_pad = torch.nn.functional.pad(x.q, (0, 0, 0, num_chunks * chunk_size - seq_len))  # [B, H, N·C, D]
+    fq_pad = torch.nn.functional.pad(x.fq, (0, 0, 0, num_chunks * chunk_size - seq_len))  # [B, H, N·C, F]
+    qc = q_pad.unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, D]
+    fqc = fq_pad.unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, F]
+
+    device = x.q.device
+    query_idx = torch.arange(chunk_size, device=device)
+    key_idx = torch.arange(window_size + chunk_size, device=device)
+    distance = (window_size + query_idx)[:, None] - key_idx[None, :]  # [C, W + C]
+    chunk_start = torch.arange(num_chunks, device=device)[:, None, None] * chunk_size  # [N, 1, 1]
+    is_key = chunk_start + key_idx >= front  # [N, 1, W + C]: front padding is not a key
+    window = (distance >= 0) & (distance < window_size) & is_key  # [N, C, W + C]
+    linear = distance >= window_size  # [C, W + C]
+
+    scores = qc @ blocks(x.k).transpose(-1, -2)  # [B, H, N, C, W + C]
+    fk_pad, v1_pad = pad(x.fk), pad(x.v1)  # [B, H, W + N·C, F / V + 1]
+    chunk_kv = (
+        fk_pad[:, :, : num_chunks * chunk_size].unflatten(2, (num_chunks, chunk_size)).transpose(-1, -2)
+        @ v1_pad[:, :, : num_chunks * chunk_size].unflatten(2, (num_chunks, chunk_size))
+    )  # [B, H, N, F, V + 1]: the keys each block leaves behind
+    kv = x.kv0.unsqueeze(2) + chunk_kv.cumsum(dim=2) - chunk_kv  # [B, H, N, F, V + 1]
+    num_den = _combine(
+        scores, window, linear, fqc, blocks(x.fk), blocks(x.v1), kv, x.gamma.unsqueeze(-1)
+    )  # [B, H, N, C, V + 1]
+    num_den = num_den.flatten(2, 3)[:, :, :seq_len]  # [B, H, T, V + 1]
+    final = _final_state(x, window_size) if output_final_state else None
+    return _divide(num_den, v.dtype), final
+
+
+def recurrent_window_linear_attn(
+    q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
+    output_final_state=False, chunk_size=None,
+):
+    """Token-by-token form over a cache of at most W keys; a `T = 1` call is one step."""
+    _check_inputs(q, k, v, fq, fk, window_logit, window_size)
+    state = _empty_state(q, k, v, fq) if initial_state is None else WindowLinearState(*initial_state)
+    _check_state(state, _empty_state(q, k, v, fq), window_size)
+    state = WindowLinearState(*(t.float() for t in state))
+    heads = q.shape[2]
+    group = heads // k.shape[2]
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    gamma = torch.sigmoid(window_logit.float()).view(heads, 1)  # [H, 1]
+    outputs = []
+    for t in range(q.shape[1]):
+        state = _push_key(state, k[:, t], v[:, t], fk[:, t], window_size, group)
+        q_t = q[:, t].float() * scale  # [B, H, D]
+        scores = (state.k.repeat_interleave(group, dim=1) @ q_t.unsqueeze(-1)).squeeze(-1)  # [B, H, W']
+        a_sm = gamma * (scores - scores.amax(dim=-1, keepdim=True)).exp()  # [B, H, W']
+        v1 = append_ones(state.v.repeat_interleave(group, dim=1))  # [B, H, W', V + 1]
+        fq_t = fq[:, t].float().unsqueeze(-2)  # [B, H, 1, F]
+        outputs.append((a_sm.unsqueeze(-2) @ v1 + fq_t @ state.kv).squeeze(-2))  # [B, H, V + 1]
+    num_den = torch.stack(outputs, dim=2)  # [B, H, T, V + 1]
+    return _divide(num_den, v.dtype), (state if output_final_state else None)
+
+
+def _push_key(state, k_t, v_t, fk_t, window_size, group):
+    """Append one token's key/value/feature (`[B, H_kv, D]`, `[B, H_kv, V]`, `[B, H, F]`) to the cache;
+    when the cache exceeds W keys, its oldest key becomes linear and moves into kv."""
+    cache_k = torch.cat([state.k, k_t.float().unsqueeze(2)], dim=2)  # [B, H_kv, W' + 1, D]
+    cache_v = torch.cat([state.v, v_t.float().unsqueeze(2)], dim=2)  # [B, H_kv, W' + 1, V]
+    cache_fk = torch.cat([state.fk, fk_t.float().unsqueeze(2)], dim=2)  # [B, H, W' + 1, F]
+    kv = state.kv
+    if cache_k.shape[2] > window_size:
+        old_v1 = append_ones(cache_v[:, :, 0].repeat_interleave(group, dim=1))  # [B, H, V + 1]
+        kv = kv + cache_fk[:, :, 0, :, None] * old_v1[:, :, None, :]  # [B, H, F, V + 1]
+        cache_k, cache_v, cache_fk = cache_k[:, :, 1:], cache_v[:, :, 1:], cache_fk[:, :, 1:]
+    return WindowLinearState(kv=kv, k=cache_k, v=cache_v, fk=cache_fk)

@@ -1,0 +1,347 @@
+"""Run configs: yaml files (with one level of `includes`) and `key=value` overrides, merged onto the
+typed defaults of `linearize.config.RunConfig`, validated, then frozen.
+
+Order of precedence (later wins): schema defaults → each included file, in order → the file itself →
+command-line overrides. Every mistake (unknown key, wrong type, missing value, unknown name, value out
+of range) raises `linearize.UserError` with one line naming the dotted key and where it was set (a file
+path, or "command line"). The library never reads yaml: only `stages/` calls this module.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from linearize import UserError
+from linearize.config import RunConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+INCLUDES_KEY = "includes"
+COMMAND_LINE = "command line"
+DEFAULTS = "defaults"
+
+# The stage runners, in pipeline order (stages/pipeline.py owns the runners themselves).
+STAGE_NAMES = ("attention_transfer", "lora_recovery", "evaluate", "export")
+DTYPES = ("float32", "bfloat16", "float16")
+AUTOCAST = ("none", "bfloat16", "float16")
+SCHEDULERS = ("cosine", "plateau", "constant")
+
+# Used only while linearize.attention / linearize.feature_maps expose no registry (they are the truth).
+FALLBACK_MECHANISMS = ("linear", "window_linear", "liger", "liger_window", "lawcat", "softmax")
+FALLBACK_FEATURE_MAPS = ("hedgehog", "hedgehog_joint", "t2r", "elu", "softmax_dim", "identity")
+_REGISTRY_ATTRS = ("available_mechanisms", "available_feature_maps", "MECHANISMS", "FEATURE_MAPS", "REGISTRY")
+
+
+def _registry_names(module_name: str, fallback: tuple[str, ...]) -> tuple[str, ...]:
+    """Names registered in `module_name` (imported lazily: it may pull in torch/triton), else `fallback`."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return fallback
+    for attr in _REGISTRY_ATTRS:
+        registry = getattr(module, attr, None)
+        if callable(registry):
+            return tuple(registry())
+        if isinstance(registry, Mapping):
+            return tuple(registry)
+    return fallback
+
+
+def mechanism_names() -> tuple[str, ...]:
+    return _registry_names("linearize.attention", FALLBACK_MECHANISMS)
+
+
+def feature_map_names() -> tuple[str, ...]:
+    return _registry_names("linearize.feature_maps", FALLBACK_FEATURE_MAPS)
+
+
+# Keys whose value must be one of a set of names; the set is computed when validating (registries load lazily).
+CHOICES: dict[str, Callable[[], Iterable[Any]]] = {
+    "model.dtype": lambda: DTYPES,
+    "attention.mechanism": mechanism_names,
+    "attention.feature_map": feature_map_names,
+    "attention.form": lambda: ("chunk", "parallel", "recurrent"),
+    "attention.backend": lambda: ("auto", "torch", "triton"),
+    "attention_transfer.scheduler": lambda: SCHEDULERS,
+    "attention_transfer.autocast": lambda: AUTOCAST,
+    "lora_recovery.scheduler": lambda: SCHEDULERS,
+    "lora_recovery.autocast": lambda: AUTOCAST,
+    "export.dtype": lambda: DTYPES + (None,),
+    "engine.name": lambda: ("single", "deepspeed"),
+    "engine.precision": lambda: ("fp32", "bf16", "fp16"),
+    "engine.zero_stage": lambda: (0, 1, 2, 3),
+}
+# Keys holding lists whose every item must be one of a set of names.
+LIST_CHOICES: dict[str, Callable[[], Iterable[Any]]] = {"stages": lambda: STAGE_NAMES}
+
+_TRAIN_SECTIONS = ("attention_transfer", "lora_recovery")
+POSITIVE = (
+    "data.seq_len", "data.max_eval_sequences", "attention.feature_dim", "attention.window_size",
+    "attention.chunk_size", "attention.gate_rank", "attention.gate_norm", "attention.conv_kernel",
+    "lora_recovery.rank", "evaluate.max_sequences",
+    *(f"{s}.{k}" for s in _TRAIN_SECTIONS for k in ("micro_batch_size", "grad_accum", "save_every", "eval_every", "keep_last")),
+)
+NON_NEGATIVE = (
+    "evaluate.sample_tokens", "attention.liger_alpha", "attention.liger_beta", "lora_recovery.dropout",
+    "lora_recovery.kl_weight", "attention_transfer.mse_factor", "attention_transfer.attn_ce_weight",
+    *(f"{s}.{k}" for s in _TRAIN_SECTIONS for k in ("max_steps", "lr", "weight_decay", "warmup_steps", "min_lr", "grad_clip")),
+)
+# Half-open [0, 1): a fraction of the data that must leave something to train on.
+FRACTIONS = ("data.eval_fraction",)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _error(source: str, key: str, problem: str) -> UserError:
+    return UserError(f"{source}: {key}: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"{path}: invalid yaml{where}: {_one_line(getattr(exc, 'problem', exc))}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _find_include(name: str, including: Path) -> Path:
+    """An include path is relative to the including file, else to the repository's configs/."""
+    for base in (including.parent, CONFIGS_DIR):
+        candidate = base / name
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{including}: {INCLUDES_KEY}: file not found: {name} (looked in {including.parent} and {CONFIGS_DIR})")
+
+
+def _config_sources(path: Path) -> list[tuple[str, dict]]:
+    """(source name, mapping) pairs in merge order: the includes of `path`, then `path` itself."""
+    data = _read_yaml(path)
+    includes = data.pop(INCLUDES_KEY, None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise _error(str(path), INCLUDES_KEY, "must be a list of yaml paths")
+    sources = []
+    for name in includes:
+        included = _find_include(name, path)
+        fragment = _read_yaml(included)
+        if INCLUDES_KEY in fragment:
+            raise _error(str(included), INCLUDES_KEY, f"only one level of includes is allowed (included from {path})")
+        sources.append((str(included), fragment))
+    sources.append((str(path), data))
+    return sources
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict:
+    """`["data.seq_len=256", "stages=[evaluate]"]` → nested dict; values are parsed as yaml."""
+    merged = OmegaConf.create()
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{COMMAND_LINE}: override '{item}' is not of the form key=value")
+        if key.startswith(INCLUDES_KEY):
+            raise UserError(f"{COMMAND_LINE}: '{INCLUDES_KEY}' can only be set in a yaml file")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise UserError(f"{COMMAND_LINE}: cannot parse override '{item}': {_first_line(exc)}") from None
+    return OmegaConf.to_container(merged)
+
+
+# ---------------------------------------------------------------------------------------------- merging
+
+
+def _first_line(exc: OmegaConfBaseException) -> str:
+    msg = getattr(exc, "msg", None) or str(exc)
+    return _one_line(msg.splitlines()[0]) if msg else type(exc).__name__
+
+
+def _check_keys(node: DictConfig, data: Mapping, source: str, prefix: str = "") -> None:
+    """Unknown keys and scalars given for whole sections, with the valid keys listed."""
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in node:
+            valid = [str(k) for k in node.keys()]
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            where = f"'{prefix[:-1]}'" if prefix else "the top level"
+            raise _error(source, dotted, f"unknown key{hint}; valid keys at {where}: {', '.join(valid)}")
+        child = node.get(key)
+        if isinstance(child, DictConfig):
+            if not isinstance(value, Mapping):
+                raise _error(source, dotted, f"is a section: expected a mapping of keys, got {value!r}")
+            _check_keys(child, value, source, f"{dotted}.")
+
+
+def _dotted_keys(data: Mapping, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            keys.extend(_dotted_keys(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _merge(cfg: DictConfig, data: Mapping, source: str, provenance: dict[str, str]) -> DictConfig:
+    _check_keys(cfg, data, source)
+    try:
+        merged = OmegaConf.merge(cfg, data)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        problem = _first_line(exc)
+        if "None" in problem and "Incompatible" in problem:
+            problem = "missing value"
+        raise _error(source, key, problem) from None
+    for key in _dotted_keys(data):
+        provenance[key] = source
+    return merged
+
+
+def _where(key: str, provenance: Mapping[str, str]) -> str:
+    return provenance.get(key) or provenance.get(key.split(".")[0], DEFAULTS)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _choice_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
+    for key, names in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        valid = tuple(names())
+        if value not in valid:
+            shown = ", ".join("null" if v is None else str(v) for v in valid)
+            yield key, f"unknown value {value!r}; valid: {shown}"
+    for key, names in LIST_CHOICES.items():
+        valid = tuple(names())
+        for item in OmegaConf.select(cfg, key):
+            if item not in valid:
+                yield key, f"unknown name {item!r}; valid: {', '.join(map(str, valid))}"
+
+
+def _range_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            yield key, f"must be > 0, got {OmegaConf.select(cfg, key)}"
+    for key in NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            yield key, f"must be >= 0, got {OmegaConf.select(cfg, key)}"
+    for key in FRACTIONS:
+        if not 0.0 <= OmegaConf.select(cfg, key) < 1.0:
+            yield key, f"must be in [0, 1), got {OmegaConf.select(cfg, key)}"
+
+
+def _consistency_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
+    # Attention weights [B, H, T, T] exist only in the quadratic form.
+    if cfg.attention_transfer.attn_ce_weight > 0 and cfg.attention.form != "parallel":
+        yield "attention_transfer.attn_ce_weight", "> 0 needs attention.form=parallel (attention weights)"
+    if len(set(cfg.stages)) != len(cfg.stages):
+        yield "stages", f"lists a stage twice: {list(cfg.stages)}"
+    for key in ("attention.layers", "attention.softmax_layers"):
+        layers = OmegaConf.select(cfg, key)
+        if layers is not None and any(i < 0 for i in layers):
+            yield key, f"layer indices must be >= 0, got {list(layers)}"
+
+
+CHECKS = (_choice_problems, _range_problems, _consistency_problems)
+
+
+def validate_config(cfg: DictConfig, provenance: Mapping[str, str] | None = None) -> None:
+    """Raises UserError for the first bad value (names, ranges, cross-key rules)."""
+    provenance = provenance or {}
+    for check in CHECKS:
+        for key, problem in check(cfg):
+            raise _error(_where(key, provenance), key, problem)
+
+
+# ---------------------------------------------------------------------------------------------- public
+
+
+def _finish(cfg: DictConfig, provenance: Mapping[str, str], source: str) -> RunConfig:
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise _error(_where(key, provenance) if key != "?" else source, key, _first_line(exc)) from None
+    validate_config(cfg, provenance)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg  # type: ignore[return-value]  # a DictConfig typed by RunConfig
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunConfig:
+    """The frozen run config of yaml file `path` (and its includes) with `key=value` overrides applied."""
+    path = Path(path)
+    cfg = OmegaConf.structured(RunConfig)
+    provenance: dict[str, str] = {}
+    for source, data in _config_sources(path):
+        cfg = _merge(cfg, data, source, provenance)
+    cfg = _merge(cfg, parse_overrides(overrides), COMMAND_LINE, provenance)
+    return _finish(cfg, provenance, str(path))
+
+
+def config_from_dict(data: Mapping, source: str = "config", overrides: Iterable[str] = ()) -> RunConfig:
+    """The frozen run config of a plain mapping (e.g. the resolved config stored in a checkpoint)."""
+    provenance: dict[str, str] = {}
+    cfg = _merge(OmegaConf.structured(RunConfig), dict(data), source, provenance)
+    cfg = _merge(cfg, parse_overrides(overrides), COMMAND_LINE, provenance)
+    return _finish(cfg, provenance, source)
+
+
+def config_to_dict(cfg: RunConfig | DictConfig | Mapping) -> dict:
+    """Plain nested dict/list/scalar copy of a config (resolved)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        return {k: config_to_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_resolved(cfg: RunConfig | DictConfig, path: str | os.PathLike) -> Path:
+    """Writes the resolved config as yaml (atomically: a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: data}
+
+
+def diff_configs(a: RunConfig | DictConfig | Mapping, b: RunConfig | DictConfig | Mapping) -> list[str]:
+    """Sorted dotted keys whose values differ between `a` and `b` (present in only one counts)."""
+    flat_a, flat_b = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
+    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k, _ABSENT) != flat_b.get(k, _ABSENT))
+
+
+_ABSENT = object()

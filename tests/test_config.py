@@ -1,0 +1,209 @@
+"""The yaml config loader: strictness (one-line errors naming key and file), includes, overrides, the
+shipped configs, and config diffs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf.errors import ReadonlyConfigError
+
+from linearize import UserError
+from stages.config_loader import (
+    CONFIGS_DIR,
+    config_from_dict,
+    config_to_dict,
+    diff_configs,
+    load_config,
+    mechanism_names,
+    save_resolved,
+)
+
+ALL_YAMLS = sorted(CONFIGS_DIR.rglob("*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def load_error(path, overrides=()) -> str:
+    with pytest.raises(UserError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_configs_dir_has_the_presets():
+    names = {p.relative_to(CONFIGS_DIR).as_posix() for p in ALL_YAMLS}
+    for preset in ("demo", "lolcats", "hedgehog_linear", "liger", "liger_window", "lawcat",
+                   "baseline_window_only", "baseline_no_transfer"):
+        assert f"{preset}.yaml" in names
+    assert {"engine/single.yaml", "engine/zero2.yaml", "engine/zero3.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: p.relative_to(CONFIGS_DIR).as_posix())
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert cfg.attention.mechanism in mechanism_names()
+
+
+def test_demo_values():
+    cfg = load_config(CONFIGS_DIR / "demo.yaml")
+    assert cfg.model.path == "smollm2-135m-instruct"
+    assert (cfg.data.train, cfg.data.eval, cfg.data.seq_len) == ("demo-wiki", "demo-news", 512)
+    assert (cfg.attention.mechanism, cfg.attention.feature_map) == ("window_linear", "hedgehog")
+    assert list(cfg.stages) == ["attention_transfer", "lora_recovery", "evaluate", "export"]
+
+
+def test_presets_follow_their_recipes():
+    lolcats = load_config(CONFIGS_DIR / "lolcats.yaml")
+    assert lolcats.attention_transfer.lr == pytest.approx(1e-2)
+    assert lolcats.attention_transfer.mse_factor == 1000.0
+    assert (lolcats.lora_recovery.rank, lolcats.lora_recovery.alpha) == (8, 16.0)
+    assert list(lolcats.lora_recovery.targets) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert "attention_transfer" not in load_config(CONFIGS_DIR / "baseline_no_transfer.yaml").stages
+    assert load_config(CONFIGS_DIR / "baseline_window_only.yaml").attention.window_only
+    assert load_config(CONFIGS_DIR / "engine/zero3.yaml").engine.name == "deepspeed"
+
+
+def test_every_preset_key_has_a_comment():
+    for path in ALL_YAMLS:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            stripped = line.strip()
+            is_key = ":" in stripped and not stripped.startswith(("#", "-"))
+            is_section = stripped.endswith(":")
+            if is_key and not is_section:
+                assert "#" in line, f"{path}:{number} has no comment: {line}"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path / "bad.yaml", "model:\n  pathh: x\n")
+    message = load_error(path)
+    assert str(path) in message and "model.pathh" in message and "did you mean 'path'" in message
+
+
+def test_unknown_top_level_key(tmp_path):
+    message = load_error(write(tmp_path / "bad.yaml", "learning_rate: 1\n"))
+    assert "learning_rate" in message and "unknown key" in message
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    path = write(tmp_path / "bad.yaml", "data:\n  seq_len: long\n")
+    message = load_error(path)
+    assert str(path) in message and "data.seq_len" in message
+
+
+def test_missing_value_is_an_error(tmp_path):
+    message = load_error(write(tmp_path / "bad.yaml", "model:\n  path:\n"))
+    assert "model.path" in message and "missing value" in message
+
+
+def test_scalar_for_a_section(tmp_path):
+    assert "mapping" in load_error(write(tmp_path / "bad.yaml", "model: 3\n"))
+
+
+def test_invalid_yaml_gives_the_line(tmp_path):
+    assert "line 2" in load_error(write(tmp_path / "bad.yaml", "seed: 1\n  x: [\n"))
+
+
+def test_missing_file():
+    assert "not found" in load_error("no/such/config.yaml")
+
+
+def test_unknown_mechanism_lists_valid_names(tmp_path):
+    path = write(tmp_path / "bad.yaml", "attention:\n  mechanism: mamba\n")
+    message = load_error(path)
+    assert str(path) in message and "attention.mechanism" in message
+    assert all(name in message for name in mechanism_names())
+
+
+def test_bad_dtype_and_stage_names(tmp_path):
+    path = write(tmp_path / "ok.yaml", "seed: 1\n")
+    assert "model.dtype" in load_error(path, ["model.dtype=float64"])
+    assert "stages" in load_error(path, ["stages=[attention_transfer, distill]"])
+
+
+def test_range_and_consistency_checks(tmp_path):
+    path = write(tmp_path / "ok.yaml", "seed: 1\n")
+    assert "> 0" in load_error(path, ["data.seq_len=0"])
+    assert "[0, 1)" in load_error(path, ["data.eval_fraction=1.5"])
+    assert "parallel" in load_error(path, ["attention_transfer.attn_ce_weight=1"])
+    load_config(path, ["attention_transfer.attn_ce_weight=1", "attention.form=parallel"])
+
+
+def test_includes_merge_in_order_then_file(tmp_path):
+    write(tmp_path / "frag/a.yaml", "seed: 1\ndata:\n  seq_len: 128\n")
+    write(tmp_path / "frag/b.yaml", "seed: 2\n")
+    path = write(tmp_path / "run.yaml", "includes: [frag/a.yaml, frag/b.yaml]\nrun_name: mine\n")
+    cfg = load_config(path)
+    assert (cfg.seed, cfg.data.seq_len, cfg.run_name) == (2, 128, "mine")
+    write(tmp_path / "run2.yaml", "includes: [frag/b.yaml]\nseed: 7\n")
+    assert load_config(tmp_path / "run2.yaml").seed == 7
+
+
+def test_includes_fall_back_to_the_configs_dir(tmp_path):
+    cfg = load_config(write(tmp_path / "run.yaml", "includes: [engine/zero2.yaml]\n"))
+    assert (cfg.engine.name, cfg.engine.zero_stage) == ("deepspeed", 2)
+
+
+def test_errors_in_an_include_name_the_fragment(tmp_path):
+    fragment = write(tmp_path / "frag.yaml", "attention:\n  windw: 3\n")
+    message = load_error(write(tmp_path / "run.yaml", "includes: [frag.yaml]\n"))
+    assert str(fragment) in message and "attention.windw" in message
+
+
+def test_only_one_level_of_includes(tmp_path):
+    write(tmp_path / "inner.yaml", "seed: 1\n")
+    write(tmp_path / "outer.yaml", "includes: [inner.yaml]\n")
+    assert "one level" in load_error(write(tmp_path / "run.yaml", "includes: [outer.yaml]\n"))
+    assert "not found" in load_error(write(tmp_path / "run2.yaml", "includes: [nope.yaml]\n"))
+
+
+def test_overrides_win_and_are_typed(tmp_path):
+    path = write(tmp_path / "run.yaml", "data:\n  seq_len: 128\n")
+    cfg = load_config(path, ["data.seq_len=64", "lora_recovery.lr=3e-4", "attention.softmax_layers=[0, 5]",
+                             "lora_recovery.targets=[v_proj]", "model.tokenizer=null"])
+    assert cfg.data.seq_len == 64
+    assert cfg.lora_recovery.lr == pytest.approx(3e-4)
+    assert list(cfg.attention.softmax_layers) == [0, 5]
+    assert list(cfg.lora_recovery.targets) == ["v_proj"]
+    assert cfg.model.tokenizer is None
+
+
+def test_override_errors_name_the_command_line(tmp_path):
+    path = write(tmp_path / "run.yaml", "seed: 1\n")
+    for bad in (["data.seqlen=3"], ["data.seq_len=abc"], ["seq_len"], ["attention.mechanism=rwkv"]):
+        assert load_error(path, bad).startswith("command line: "), bad
+
+
+def test_value_errors_name_the_file_that_set_them(tmp_path):
+    write(tmp_path / "frag.yaml", "attention:\n  feature_map: cosformer\n")
+    message = load_error(write(tmp_path / "run.yaml", "includes: [frag.yaml]\nseed: 3\n"))
+    assert message.startswith(str(tmp_path / "frag.yaml")) and "hedgehog" in message
+
+
+def test_config_is_frozen():
+    cfg = load_config(CONFIGS_DIR / "demo.yaml")
+    with pytest.raises(ReadonlyConfigError):
+        cfg.seed = 3
+    with pytest.raises(ReadonlyConfigError):
+        cfg.data.seq_len = 3
+
+
+def test_save_resolved_round_trips(tmp_path):
+    cfg = load_config(CONFIGS_DIR / "lolcats.yaml", ["seed=5"])
+    saved = save_resolved(cfg, tmp_path / "out" / "config.yaml")
+    again = load_config(saved)
+    assert diff_configs(cfg, again) == []
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert diff_configs(cfg, config_from_dict(config_to_dict(cfg), "checkpoint")) == []
+
+
+def test_diff_configs_lists_changed_keys():
+    a = load_config(CONFIGS_DIR / "demo.yaml")
+    b = load_config(CONFIGS_DIR / "demo.yaml", ["seed=1", "attention.window_size=32", "stages=[evaluate]"])
+    assert diff_configs(a, b) == ["attention.window_size", "seed", "stages"]
+    assert diff_configs(a, a) == []
+    assert diff_configs({"x": {"y": 1}}, {"x": {"y": 1, "z": 2}}) == ["x.z"]

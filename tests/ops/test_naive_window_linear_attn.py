@@ -1,0 +1,178 @@
+"""Pure-PyTorch LoLCATs window + linear attention: the three forms agree with each other and with an
+explicit-loop oracle, the window-only setting is sliding-window softmax, split-and-resume and decode
+continue a prefill exactly, and chunk gradients match the parallel form."""
+import pytest
+import torch
+
+from linearize.ops.window_linear_attn import (
+    FORMS,
+    WindowLinearState,
+    fused_recurrent_window_linear_attn,
+    window_linear_attn,
+)
+
+# fp32 forms differ only by summation order: ~1e-7 observed, 1e-5 leaves room for long sequences
+TOL = 1e-5
+HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM = 4, 2, 16, 12, 8
+
+
+def rel_rms(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_inputs(seq_len, batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq_len, HEADS, HEAD_DIM, generator=gen)
+    k = torch.randn(batch, seq_len, KV_HEADS, HEAD_DIM, generator=gen)
+    v = torch.randn(batch, seq_len, KV_HEADS, VALUE_DIM, generator=gen)
+    fq = torch.rand(batch, seq_len, HEADS, FEATURE_DIM, generator=gen)
+    fk = torch.rand(batch, seq_len, HEADS, FEATURE_DIM, generator=gen)
+    window_logit = torch.randn(HEADS, generator=gen)
+    return q, k, v, fq, fk, window_logit
+
+
+def sliced(inputs, start, stop):
+    """The same inputs restricted to tokens [start, stop) (window_logit is per head, kept whole)."""
+    *tokens, window_logit = inputs
+    return [t[:, start:stop] for t in tokens] + [window_logit]
+
+
+def oracle(q, k, v, fq, fk, window_logit, window_size, scale):
+    """Explicit loops over heads and queries, straight from the LoLCATs formula."""
+    batch, seq_len, heads, _ = q.shape
+    group = heads // k.shape[2]
+    out = torch.zeros(batch, seq_len, heads, v.shape[-1])
+    for h in range(heads):
+        kv_h = h // group
+        gamma = torch.sigmoid(window_logit[h])
+        for t in range(seq_len):
+            window = list(range(max(0, t - window_size + 1), t + 1))
+            scores = torch.stack([scale * (q[:, t, h] * k[:, s, kv_h]).sum(-1) for s in window], dim=-1)
+            a_sm = gamma * (scores - scores.max(dim=-1, keepdim=True).values).exp()  # [B, n_window]
+            num = sum(a_sm[:, i, None] * v[:, s, kv_h] for i, s in enumerate(window))
+            den = a_sm.sum(-1)
+            for s in range(0, t - window_size + 1):
+                a_lin = (fq[:, t, h] * fk[:, s, h]).sum(-1)
+                num = num + a_lin[:, None] * v[:, s, kv_h]
+                den = den + a_lin
+            out[:, t, h] = num / den[:, None]
+    return out
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("window_size", [1, 3, 20])
+def test_forms_match_explicit_oracle(form, window_size):
+    inputs = make_inputs(11, batch=1)
+    extra = {"chunk_size": 4} if form == "chunk" else {}
+    out, _ = FORMS[form](*inputs, window_size=window_size, scale=0.3, **extra)
+    assert rel_rms(out, oracle(*inputs, window_size=window_size, scale=0.3)) <= TOL
+
+
+@pytest.mark.parametrize(
+    "seq_len,window_size,chunk_size",
+    [(1, 4, 16), (63, 8, 16), (63, 40, 16), (100, 16, 16), (100, 1, 24), (257, 64, 64), (257, 30, 50), (50, 80, 16)],
+)
+def test_three_forms_agree(seq_len, window_size, chunk_size):
+    inputs = make_inputs(seq_len)
+    kw = dict(window_size=window_size, output_final_state=True)
+    ref, ref_state = FORMS["parallel"](*inputs, **kw)
+    for form, extra in [("chunk", {"chunk_size": chunk_size}), ("recurrent", {})]:
+        out, state = FORMS[form](*inputs, **kw, **extra)
+        assert out.shape == (2, seq_len, HEADS, VALUE_DIM)
+        assert rel_rms(out, ref) <= TOL, form
+        assert_states_close(state, ref_state)
+
+
+def assert_states_close(state, ref_state):
+    for name, got, want in zip(WindowLinearState._fields, state, ref_state):
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        # kv is all zero while every key is still cached: compare absolutely there
+        assert (got - want).norm() <= TOL * max(want.norm().item(), 1.0), name
+
+
+def test_state_caches_the_last_keys():
+    inputs = make_inputs(10)
+    q, k, v, fq, fk, _ = inputs
+    _, short = window_linear_attn(*inputs, window_size=16, output_final_state=True)
+    assert short.k.shape == (2, KV_HEADS, 10, HEAD_DIM) and short.fk.shape == (2, HEADS, 10, FEATURE_DIM)
+    assert short.kv.abs().max() == 0  # no key has left a 16-token window yet
+    _, state = window_linear_attn(*inputs, window_size=4, output_final_state=True)
+    assert torch.equal(state.k, k[:, -4:].transpose(1, 2)) and torch.equal(state.v, v[:, -4:].transpose(1, 2))
+    assert torch.equal(state.fk, fk[:, -4:].transpose(1, 2))
+    assert state.kv.shape == (2, HEADS, FEATURE_DIM, VALUE_DIM + 1)
+
+
+@pytest.mark.parametrize("split", [1, 5, 37, 64, 99])
+@pytest.mark.parametrize("window_size", [8, 48])
+def test_split_and_resume_equals_one_call(split, window_size):
+    inputs = make_inputs(100)
+    kw = dict(window_size=window_size, chunk_size=32, output_final_state=True)
+    full, full_state = window_linear_attn(*inputs, **kw)
+    head, state = window_linear_attn(*sliced(inputs, 0, split), **kw)
+    tail, end_state = window_linear_attn(*sliced(inputs, split, 100), initial_state=state, **kw)
+    assert rel_rms(torch.cat([head, tail], dim=1), full) <= TOL
+    assert_states_close(end_state, full_state)
+
+
+def test_decode_steps_continue_prefill():
+    inputs = make_inputs(30)
+    full, _ = window_linear_attn(*inputs, window_size=6, chunk_size=8)
+    _, state = window_linear_attn(*sliced(inputs, 0, 22), window_size=6, chunk_size=8, output_final_state=True)
+    steps = []
+    for t in range(22, 30):
+        out, state = fused_recurrent_window_linear_attn(
+            *sliced(inputs, t, t + 1), window_size=6, initial_state=state, output_final_state=True
+        )
+        steps.append(out)
+    assert rel_rms(torch.cat(steps, dim=1), full[:, 22:]) <= TOL
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_zero_features_give_sliding_window_softmax(form):
+    q, k, v, fq, fk, window_logit = make_inputs(40)
+    window_size = 7
+    zeros = torch.zeros_like(fq)
+    out, _ = FORMS[form](q, k, v, zeros, zeros, window_logit, window_size=window_size)
+    pos = torch.arange(40)
+    band = (pos[:, None] - pos[None, :] >= 0) & (pos[:, None] - pos[None, :] < window_size)  # [T, T]
+    group = HEADS // KV_HEADS
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2).repeat_interleave(group, dim=1),
+        v.transpose(1, 2).repeat_interleave(group, dim=1),
+        attn_mask=band,
+    ).transpose(1, 2)  # [B, T, H, V]
+    assert torch.isfinite(out).all()
+    assert rel_rms(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("window_size,chunk_size", [(8, 16), (40, 16)])
+def test_chunk_gradients_match_parallel(window_size, chunk_size):
+    inputs = make_inputs(45)
+    _, state = window_linear_attn(*make_inputs(20, seed=1), window_size=window_size, output_final_state=True)
+    grads = {}
+    for form, extra in [("parallel", {}), ("chunk", {"chunk_size": chunk_size})]:
+        leaves = [t.clone().requires_grad_() for t in (*inputs, *state)]
+        initial_state = WindowLinearState(*leaves[6:])
+        out, final = FORMS[form](
+            *leaves[:6], window_size=window_size, initial_state=initial_state, output_final_state=True, **extra
+        )
+        weight = torch.linspace(-1, 1, out.numel()).view_as(out)
+        loss = (out * weight).sum() + sum(t.square().sum() for t in final)
+        loss.backward()
+        grads[form] = [t.grad for t in leaves]
+    names = "q k v fq fk window_logit kv k_cache v_cache fk_cache".split()
+    for name, got, want in zip(names, grads["chunk"], grads["parallel"]):
+        assert torch.isfinite(got).all(), name
+        assert rel_rms(got, want) <= TOL, name
+
+
+def test_bad_arguments_raise():
+    inputs = make_inputs(10)
+    with pytest.raises(ValueError, match="window_logit"):
+        window_linear_attn(*inputs[:5], torch.zeros(3))
+    _, state = window_linear_attn(*inputs, window_size=8, output_final_state=True)
+    with pytest.raises(ValueError, match="window_size=4"):
+        window_linear_attn(*inputs, window_size=4, initial_state=state)
+    with pytest.raises(ValueError, match="window_size must be"):
+        window_linear_attn(*inputs, window_size=0)

@@ -16,7 +16,9 @@ def rel_rms(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def make_inputs(seq_len, heads=4, kv_heads=2, key_dim=16, value_dim=12, batch=2, seed=0, gate_divisor=LIGER_GATE_DIVISOR):
+def make_inputs(
+    seq_len, heads=4, kv_heads=2, key_dim=16, value_dim=12, batch=2, seed=0, gate_divisor=LIGER_GATE_DIVISOR
+):
     gen = torch.Generator().manual_seed(seed)
     q = torch.rand(batch, seq_len, heads, key_dim, generator=gen)
     k = torch.rand(batch, seq_len, kv_heads, key_dim, generator=gen)
@@ -62,7 +64,9 @@ def test_three_forms_agree(seq_len, chunk_size, normalize):
     s0 = torch.rand(2, 4, 16, 12 + normalize)
     ref, ref_state = FORMS["parallel"](q, k, v, g, normalize=normalize, initial_state=s0, output_final_state=True)
     for form, extra in [("chunk", {"chunk_size": chunk_size}), ("recurrent", {})]:
-        out, state = FORMS[form](q, k, v, g, normalize=normalize, initial_state=s0, output_final_state=True, **extra)
+        out, state = FORMS[form](
+            q, k, v, g, normalize=normalize, initial_state=s0, output_final_state=True, **extra
+        )
         assert out.shape == (2, seq_len, 4, 12) and state.dtype == torch.float32
         assert rel_rms(out, ref) <= TOL, form
         assert rel_rms(state, ref_state) <= TOL, form
@@ -97,7 +101,10 @@ def test_split_and_resume_equals_one_call(split, normalize):
 def test_decode_steps_continue_prefill():
     q, k, v, g = make_inputs(20)
     full, _ = chunk_gated_linear_attn(q, k, v, g, chunk_size=8)
-    _, state = chunk_gated_linear_attn(q[:, :15], k[:, :15], v[:, :15], g[:, :15], chunk_size=8, output_final_state=True)
+    prefill = slice(0, 15)
+    _, state = chunk_gated_linear_attn(
+        q[:, prefill], k[:, prefill], v[:, prefill], g[:, prefill], chunk_size=8, output_final_state=True
+    )
     steps = []
     for t in range(15, 20):
         step = slice(t, t + 1)

@@ -127,7 +127,7 @@ def test_bad_shapes_raise():
         chunk_linear_attn(q, k, v)
 
 
-# ---- public dispatch, shared by the three ops -------------------------------------------------------
+# The public dispatch, checked for the three ops.
 
 def _linear_call(fn, **kw):
     q, k, v = make_inputs(6)

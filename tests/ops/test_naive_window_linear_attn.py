@@ -70,7 +70,10 @@ def test_forms_match_explicit_oracle(form, window_size):
 
 @pytest.mark.parametrize(
     "seq_len,window_size,chunk_size",
-    [(1, 4, 16), (63, 8, 16), (63, 40, 16), (100, 16, 16), (100, 1, 24), (257, 64, 64), (257, 30, 50), (50, 80, 16)],
+    [
+        (1, 4, 16), (63, 8, 16), (63, 40, 16), (100, 16, 16),
+        (100, 1, 24), (257, 64, 64), (257, 30, 50), (50, 80, 16),
+    ],
 )
 def test_three_forms_agree(seq_len, window_size, chunk_size):
     inputs = make_inputs(seq_len)

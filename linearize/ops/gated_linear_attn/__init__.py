@@ -60,7 +60,8 @@ def fused_recurrent_gated_linear_attn(
 ):
     """Decoding step(s): same contract as `chunk_gated_linear_attn`, computed token by token."""
     return recurrent_gated_linear_attn(
-        q, k, v, g, scale=scale, normalize=normalize, initial_state=initial_state, output_final_state=output_final_state
+        q, k, v, g, scale=scale, normalize=normalize,
+        initial_state=initial_state, output_final_state=output_final_state,
     )
 
 

@@ -53,10 +53,13 @@ def chunk_linear_attn(
     return impl(q, k, v, chunk_size=chunk_size, **kwargs)
 
 
-def fused_recurrent_linear_attn(q, k, v, *, scale=None, normalize=True, initial_state=None, output_final_state=False):
+def fused_recurrent_linear_attn(
+    q, k, v, *, scale=None, normalize=True, initial_state=None, output_final_state=False
+):
     """Decoding step(s): same contract as `chunk_linear_attn`, computed token by token."""
     return recurrent_linear_attn(
-        q, k, v, scale=scale, normalize=normalize, initial_state=initial_state, output_final_state=output_final_state
+        q, k, v, scale=scale, normalize=normalize,
+        initial_state=initial_state, output_final_state=output_final_state,
     )
 
 

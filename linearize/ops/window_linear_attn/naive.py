@@ -53,9 +53,13 @@ def _check_inputs(q, k, v, fq, fk, window_logit, window_size):
     if window_size < 1:
         raise ValueError(f"window_size must be >= 1, got {window_size}")
     if k.shape[2] != v.shape[2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"k {tuple(k.shape)} must match v's heads and q's width (q {tuple(q.shape)}, v {tuple(v.shape)})")
+        raise ValueError(
+            f"k {tuple(k.shape)} must match v's heads and q's width (q {tuple(q.shape)}, v {tuple(v.shape)})"
+        )
     if fq.shape[2:] != fk.shape[2:] or fq.shape[2] != q.shape[2]:
-        raise ValueError(f"fq {tuple(fq.shape)} and fk {tuple(fk.shape)} must both have q's {q.shape[2]} heads and one width")
+        raise ValueError(
+            f"fq {tuple(fq.shape)} and fk {tuple(fk.shape)} must both have q's {q.shape[2]} heads and one width"
+        )
     if tuple(window_logit.shape) != (q.shape[2],):
         raise ValueError(f"window_logit must have shape ({q.shape[2]},), got {tuple(window_logit.shape)}")
     check_heads(q.shape[2], k.shape[2])
@@ -73,31 +77,38 @@ def _empty_state(q, k, v, fq):
     )
 
 
-def _check_state(state, reference, window_size):
-    for name, got, want in zip(WindowLinearState._fields, state, reference):
+def _initial_state(q, k, v, fq, initial_state, window_size):
+    """The validated fp32 starting state (empty when `initial_state` is None)."""
+    empty = _empty_state(q, k, v, fq)
+    if initial_state is None:
+        return empty
+    state = WindowLinearState(*(t.float() for t in initial_state))
+    for name, got, want in zip(WindowLinearState._fields, state, empty):
         if got.shape[:2] != want.shape[:2] or got.shape[3:] != want.shape[3:]:
-            raise ValueError(f"initial_state.{name} has shape {tuple(got.shape)}, expected like {tuple(want.shape)}")
-    if state.k.shape[2] > window_size or not state.k.shape[2] == state.v.shape[2] == state.fk.shape[2]:
-        raise ValueError(f"initial_state caches {state.k.shape[2]} keys; expected one count <= window_size={window_size}")
+            raise ValueError(
+                f"initial_state.{name} has shape {tuple(got.shape)}, expected like {tuple(want.shape)}"
+            )
+    cached = state.k.shape[2]
+    if cached > window_size or not cached == state.v.shape[2] == state.fk.shape[2]:
+        raise ValueError(f"initial_state caches {cached} keys; expected one count <= window_size={window_size}")
+    return state
 
 
 def _prepare(q, k, v, fq, fk, window_logit, window_size, scale, initial_state):
     _check_inputs(q, k, v, fq, fk, window_logit, window_size)
-    empty = _empty_state(q, k, v, fq)
-    state = empty if initial_state is None else WindowLinearState(*initial_state)
-    _check_state(state, empty, window_size)
+    state = _initial_state(q, k, v, fq, initial_state, window_size)
     heads = q.shape[2]
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    k_all = torch.cat([state.k.float(), k.float().transpose(1, 2)], dim=2)  # [B, H_kv, P + T, D]
-    v_all = torch.cat([state.v.float(), v.float().transpose(1, 2)], dim=2)  # [B, H_kv, P + T, V]
+    k_all = torch.cat([state.k, k.float().transpose(1, 2)], dim=2)  # [B, H_kv, P + T, D]
+    v_all = torch.cat([state.v, v.float().transpose(1, 2)], dim=2)  # [B, H_kv, P + T, V]
     group = heads // k.shape[2]
     return _Inputs(
         q=heads_first_fp32(q, heads) * scale,
         fq=heads_first_fp32(fq, heads),
         k=k_all.repeat_interleave(group, dim=1),  # [B, H, P + T, D]
         v1=append_ones(v_all.repeat_interleave(group, dim=1)),  # [B, H, P + T, V + 1]
-        fk=torch.cat([state.fk.float(), fk.float().transpose(1, 2)], dim=2),  # [B, H, P + T, F]
-        kv0=state.kv.float(),
+        fk=torch.cat([state.fk, fk.float().transpose(1, 2)], dim=2),  # [B, H, P + T, F]
+        kv0=state.kv,
         gamma=torch.sigmoid(window_logit.float()).view(heads, 1, 1),  # [H, 1, 1]
         prefix=state.k.shape[2],
         k_raw=k_all,
@@ -216,9 +227,7 @@ def recurrent_window_linear_attn(
 ):
     """Token-by-token form over a cache of at most W keys; a `T = 1` call is one step."""
     _check_inputs(q, k, v, fq, fk, window_logit, window_size)
-    state = _empty_state(q, k, v, fq) if initial_state is None else WindowLinearState(*initial_state)
-    _check_state(state, _empty_state(q, k, v, fq), window_size)
-    state = WindowLinearState(*(t.float() for t in state))
+    state = _initial_state(q, k, v, fq, initial_state, window_size)
     heads = q.shape[2]
     group = heads // k.shape[2]
     scale = scale if scale is not None else q.shape[-1] ** -0.5

@@ -1,0 +1,163 @@
+"""The training loop both training stages use.
+
+Per optimizer step: set the scheduled lr → `grad_accum` micro-batches from the deterministic stream
+(forward under autocast, stop on a non-finite loss, backward) → clip + step → log a metrics line →
+eval every `eval_every` → checkpoint every `save_every` and at the end. A stage supplies the model
+(trainable parameters already chosen) and `loss_fn(model, input_ids [B, L]) -> scalar loss`."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from .checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, read_checkpoint_config,
+                         remove_partial_checkpoints, save_checkpoint, verify_checkpoint)
+from .engine import Engine, autocast_context, build_engine
+from .metrics import MetricsLog, plot_metrics
+from .sampler import sample_indices
+from .schedule import build_schedule
+from .state import check_same_config
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: Optional[float]
+    eval_loss: Optional[float]
+    tokens: int
+    resumed_from: Optional[int]
+    checkpoint: Path
+    plot: Path
+
+
+@dataclass
+class _Run:
+    """Everything the step functions share."""
+
+    engine: Engine
+    schedule: object
+    loss_fn: LossFn
+    stage_cfg: object
+    train_tokens: torch.Tensor
+    eval_tokens: torch.Tensor
+    seed: int
+    shuffle: bool
+
+
+def evaluate_loss(model, loss_fn: LossFn, tokens: torch.Tensor, batch_size: int, autocast: str,
+                  device: torch.device) -> Optional[float]:
+    """Mean loss over `tokens` `[M, L]` in batches, without gradients; None when M = 0."""
+    if len(tokens) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(tokens), batch_size):
+            with autocast_context(autocast, device):
+                losses.append(float(loss_fn(model, tokens[start:start + batch_size].to(device))))
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def _stop_on_nonfinite(value: float, step: int, stage_dir: Path) -> None:
+    if math.isfinite(value):
+        return
+    last = latest_checkpoint(stage_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    raise UserError(f"loss is {value} at step {step} in {stage_dir}: training stopped; {kept}")
+
+
+def _train_step(run: _Run, state: TrainerState, stage_dir: Path) -> dict:
+    cfg, engine = run.stage_cfg, run.engine
+    step = state.step + 1
+    lr = run.schedule.lr(step)
+    engine.set_lr(lr)
+    engine.model.train()
+    started, losses, tokens = time.perf_counter(), [], 0
+    for _ in range(cfg.grad_accum):
+        index = sample_indices(state.cursor, cfg.micro_batch_size, len(run.train_tokens), run.seed, run.shuffle)
+        batch = run.train_tokens[index].to(engine.device)  # [B, L]
+        state.cursor += cfg.micro_batch_size
+        with autocast_context(cfg.autocast, engine.device):
+            loss = run.loss_fn(engine.model, batch)
+        value = float(loss.detach())
+        _stop_on_nonfinite(value, step, stage_dir)
+        engine.backward(loss / cfg.grad_accum)
+        losses.append(value)
+        tokens += batch.numel()
+    grad_norm = engine.step(cfg.grad_clip)
+    if engine.scaler is None:  # with fp16 loss scaling, inf grads are expected: the scaler skips the step
+        _stop_on_nonfinite(grad_norm, step, stage_dir)
+    state.step, state.tokens = step, state.tokens + tokens
+    elapsed = time.perf_counter() - started
+    return {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": grad_norm,
+            "tokens": state.tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+
+
+def _resume(engine: Engine, schedule, stage_dir: Path, config: dict, stage: str, force: bool):
+    """Restores the newest checkpoint (verified, same config unless force); None when there is none."""
+    remove_partial_checkpoints(stage_dir)
+    path = latest_checkpoint(stage_dir)
+    if path is None:
+        return None, None
+    verify_checkpoint(path)
+    check_same_config(read_checkpoint_config(path), config, stage, path, force)
+    state, extras = load_checkpoint(path, engine.model, engine.optimizer, schedule)
+    engine.load_extras(extras)
+    return state, path
+
+
+def train(model: torch.nn.Module, loss_fn: LossFn, train_tokens: torch.Tensor, eval_tokens: torch.Tensor,
+          stage_cfg, *, stage_dir: Path, stage: str, seed: int, engine_cfg, config: dict,
+          shuffle: bool = True, force: bool = False) -> TrainResult:
+    """Trains `model`'s trainable parameters with `loss_fn` to `stage_cfg.max_steps`, resuming from the
+    newest checkpoint in `stage_dir` if there is one. `config` is the full resolved run config (dict),
+    stored in every checkpoint and compared on resume. train/eval tokens: `[N, L]` / `[M, L]`."""
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    engine = build_engine(engine_cfg, model, stage_cfg)
+    schedule = build_schedule(stage_cfg)
+    state, resumed = _resume(engine, schedule, stage_dir, config, stage, force)
+    state = state or TrainerState()
+    metrics = MetricsLog(stage_dir / METRICS_FILE)
+    metrics.truncate_after(state.step)
+    run = _Run(engine, schedule, loss_fn, stage_cfg, train_tokens, eval_tokens, seed, shuffle)
+    checkpoint = resumed
+    with tqdm(total=stage_cfg.max_steps, initial=state.step, desc=stage, dynamic_ncols=True) as bar:
+        while state.step < stage_cfg.max_steps:
+            record = _train_step(run, state, stage_dir)
+            if _due(state.step, stage_cfg.eval_every, stage_cfg.max_steps):
+                eval_loss = evaluate_loss(engine.model, loss_fn, eval_tokens, stage_cfg.micro_batch_size,
+                                          stage_cfg.autocast, engine.device)
+                record["eval_loss"] = eval_loss
+                if eval_loss is not None:
+                    schedule.on_eval(eval_loss)
+            metrics.append(record)
+            if _due(state.step, stage_cfg.save_every, stage_cfg.max_steps):
+                checkpoint = save_checkpoint(stage_dir, engine.model, engine.state_dict(), schedule.state_dict(),
+                                             state, config, stage_cfg.keep_last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
+    records = metrics.read()
+    plot = plot_metrics(records, stage_dir / PLOT_FILE, stage)
+    final = records[-1] if records else {}
+    last_eval = next((r["eval_loss"] for r in reversed(records) if r.get("eval_loss") is not None), None)
+    return TrainResult(step=state.step, loss=final.get("loss"), eval_loss=last_eval, tokens=state.tokens,
+                       resumed_from=int(resumed.name.split("_")[1]) if resumed else None,
+                       checkpoint=checkpoint, plot=plot)
+
+
+def _due(step: int, every: int, max_steps: int) -> bool:
+    """True at multiples of `every` (0 disables) and always at the last step."""
+    return step == max_steps or (every > 0 and step % every == 0)

@@ -1,0 +1,90 @@
+"""Run-state helpers shared by the stages: config snapshots and their comparison, and the DONE marker
+that lets the pipeline skip a finished stage."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from ..errors import UserError
+
+STAGE_NAMES = ("attention_transfer", "lora_recovery", "evaluate", "export")
+# Keys that name or order a run but change nothing a stage computes.
+NON_COMPUTING_KEYS = ("run_name", "output_dir", "stages")
+DONE_FILE = "DONE"
+
+
+def config_to_dict(cfg) -> dict:
+    """A plain JSON-able dict of a RunConfig (dataclass or OmegaConf structured config)."""
+    if dataclasses.is_dataclass(cfg):
+        data = dataclasses.asdict(cfg)
+    else:
+        from omegaconf import OmegaConf
+
+        data = OmegaConf.to_container(cfg, resolve=True)
+    return json.loads(json.dumps(data))
+
+
+def stage_view(config: dict, stage: str) -> dict:
+    """The part of a full config dict that stage `stage` depends on: everything except run naming and
+    the sections of the other stages."""
+    skip = set(NON_COMPUTING_KEYS) | (set(STAGE_NAMES) - {stage})
+    return {key: value for key, value in config.items() if key not in skip}
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat = {}
+    for key, value in data.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def changed_keys(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (including keys only in one)."""
+    old, new = _flatten(saved), _flatten(current)
+    return sorted(key for key in old.keys() | new.keys() if old.get(key, "<absent>") != new.get(key, "<absent>"))
+
+
+def check_same_config(saved: dict, current: dict, stage: str, where: Path, force: bool) -> list[str]:
+    """Refuses (UserError naming the keys) to continue `stage` from `where` under a changed config,
+    unless force. Returns the changed keys."""
+    keys = changed_keys(stage_view(saved, stage), stage_view(current, stage))
+    if keys and not force:
+        raise UserError(
+            f"{stage}: the config changed since {where} was written ({', '.join(keys)}); "
+            "use a new run_name, or --force to continue with the new values"
+        )
+    return keys
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Writes JSON through a temp file + fsync + rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def mark_done(stage_dir: Path, metrics: dict, config: dict) -> None:
+    """Writes `<stage_dir>/DONE` with the stage's final metrics and the config it ran with."""
+    write_json_atomic(Path(stage_dir) / DONE_FILE, {"metrics": metrics, "config": config})
+
+
+def read_done(stage_dir: Path):
+    """The DONE record ({"metrics", "config"}) of a finished stage, or None."""
+    path = Path(stage_dir) / DONE_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is corrupt ({err}); delete it to re-run the stage") from err
+
+
+def clear_done(stage_dir: Path) -> None:
+    (Path(stage_dir) / DONE_FILE).unlink(missing_ok=True)

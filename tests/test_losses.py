@@ -1,0 +1,87 @@
+"""Unit tests of the transfer MSE, attention-weight cross-entropy and distillation KL."""
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linearize.losses import PairCollector, attention_ce, distill_kl, transfer_mse
+
+Pair = namedtuple("Pair", "layer_idx student teacher student_weights teacher_weights")
+
+
+def _pair(idx, shape=(2, 5, 4, 8), weights=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(shape, generator=g, requires_grad=True)
+    teacher = torch.randn(shape, generator=g)
+    sw = tw = None
+    if weights:
+        B, T, H, _ = shape
+        causal = torch.ones(T, T).tril().bool()
+        tw = torch.randn(B, H, T, T, generator=g).masked_fill(~causal, float("-inf")).softmax(-1)  # [B, H, T, T]
+        sw = torch.rand(B, H, T, T, generator=g).masked_fill(~causal, 0.0)
+    return Pair(idx, student, teacher, sw, tw)
+
+
+def test_transfer_mse_is_mean_over_layers_times_factor():
+    pairs = [_pair(0, seed=1), _pair(1, shape=(2, 5, 4, 8), seed=2)]
+    expected = sum(((p.student - p.teacher) ** 2).mean() for p in pairs) / len(pairs) * 1000.0
+    got = transfer_mse(pairs, factor=1000.0)
+    # fp32 sums of 320 terms in a different order
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_transfer_mse_bf16_inputs_computed_in_fp32_and_teacher_gets_no_grad():
+    p = _pair(0)
+    teacher = p.teacher.clone().requires_grad_(True)
+    pair = Pair(0, p.student.bfloat16(), teacher.bfloat16(), None, None)
+    loss = transfer_mse([pair])
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert teacher.grad is None and p.student.grad is not None
+
+
+def test_transfer_mse_needs_pairs():
+    with pytest.raises(ValueError, match="no transfer pairs"):
+        transfer_mse([])
+
+
+def test_attention_ce_minimal_when_student_matches_teacher():
+    p = _pair(0, weights=True)
+    teacher_entropy = -(p.teacher_weights * p.teacher_weights.clamp_min(1e-12).log()).sum(-1).mean()
+    scaled_copy = Pair(0, p.student, p.teacher, p.teacher_weights * 3.0, p.teacher_weights)
+    # row normalization makes the scale irrelevant; fp32 log/sum rounding only
+    torch.testing.assert_close(attention_ce([scaled_copy]), teacher_entropy, rtol=1e-5, atol=1e-6)
+    assert attention_ce([p]) > teacher_entropy + 0.01
+
+
+def test_attention_ce_skips_layers_without_weights_and_raises_when_none():
+    with_w, without = _pair(0, weights=True), _pair(1)
+    torch.testing.assert_close(attention_ce([with_w, without]), attention_ce([with_w]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="want_weights"):
+        attention_ce([without])
+
+
+def test_distill_kl_matches_definition_and_mask():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 6, 11, generator=g), torch.randn(2, 6, 11, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    per_pos = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    # same math through a different torch kernel
+    torch.testing.assert_close(distill_kl(s, t), per_pos.mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(distill_kl(s, t, mask), per_pos[mask.bool()].mean(), rtol=1e-5, atol=1e-7)
+    assert distill_kl(t, t).abs() < 1e-6  # KL of a distribution with itself; fp32 rounding
+
+
+def test_distill_kl_rejects_shape_mismatch_and_empty_mask():
+    s = torch.randn(1, 3, 5)
+    with pytest.raises(ValueError, match="shapes differ"):
+        distill_kl(s, torch.randn(1, 3, 6))
+    with pytest.raises(ValueError, match="no positions"):
+        distill_kl(s, s, torch.zeros(1, 3))
+
+
+def test_collector_take_empties():
+    c = PairCollector(want_weights=True)
+    c(_pair(0))
+    assert len(c.take()) == 1 and c.take() == [] and c.want_weights

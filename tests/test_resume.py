@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from linearize.train.checkpoint import KILL_AFTER_CHECKPOINT_ENV
+from test_stages import needs_collaborators
 
 TESTS_DIR = Path(__file__).parent
 REPO = TESTS_DIR.parent
@@ -50,3 +51,49 @@ def test_killed_and_resumed_job_matches_uninterrupted(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert len(_losses(whole)) == 8
     assert _losses(killed) == _losses(whole)  # exact: same floats, not approximately
+
+
+STAGE_JOB = """
+import json, sys, torch
+torch.set_num_threads(1)
+sys.path[:0] = [{repo!r}]
+from stages.config_loader import config_from_dict
+from stages.pipeline import run_stages
+run_stages(config_from_dict(json.loads({config!r}), "resume-test"))
+"""
+
+
+def _run_stages_job(config: dict, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != KILL_AFTER_CHECKPOINT_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if kill_after is not None:
+        env[KILL_AFTER_CHECKPOINT_ENV] = str(kill_after)
+    code = STAGE_JOB.format(repo=str(REPO), config=json.dumps(config))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+@needs_collaborators
+def test_pipeline_killed_in_lora_resumes_exactly(tmp_path, tiny_tokenizer):
+    """Transfer (2 steps) then LoRA with dropout and KL, killed after LoRA's step-4 checkpoint; the
+    step-4 checkpoint is then lost, so LoRA resumes from step 2 and re-does steps 3-4."""
+    from stages.config_loader import config_to_dict
+    from test_stages import tiny_run_config
+
+    cfg = config_to_dict(tiny_run_config(
+        tmp_path, tiny_tokenizer, attention_transfer={"max_steps": 2, "save_every": 2},
+        lora_recovery={"max_steps": 5, "save_every": 2, "eval_every": 2, "dropout": 0.1, "keep_last": 3}))
+    cfg["stages"] = ["attention_transfer", "lora_recovery"]
+    whole, killed = dict(cfg, output_dir=str(tmp_path / "whole")), dict(cfg, output_dir=str(tmp_path / "killed"))
+    done = _run_stages_job(whole)
+    assert done.returncode == 0, done.stderr[-3000:]
+    crash = _run_stages_job(killed, kill_after=4)
+    assert crash.returncode == -signal.SIGKILL, crash.stderr[-3000:]
+    lora_dir = tmp_path / "killed" / "tiny" / "lora_recovery"
+    assert not (lora_dir / "DONE").exists() and (tmp_path / "killed" / "tiny" / "attention_transfer" / "DONE").exists()
+    shutil.rmtree(lora_dir / "step_4")
+    resumed = _run_stages_job(killed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "attention_transfer: done, skipping" in resumed.stdout
+    for stage in ("attention_transfer", "lora_recovery"):
+        assert _losses(tmp_path / "killed" / "tiny" / stage) == _losses(tmp_path / "whole" / "tiny" / stage)
+    assert len(_losses(lora_dir)) == 5

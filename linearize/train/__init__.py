@@ -8,12 +8,12 @@ from .metrics import MetricsLog, plot_metrics
 from .sampler import sample_indices
 from .schedule import SCHEDULES, build_schedule
 from .state import (STAGE_NAMES, changed_keys, check_same_config, clear_done, config_to_dict, mark_done,
-                    read_done, stage_view)
+                    read_done, seed_everything, stage_view)
 
 __all__ = [
     "AUTOCAST_DTYPES", "Engine", "METRICS_FILE", "MetricsLog", "PLOT_FILE", "SCHEDULES", "STAGE_NAMES",
     "TrainResult", "TrainerState", "autocast_context", "build_engine", "build_schedule", "changed_keys",
     "check_same_config", "checkpoint_dirs", "clear_done", "config_to_dict", "default_device",
     "evaluate_loss", "latest_checkpoint", "load_checkpoint", "mark_done", "plot_metrics", "read_done",
-    "sample_indices", "save_checkpoint", "stage_view", "train", "verify_checkpoint",
+    "sample_indices", "save_checkpoint", "seed_everything", "stage_view", "train", "verify_checkpoint",
 ]

@@ -88,3 +88,16 @@ def read_done(stage_dir: Path):
 
 def clear_done(stage_dir: Path) -> None:
     (Path(stage_dir) / DONE_FILE).unlink(missing_ok=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python, numpy and torch (all devices), so parameter inits (feature maps, LoRA) and dropout
+    are the same in every process that runs a stage with this seed."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

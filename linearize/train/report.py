@@ -1,0 +1,56 @@
+"""`<run>/report.md`: what each stage did, its final metrics, the evaluation table, the samples, and
+links to the loss-curve PNGs (relative, so the run directory can be moved or shared)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+REPORT_FILE = "report.md"
+TRAIN_COLUMNS = ("step", "loss", "eval_loss", "tokens")
+EVAL_ROWS = (("teacher perplexity", "teacher_ppl"), ("student perplexity", "student_ppl"),
+             ("KL(teacher ‖ student) per token", "kl"), ("top-1 agreement", "top1_agreement"))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _stage_table(statuses: dict, results: dict) -> list[str]:
+    lines = ["| stage | status | " + " | ".join(TRAIN_COLUMNS) + " |", "|---" * (len(TRAIN_COLUMNS) + 2) + "|"]
+    for stage, status in statuses.items():
+        metrics = results.get(stage) or {}
+        lines.append(f"| {stage} | {status} | " + " | ".join(_fmt(metrics.get(c)) for c in TRAIN_COLUMNS) + " |")
+    return lines
+
+
+def _eval_section(evaluation: dict) -> list[str]:
+    lines = ["## Evaluation", "", f"{evaluation.get('sequences')} held-out sequences, "
+             f"{evaluation.get('tokens')} tokens.", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {label} | {_fmt(evaluation.get(key))} |" for label, key in EVAL_ROWS]
+    samples = evaluation.get("samples") or {}
+    if samples:
+        lines += ["", f"Greedy continuations of `{samples.get('prompt')}`:", ""]
+        lines += [f"- {who}: `{samples[who]!r}`" for who in ("teacher", "student") if who in samples]
+    return lines
+
+
+def write_report(run_dir: Path, statuses: dict, results: dict, export_sample: Optional[str] = None) -> Path:
+    """statuses: stage → "ran" / "resumed from step k" / "skipped (done)"; results: stage → metrics."""
+    run_dir = Path(run_dir)
+    lines = [f"# Run `{run_dir.name}`", "", "Resolved config: [config.yaml](config.yaml)", "", "## Stages", ""]
+    lines += _stage_table(statuses, results)
+    if results.get("evaluate"):
+        lines += [""] + _eval_section(results["evaluate"])
+    if results.get("export"):
+        lines += ["", "## Export", "", f"`{results['export'].get('path')}`"]
+        if export_sample is not None:
+            lines += ["", f"Generation from the export: `{export_sample!r}`"]
+    plots = [(stage, run_dir / stage / m["plot"]) for stage, m in results.items() if m and m.get("plot")]
+    if plots:
+        lines += ["", "## Loss curves", ""]
+        lines += [f"![{stage}]({path.relative_to(run_dir)})" for stage, path in plots if path.exists()]
+    path = run_dir / REPORT_FILE
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,116 @@
+"""Building the student a stage works on, shared by the stage runners: teacher → linearize → the
+student parameters of earlier stages → the LoRA adapter; plus the teacher view of that same model
+(adapter disabled, teacher attention) so no second copy of the weights is ever loaded."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import linearize
+from ..errors import UserError
+
+STUDENT_FILE = "student.safetensors"
+ADAPTER_DIR = "adapter"
+# Later stages supersede earlier ones: LoRA may have trained the student parameters further.
+STUDENT_SOURCES = ("lora_recovery", "attention_transfer")
+
+
+def student_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of every student parameter (feature maps, gates, mixing, conv), by name."""
+    groups = linearize.student_parameters(model)
+    return {name: p.detach().cpu().contiguous() for params in groups.values() for name, p in params}
+
+
+def save_student(model: torch.nn.Module, path: Path) -> Path:
+    save_file(student_state(model), Path(path))
+    return Path(path)
+
+
+def load_student(model: torch.nn.Module, path: Path) -> None:
+    """Copies saved student parameters into `model`; the names must match exactly (same mechanism,
+    same layers), else UserError."""
+    saved = load_file(Path(path))
+    params = {name: p for params in linearize.student_parameters(model).values() for name, p in params}
+    missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit this student (attention config changed?): "
+                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+
+
+def find_student_file(run_dir: Path, sources=STUDENT_SOURCES) -> Optional[Path]:
+    """The newest stage's saved student parameters, or None (no stage trained them)."""
+    for stage in sources:
+        path = Path(run_dir) / stage / STUDENT_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def build_student(cfg, run_dir: Path, sources=STUDENT_SOURCES):
+    """(linearized model, tokenizer, student file used or None) from cfg.model and cfg.attention."""
+    from ..models.teacher import load_teacher
+
+    model, tokenizer = load_teacher(cfg.model)
+    linearize.linearize_model(model, cfg.attention)
+    source = find_student_file(run_dir, sources)
+    if source is not None:
+        load_student(model, source)
+    return model, tokenizer, source
+
+
+def attach_adapter(model: torch.nn.Module, run_dir: Path):
+    """The model with the LoRA stage's adapter (a PeftModel), or the model itself if LoRA did not run."""
+    adapter = Path(run_dir) / "lora_recovery" / ADAPTER_DIR
+    if not adapter.is_dir():
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a PeftModel (LoRA layers stay injected), else the model."""
+    return model.get_base_model() if hasattr(model, "disable_adapter") else model
+
+
+@contextlib.contextmanager
+def teacher_view(model: torch.nn.Module):
+    """Inside: `model` computes the teacher (adapter off, softmax attention in every layer)."""
+    with contextlib.ExitStack() as stack:
+        if hasattr(model, "disable_adapter"):
+            stack.enter_context(model.disable_adapter())
+        stack.enter_context(linearize.teacher_mode(unwrap(model)))
+        yield model
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits `[B, T, V]` predicting input_ids `[B, T]` shifted by one (fp32)."""
+    shifted = logits[:, :-1].float().flatten(0, 1)  # [B·(T−1), V]
+    return torch.nn.functional.cross_entropy(shifted, input_ids[:, 1:].flatten())
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Merges LoRA into the weights and returns the plain model (a non-peft model passes through).
+
+    peft's own `merge_and_unload` treats every module with a `base_layer` attribute as one of its
+    layers, which would also unwrap the linearized attentions; this touches only peft's layers."""
+    if not hasattr(model, "disable_adapter"):
+        return model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = model.get_base_model()
+    lora_layers = [(name, module) for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in lora_layers:
+        module.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(base, "peft_config"):
+        del base.peft_config
+    return base

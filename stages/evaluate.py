@@ -1,0 +1,69 @@
+"""Stage 3, evaluation: teacher and student perplexity on the same held-out tokens, teacher–student KL
+and top-1 agreement, and a greedy sample from each → `<run>/evaluate/eval.json`.
+
+`evaluate_target` serves `linearize eval` on a run directory or an export directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from linearize.data import build_datasets
+from linearize.errors import UserError
+from linearize.models.exported import RUN_CONFIG_FILE, is_export_dir, load_export
+from linearize.train import config_to_dict, default_device, mark_done
+from linearize.train.evaluation import compare_on_tokens, greedy_sample
+from linearize.train.state import write_json_atomic
+from linearize.train.student import attach_adapter, build_student, teacher_view
+
+STAGE = "evaluate"
+EVAL_FILE = "eval.json"
+RUN_CONFIG = "config.yaml"
+
+
+def _eval_tokens(cfg, tokenizer):
+    _, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
+    return eval_tokens[: cfg.evaluate.max_sequences]
+
+
+def evaluate_model(cfg, model, tokenizer, with_teacher: bool) -> dict:
+    """Metrics and greedy samples for `model` (a converted model; with_teacher: its teacher view too)."""
+    model.to(default_device())
+    view = teacher_view if with_teacher else None
+    metrics = compare_on_tokens(model, _eval_tokens(cfg, tokenizer), teacher_view=view)
+    prompt, length = cfg.evaluate.sample_prompt, cfg.evaluate.sample_tokens
+    samples = {"prompt": prompt, "student": greedy_sample(model, tokenizer, prompt, length)}
+    if with_teacher:
+        with teacher_view(model):
+            samples["teacher"] = greedy_sample(model, tokenizer, prompt, length)
+    return {**metrics, "samples": samples}
+
+
+def evaluate_run(cfg, run_dir: Path) -> dict:
+    """Builds the run's final student (student parameters + adapter) and evaluates it against its teacher."""
+    model, tokenizer, _ = build_student(cfg, run_dir)
+    return evaluate_model(cfg, attach_adapter(model, run_dir), tokenizer, with_teacher=True)
+
+
+def run(cfg, run_dir: Path, force: bool = False) -> dict:
+    """Writes `<run>/evaluate/eval.json` (teacher_ppl, student_ppl, kl, top1_agreement, samples)."""
+    stage_dir = Path(run_dir) / STAGE
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    result = evaluate_run(cfg, run_dir)
+    write_json_atomic(stage_dir / EVAL_FILE, result)
+    mark_done(stage_dir, {k: v for k, v in result.items() if k != "samples"}, config_to_dict(cfg))
+    return result
+
+
+def evaluate_target(target, overrides=()) -> dict:
+    """Evaluates a run directory (against its teacher) or an export directory (student only: the
+    export does not carry its teacher) with `key=value` overrides such as `data.eval=FILE`."""
+    from stages.config_loader import config_from_dict, load_config
+
+    target = Path(target)
+    if is_export_dir(target):
+        cfg = config_from_dict(json.loads((target / RUN_CONFIG_FILE).read_text()), str(target), overrides)
+        model, tokenizer = load_export(target)
+        return evaluate_model(cfg, model, tokenizer, with_teacher=False)
+    if (target / RUN_CONFIG).is_file():
+        return evaluate_run(load_config(target / RUN_CONFIG, overrides), target)
+    raise UserError(f"{target} is neither a run directory (no {RUN_CONFIG}) nor an export (no linearize config.json)")

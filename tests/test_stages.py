@@ -1,0 +1,157 @@
+"""Every stage end to end on a tiny llama saved to disk: transfer → LoRA (+KL) → evaluate → export,
+then load_export and generate; skipping finished stages; refusing a changed config."""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+import pytest
+import torch
+
+import linearize
+from conftest import TOKENIZER_TEXT, tiny_model
+from linearize.errors import UserError
+from linearize.train.evaluation import greedy_sample
+
+SURGERY = ("linearize_model", "student_parameters", "freeze_for_transfer", "transfer_mode", "teacher_mode")
+COLLABORATORS = ("linearize.data", "linearize.models.teacher", "stages.config_loader")
+
+
+def _missing_collaborators() -> list[str]:
+    """Parts other modules provide that the stages need (written in parallel; absent until merged)."""
+    missing = [f"linearize.{name}" for name in SURGERY if not hasattr(linearize, name)]
+    for module in COLLABORATORS:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    return missing
+
+
+needs_collaborators = pytest.mark.skipif(bool(_missing_collaborators()),
+                                         reason=f"not in the tree yet: {_missing_collaborators()}")
+pytestmark = needs_collaborators
+
+STAGE_NAMES = ["attention_transfer", "lora_recovery", "evaluate", "export"]
+EVAL_KEYS = {"teacher_ppl", "student_ppl", "kl", "top1_agreement", "samples"}
+
+
+def write_tiny_assets(root, tokenizer_dir):
+    """A tiny llama + tokenizer as a HF directory, and train/eval text files; returns config overrides."""
+    model_dir = root / "teacher"
+    tiny_model("llama").save_pretrained(model_dir)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy(item, model_dir / item.name)
+    (root / "train.txt").write_text("\n".join(TOKENIZER_TEXT * 2))
+    (root / "eval.txt").write_text("\n".join(reversed(TOKENIZER_TEXT)))
+    return {"model": {"path": str(model_dir)},
+            "data": {"train": str(root / "train.txt"), "eval": str(root / "eval.txt"), "seq_len": 32,
+                     "max_eval_sequences": 2}}
+
+
+def tiny_run_config(root, tokenizer_dir, **sections):
+    """A validated RunConfig for a few-step run of every stage on the tiny assets."""
+    from stages.config_loader import config_from_dict
+
+    data = write_tiny_assets(root, tokenizer_dir)
+    data.update(run_name="tiny", output_dir=str(root / "runs"),
+                attention={"mechanism": "window_linear", "window_size": 8, "feature_dim": 8, "chunk_size": 8},
+                attention_transfer={"max_steps": 4, "save_every": 2, "eval_every": 2, "lr": 1e-2},
+                lora_recovery={"max_steps": 3, "save_every": 3, "eval_every": 3, "lr": 1e-3, "kl_weight": 0.5},
+                evaluate={"max_sequences": 2, "sample_tokens": 4, "sample_prompt": "The quick"})
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return config_from_dict(data, "test")
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_tokenizer, capsys):
+    """(config, run dir, results, printed output) of one full pipeline run."""
+    from stages.pipeline import run_stages
+
+    cfg = tiny_run_config(tmp_path, tiny_tokenizer)
+    results = run_stages(cfg)
+    return cfg, tmp_path / "runs" / "tiny", results, capsys.readouterr().out
+
+
+def test_every_stage_then_load_export_and_generate(tiny_run):
+    cfg, run_dir, results, printed = tiny_run
+    assert list(results) == STAGE_NAMES
+    for stage in STAGE_NAMES:
+        assert (run_dir / stage / "DONE").is_file()
+    assert (run_dir / "attention_transfer" / "student.safetensors").is_file()
+    assert (run_dir / "lora_recovery" / "adapter" / "adapter_config.json").is_file()
+    evaluation = json.loads((run_dir / "evaluate" / "eval.json").read_text())
+    assert EVAL_KEYS <= evaluation.keys()
+    assert 0.0 <= evaluation["top1_agreement"] <= 1.0 and evaluation["kl"] >= 0.0
+    report = (run_dir / "report.md").read_text()
+    assert "attention_transfer/loss.png" in report and "student perplexity" in report
+    assert "teacher perplexity" in printed and "generates:" in printed
+
+    from linearize.models.exported import load_export
+
+    model, tokenizer = load_export(run_dir / "export" / "model")
+    section = json.loads((run_dir / "export" / "model" / "config.json").read_text())["linearize"]
+    assert section["attention"]["mechanism"] == "window_linear" and len(section["layers"]) == 2
+    assert len(greedy_sample(model, tokenizer, "The quick", 4)) > 0
+    _check_export_matches_run(cfg, run_dir, model)
+
+
+def _check_export_matches_run(cfg, run_dir, exported):
+    """The export's logits equal those of the run's student rebuilt from the run files (LoRA merged)."""
+    from linearize.train.student import attach_adapter, build_student, merge_lora
+
+    student, _, _ = build_student(cfg, run_dir)
+    student = merge_lora(attach_adapter(student, run_dir))
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # identical fp32 weights and code; only the merge order could differ
+        torch.testing.assert_close(exported(input_ids=ids).logits, student.eval()(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_rerun_skips_done_stages_and_refuses_changed_config(tiny_run, tiny_tokenizer, capsys):
+    from stages.config_loader import config_from_dict, config_to_dict
+    from stages.pipeline import run_stages
+
+    cfg, run_dir, first, _ = tiny_run
+    again = run_stages(cfg)
+    assert capsys.readouterr().out.count("done, skipping") == 4
+    assert again["evaluate"]["student_ppl"] == first["evaluate"]["student_ppl"]
+    changed = config_from_dict(config_to_dict(cfg), "test", ["attention_transfer.lr=0.5", "seed=3"])
+    with pytest.raises(UserError, match=r"attention_transfer: the config changed .*attention_transfer.lr, seed"):
+        run_stages(changed)
+    capsys.readouterr()
+    forced = run_stages(changed, force=True)
+    printed = capsys.readouterr().out
+    assert "done, skipping" not in printed and printed.count("starting it over") == 3
+    assert forced["attention_transfer"]["step"] == 4  # resumed at its last step: nothing left to train
+    assert json.loads((run_dir / "attention_transfer" / "DONE").read_text())["config"]["seed"] == 3
+
+
+def test_no_transfer_baseline_and_unknown_stage(tmp_path, tiny_tokenizer):
+    from stages.pipeline import run_stages
+
+    cfg = tiny_run_config(tmp_path, tiny_tokenizer, lora_recovery={"kl_weight": 0.0})
+    results = run_stages(cfg, ["lora_recovery", "evaluate"])
+    assert results["lora_recovery"]["student_from"].startswith("none")
+    assert results["evaluate"]["student_ppl"] > 1.0
+    with pytest.raises(ValueError, match="valid: attention_transfer, lora_recovery, evaluate, export"):
+        run_stages(cfg, ["distill"])
+
+
+def test_evaluate_target_on_run_and_export_dirs(tiny_run):
+    from stages.evaluate import evaluate_target
+
+    cfg, run_dir, results, _ = tiny_run
+    other_eval = cfg.data.train
+    on_run = evaluate_target(run_dir, [f"data.eval={other_eval}"])
+    on_export = evaluate_target(run_dir / "export" / "model", [f"data.eval={other_eval}"])
+    assert {"teacher_ppl", "student_ppl", "kl", "top1_agreement"} <= on_run.keys()
+    assert "teacher_ppl" not in on_export  # an export does not carry its teacher
+    # merged vs unmerged LoRA: the same function up to fp32 rounding of W + BA
+    assert on_export["student_ppl"] == pytest.approx(on_run["student_ppl"], rel=1e-4)
+    assert on_run["student_ppl"] != pytest.approx(results["evaluate"]["student_ppl"], rel=1e-6)  # other data
+    with pytest.raises(UserError, match="neither a run directory"):
+        evaluate_target(run_dir / "evaluate")

@@ -11,9 +11,8 @@ from pathlib import Path
 import linearize
 from linearize.data import build_datasets
 from linearize.losses import PairCollector, attention_ce, transfer_mse
-from linearize.models.teacher import load_teacher
 from linearize.train import config_to_dict, mark_done, seed_everything, train
-from linearize.train.student import STUDENT_FILE, save_student
+from linearize.train.student import STUDENT_FILE, load_converted, save_student
 
 STAGE = "attention_transfer"
 
@@ -39,8 +38,7 @@ def run(cfg, run_dir: Path, force: bool = False) -> dict:
     """Trains the student parameters of every linearized layer; returns the final metrics."""
     stage_dir = Path(run_dir) / STAGE
     seed_everything(cfg.seed)
-    model, tokenizer = load_teacher(cfg.model)
-    linearize.linearize_model(model, cfg.attention)
+    model, tokenizer = load_converted(cfg)
     linearize.freeze_for_transfer(model)
     train_tokens, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
     collector = PairCollector(want_weights=cfg.attention_transfer.attn_ce_weight > 0)

@@ -46,6 +46,16 @@ def _plan(stage_dir: Path, stage: str, config: dict, force: bool) -> str:
     return RUN
 
 
+def _discard_later_stages(run_dir: Path, stage: str) -> None:
+    """Stages after one that just ran were built on its old output: delete them so they run afresh
+    (in this invocation, or the next one that asks for them)."""
+    order = list(STAGES)
+    for later in order[order.index(stage) + 1:]:
+        if (run_dir / later).exists():
+            print(f"{later}: {stage} re-ran, so its previous results are stale; discarding them")
+            shutil.rmtree(run_dir / later)
+
+
 def _status(stage_dir: Path) -> str:
     checkpoint = latest_checkpoint(stage_dir)
     return f"resumed from {checkpoint.name}" if checkpoint is not None else "ran"
@@ -83,20 +93,17 @@ def run_stages(cfg, stage_names=None, force: bool = False) -> dict:
     config = config_to_dict(cfg)
     plan = {name: _plan(run_dir / name, name, config, force) for name in names}
     save_resolved(cfg, run_dir / RUN_CONFIG)
-    results, statuses, upstream_ran = {}, {}, False
+    results, statuses = {}, {}
     for name in names:
         stage_dir = run_dir / name
-        if plan[name] == SKIP and not upstream_ran:
+        if plan[name] == SKIP and read_done(stage_dir) is not None:
             print(f"{name}: done, skipping")
             results[name], statuses[name] = read_done(stage_dir)["metrics"], "skipped (done)"
             continue
-        if upstream_ran and stage_dir.exists():
-            print(f"{name}: an earlier stage re-ran, so its previous results are stale; starting it over")
-            shutil.rmtree(stage_dir)
         clear_done(stage_dir)
         statuses[name] = _status(stage_dir)
         results[name] = STAGES[name](cfg, run_dir, force=force)
-        upstream_ran = True
+        _discard_later_stages(run_dir, name)
     sample = _export_sample(cfg, run_dir)
     report = write_report(run_dir, statuses, results, sample)
     _print_summary(run_dir, results, sample, report)

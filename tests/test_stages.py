@@ -125,7 +125,7 @@ def test_rerun_skips_done_stages_and_refuses_changed_config(tiny_run, tiny_token
     capsys.readouterr()
     forced = run_stages(changed, force=True)
     printed = capsys.readouterr().out
-    assert "done, skipping" not in printed and printed.count("starting it over") == 3
+    assert "done, skipping" not in printed and printed.count("results are stale") == 3
     assert forced["attention_transfer"]["step"] == 4  # resumed at its last step: nothing left to train
     assert json.loads((run_dir / "attention_transfer" / "DONE").read_text())["config"]["seed"] == 3
 
@@ -133,9 +133,17 @@ def test_rerun_skips_done_stages_and_refuses_changed_config(tiny_run, tiny_token
 def test_no_transfer_baseline_and_unknown_stage(tmp_path, tiny_tokenizer):
     from stages.pipeline import run_stages
 
-    cfg = tiny_run_config(tmp_path, tiny_tokenizer, lora_recovery={"kl_weight": 0.0})
+    from safetensors.torch import load_file
+
+    cfg = tiny_run_config(tmp_path, tiny_tokenizer, lora_recovery={"kl_weight": 0.0, "train_student": True})
     results = run_stages(cfg, ["lora_recovery", "evaluate"])
     assert results["lora_recovery"]["student_from"].startswith("none")
+    lora_dir = tmp_path / "runs" / "tiny" / "lora_recovery"
+    trained = load_file(lora_dir / "step_3" / "trainable.safetensors")
+    student = load_file(lora_dir / "student.safetensors")
+    assert any("lora_" in name for name in trained)
+    assert sum(not name.startswith("base_model.model.") for name in trained) == 0  # peft prefixes all
+    assert {f"base_model.model.{name}" for name in student} <= trained.keys()  # train_student: they trained
     assert results["evaluate"]["student_ppl"] > 1.0
     with pytest.raises(ValueError, match="valid: attention_transfer, lora_recovery, evaluate, export"):
         run_stages(cfg, ["distill"])

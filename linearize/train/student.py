@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import linearize
+from ..config.schema import AttentionConfig
 from ..errors import UserError
 
 STUDENT_FILE = "student.safetensors"
@@ -53,12 +54,26 @@ def find_student_file(run_dir: Path, sources=STUDENT_SOURCES) -> Optional[Path]:
     return None
 
 
-def build_student(cfg, run_dir: Path, sources=STUDENT_SOURCES):
-    """(linearized model, tokenizer, student file used or None) from cfg.model and cfg.attention."""
+def attention_config(cfg) -> AttentionConfig:
+    """cfg.attention as the AttentionConfig dataclass `linearize_model` takes (the loader gives a
+    read-only OmegaConf node)."""
+    from .state import config_to_dict
+
+    return AttentionConfig(**config_to_dict(cfg)["attention"])
+
+
+def load_converted(cfg):
+    """(teacher with cfg.attention's layers linearized, tokenizer); student parameters freshly initialized."""
     from ..models.teacher import load_teacher
 
     model, tokenizer = load_teacher(cfg.model)
-    linearize.linearize_model(model, cfg.attention)
+    linearize.linearize_model(model, attention_config(cfg))
+    return model, tokenizer
+
+
+def build_student(cfg, run_dir: Path, sources=STUDENT_SOURCES):
+    """(linearized model, tokenizer, student file used or None) from cfg.model and cfg.attention."""
+    model, tokenizer = load_converted(cfg)
     source = find_student_file(run_dir, sources)
     if source is not None:
         load_student(model, source)

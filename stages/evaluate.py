@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from linearize.data import build_datasets
+from linearize.data import build_datasets, load_texts, pack_sequences
 from linearize.errors import UserError
 from linearize.models.exported import RUN_CONFIG_FILE, is_export_dir, load_export
 from linearize.train import config_to_dict, default_device, mark_done
@@ -21,8 +21,14 @@ RUN_CONFIG = "config.yaml"
 
 
 def _eval_tokens(cfg, tokenizer):
-    _, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
-    return eval_tokens[: cfg.evaluate.max_sequences]
+    """Held-out rows `[M, L]`. With data.eval set, only that source is read: an export evaluated on
+    another machine need not have the run's training data."""
+    if cfg.data.eval:
+        texts = load_texts(cfg.data.eval, cfg.data.text_field)
+        held_out = pack_sequences(texts, tokenizer, cfg.data.seq_len, source=f"data.eval {cfg.data.eval!r}")
+    else:
+        _, held_out = build_datasets(cfg.data, tokenizer, cfg.seed)
+    return held_out[: min(cfg.data.max_eval_sequences, cfg.evaluate.max_sequences)]
 
 
 def evaluate_model(cfg, model, tokenizer, with_teacher: bool) -> dict:

@@ -153,8 +153,10 @@ def test_evaluate_target_on_run_and_export_dirs(tiny_run):
     from stages.evaluate import evaluate_target
 
     cfg, run_dir, results, _ = tiny_run
-    other_eval = cfg.data.train
+    other_eval = run_dir.parent / "other.txt"
+    shutil.copy(cfg.data.train, other_eval)
     on_run = evaluate_target(run_dir, [f"data.eval={other_eval}"])
+    (run_dir.parent.parent / "train.txt").unlink()  # an export is evaluated without the run's data
     on_export = evaluate_target(run_dir / "export" / "model", [f"data.eval={other_eval}"])
     assert {"teacher_ppl", "student_ppl", "kl", "top1_agreement"} <= on_run.keys()
     assert "teacher_ppl" not in on_export  # an export does not carry its teacher

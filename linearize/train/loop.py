@@ -27,6 +27,8 @@ from .state import check_same_config
 LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+# A step can finish within the timer's resolution on tiny models; never divide by zero.
+MIN_ELAPSED_S = 1e-9
 
 
 @dataclass
@@ -70,12 +72,13 @@ def evaluate_loss(model, loss_fn: LossFn, tokens: torch.Tensor, batch_size: int,
     return sum(losses) / len(losses)
 
 
-def _stop_on_nonfinite(value: float, step: int, stage_dir: Path) -> None:
+def _stop_on_nonfinite(value: float, step: int, stage_dir: Path, what: str = "loss") -> None:
+    """Raises UserError naming the step and the last good checkpoint (kept as it is) if value is nan/inf."""
     if math.isfinite(value):
         return
     last = latest_checkpoint(stage_dir)
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-    raise UserError(f"loss is {value} at step {step} in {stage_dir}: training stopped; {kept}")
+    raise UserError(f"{what} is {value} at step {step} in {stage_dir}: training stopped; {kept}")
 
 
 def _train_step(run: _Run, state: TrainerState, stage_dir: Path) -> dict:
@@ -102,7 +105,7 @@ def _train_step(run: _Run, state: TrainerState, stage_dir: Path) -> dict:
     state.step, state.tokens = step, state.tokens + tokens
     elapsed = time.perf_counter() - started
     return {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": grad_norm,
-            "tokens": state.tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+            "tokens": state.tokens, "tokens_per_s": tokens / max(elapsed, MIN_ELAPSED_S)}
 
 
 def _resume(engine: Engine, schedule, stage_dir: Path, config: dict, stage: str, force: bool):
@@ -142,6 +145,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, train_tokens: torch.Tensor, e
                                           stage_cfg.autocast, engine.device)
                 record["eval_loss"] = eval_loss
                 if eval_loss is not None:
+                    _stop_on_nonfinite(eval_loss, state.step, stage_dir, "eval loss")
                     schedule.on_eval(eval_loss)
             metrics.append(record)
             if _due(state.step, stage_cfg.save_every, stage_cfg.max_steps):

@@ -23,6 +23,8 @@ ADAPTER_DIR = "adapter"
 SECTION = "linearize"
 # Layers that stay softmax use the fastest exact implementation, as the teacher loader does.
 ATTN_IMPLEMENTATION = "sdpa"
+# safetensors writes owner-only files; an export is meant to be shared like any model directory.
+SHARED_FILE_MODE = 0o644
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,6 +61,7 @@ def save_export(model: torch.nn.Module, tokenizer, out_dir: Path, *, dtype: Opti
         model.config.dtype = dtype
     # save_model drops duplicate storage (tied embeddings) and load_model re-ties it.
     save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    os.chmod(tmp / WEIGHTS_FILE, SHARED_FILE_MODE)
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -1,0 +1,282 @@
+"""The `linearize` command line (also `python -m linearize`).
+
+    linearize run [CONFIG] [key=value ...] [--force]      every stage in the config's `stages`
+    linearize stage NAME CONFIG [key=value ...] [--force]  one stage
+    linearize eval TARGET [key=value ...]                  evaluate a run, an export, or a config
+    linearize export RUN_DIR OUT_DIR                       write a self-describing HF model folder
+    linearize generate MODEL_DIR "prompt"                   load an export and generate
+    linearize config CONFIG [key=value ...]                print the resolved config
+    linearize check CONFIG [key=value ...]                 load model tokenizer and data, report sizes
+
+A user mistake (`linearize.UserError`, a missing file) prints one line `linearize: error: ...` on stderr
+and exits with status 2; `--traceback` shows the full trace instead. Ctrl-C exits with status 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from linearize import UserError
+
+from .config_loader import CONFIGS_DIR, STAGE_NAMES, config_to_dict, load_config
+
+PROG = "linearize"
+DEFAULT_CONFIG = CONFIGS_DIR / "demo.yaml"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+DEFAULT_NEW_TOKENS = 48
+
+OVERRIDES_HELP = ("config overrides as dotted key=value, applied after the yaml files, e.g. "
+                  "data.seq_len=256 attention.window_size=32 stages=[evaluate] (see docs/configs.md)")
+FORCE_HELP = "discard the existing outputs of the stages that run (default: resume from their last checkpoint)"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+
+
+def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[Path, list[str]]:
+    """`run` accepts overrides without a config: a first argument with '=' that is not a file is one."""
+    if config is None or ("=" in config and not Path(config).is_file()):
+        return DEFAULT_CONFIG, ([config] if config else []) + overrides
+    return Path(config), overrides
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    path, overrides = _split_config_arg(args.config, args.overrides)
+    cfg = load_config(path, overrides)
+    from .pipeline import run_stages
+
+    run_stages(cfg, list(cfg.stages), force=args.force)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from .pipeline import run_stages
+
+    run_stages(cfg, [args.name], force=args.force)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if not Path(args.target).exists():
+        raise UserError(f"eval target not found: {args.target}")
+    from .evaluate import evaluate_target
+
+    results = evaluate_target(args.target, list(args.overrides))
+    print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"run directory not found: {args.run_dir}")
+    from .export import export_run
+
+    export_run(args.run_dir, args.out_dir)
+    print(f"exported {args.run_dir} to {args.out_dir}")
+    return 0
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool):
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return tokenizer(prompt, return_tensors="pt")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not Path(args.model_dir).is_dir():
+        raise UserError(f"model directory not found: {args.model_dir}")
+    import torch
+    from transformers import TextStreamer
+
+    from linearize.models import load_export
+
+    model, tokenizer = load_export(args.model_dir)
+    inputs = _prompt_ids(tokenizer, args.prompt, args.chat)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    print(args.prompt, end="" if not args.chat else "\n", flush=True)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                       streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validates everything a run reads before it starts: config, model location, tokenizer, data."""
+    cfg = load_config(args.config, args.overrides)
+    from linearize.data import build_datasets
+    from linearize.models.teacher import load_tokenizer, resolve_model_path
+
+    location = resolve_model_path(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
+                               "model.tokenizer" if cfg.model.tokenizer else "model.path")
+    train, evaluation = build_datasets(cfg.data, tokenizer, cfg.seed)
+    print(f"config  {args.config}: ok ({cfg.attention.mechanism} + {cfg.attention.feature_map}, stages {list(cfg.stages)})")
+    print(f"model   {cfg.model.path} -> {location}")
+    print(f"train   {cfg.data.train}: {train.shape[0]} sequences x {train.shape[1]} tokens")
+    print(f"eval    {cfg.data.eval or 'held out'}: {evaluation.shape[0]} sequences x {evaluation.shape[1]} tokens")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def _add_run(sub, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "run", parents=[common], help="run every stage listed in the config",
+        description="Run the stages listed in the config's `stages` key, in order (attention_transfer, "
+                    "lora_recovery, evaluate, export). A stage that finished is skipped; an interrupted "
+                    "one resumes from its last checkpoint unless --force is given. Outputs go to "
+                    "<output_dir>/<run_name>/.")
+    parser.add_argument("config", nargs="?", metavar="CONFIG",
+                        help=f"yaml config (default: {DEFAULT_CONFIG.relative_to(CONFIGS_DIR.parent)})")
+    _add_overrides(parser)
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
+    parser.set_defaults(handler=cmd_run)
+
+
+def _add_stage(sub, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "stage", parents=[common], help="run one stage",
+        description="Run one stage of the config's pipeline. Stages read what earlier stages wrote in the "
+                    "run directory (lora_recovery starts from the attention_transfer result).")
+    parser.add_argument("name", choices=STAGE_NAMES, metavar="NAME", help=f"one of: {', '.join(STAGE_NAMES)}")
+    parser.add_argument("config", metavar="CONFIG", help="yaml config")
+    _add_overrides(parser)
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
+    parser.set_defaults(handler=cmd_stage)
+
+
+def _add_eval(sub, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "eval", parents=[common], help="evaluate a run, an export, or a config's teacher",
+        description="Evaluate TARGET on the config's eval data (perplexity of student and teacher, "
+                    "a greedy sample) and print the results as JSON.")
+    parser.add_argument("target", metavar="TARGET", help="a run directory, an exported model directory, or a yaml config")
+    _add_overrides(parser)
+    parser.set_defaults(handler=cmd_eval)
+
+
+def _add_export(sub, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "export", parents=[common], help="export a run as a self-describing Hugging Face model folder",
+        description="Write the run's final student (LoRA merged unless export.merge_lora=false) as a "
+                    "Hugging Face model folder that `linearize generate` and "
+                    "`linearize.models.load_export` load without the original config.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (<output_dir>/<run_name>)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created)")
+    parser.set_defaults(handler=cmd_export)
+
+
+def _add_generate(sub, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "generate", parents=[common], help="generate text with an exported model",
+        description="Load an exported model and continue PROMPT, streaming tokens as they come "
+                    "(greedy unless --temperature > 0).")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="an exported model folder (linearize export)")
+    parser.add_argument("prompt", metavar="PROMPT", help="text to continue (quote it)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS, metavar="N",
+                        help=f"tokens to generate (default: {DEFAULT_NEW_TOKENS})")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="sampling temperature; 0 = greedy (default: 0)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap PROMPT as a user message with the tokenizer's chat template")
+    parser.set_defaults(handler=cmd_generate)
+
+
+def _add_config(sub, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "config", parents=[common], help="print the resolved config",
+        description="Load CONFIG with its includes and overrides, validate it, and print the full "
+                    "resolved yaml (every key, defaults included).")
+    parser.add_argument("config", metavar="CONFIG", help="yaml config")
+    _add_overrides(parser)
+    parser.set_defaults(handler=cmd_config)
+
+
+def _add_check(sub, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "check", parents=[common], help="check a config's model and data before a long run",
+        description="Validate CONFIG, locate the model (converting an embedded or gguf model once), load "
+                    "the tokenizer, and tokenize and pack the train and eval data; print their sizes.")
+    parser.add_argument("config", metavar="CONFIG", help="yaml config")
+    _add_overrides(parser)
+    parser.set_defaults(handler=cmd_check)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand accepts too (SUPPRESS keeps a subcommand from resetting the global value)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of user errors (for bug reports)")
+    return common
+
+
+SUBCOMMANDS = (_add_run, _add_stage, _add_eval, _add_export, _add_generate, _add_config, _add_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert a softmax-attention decoder LLM into a linear / hybrid attention model: "
+                    "attention transfer, LoRA recovery, evaluation, export. Configs: docs/configs.md.")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of user errors (for bug reports)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common_options()
+    for add in SUBCOMMANDS:
+        add(sub, common)
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like `parse_args`, but key=value overrides may also follow options (`run cfg.yaml --force seed=1`),
+    which argparse alone rejects once an option has ended the positionals."""
+    args, extra = parser.parse_known_args(argv)
+    late_overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in late_overrides]
+    if unknown or (late_overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late_overrides:
+        args.overrides = list(args.overrides) + late_overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `linearize` script; returns the process exit status."""
+    args = parse_args(build_parser(), argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as exc:
+        if args.traceback:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -154,16 +154,19 @@ def _config_sources(path: Path) -> list[tuple[str, dict]]:
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict:
-    """`["data.seq_len=256", "stages=[evaluate]"]` → nested dict; values are parsed as yaml."""
+    """`["data.seq_len=256", "stages=[evaluate]"]` → nested dict; values are parsed as yaml, and an empty
+    value is the empty string."""
     merged = OmegaConf.create()
     for item in overrides:
-        key, sep, _ = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"{COMMAND_LINE}: override '{item}' is not of the form key=value")
         if key.startswith(INCLUDES_KEY):
             raise UserError(f"{COMMAND_LINE}: '{INCLUDES_KEY}' can only be set in a yaml file")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            # `key=` means the empty string (e.g. `data.eval=` to hold out eval data); `key=null` is None.
+            parsed = OmegaConf.from_dotlist([item]) if value else OmegaConf.from_dotlist([f"{key}=''"])
+            merged = OmegaConf.merge(merged, parsed)
         except OmegaConfBaseException as exc:
             raise UserError(f"{COMMAND_LINE}: cannot parse override '{item}': {_first_line(exc)}") from None
     return OmegaConf.to_container(merged)
@@ -211,7 +214,7 @@ def _merge(cfg: DictConfig, data: Mapping, source: str, provenance: dict[str, st
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         problem = _first_line(exc)
-        if "None" in problem and "Incompatible" in problem:
+        if ("None" in problem and "Incompatible" in problem) or problem.startswith("Value '' "):
             problem = "missing value"
         raise _error(source, key, problem) from None
     for key in _dotted_keys(data):

@@ -172,6 +172,12 @@ def test_overrides_win_and_are_typed(tmp_path):
     assert cfg.model.tokenizer is None
 
 
+def test_empty_override_is_the_empty_string(tmp_path):
+    path = write(tmp_path / "run.yaml", "seed: 1\n")
+    assert load_config(path, ["data.eval="]).data.eval == ""
+    assert "missing value" in load_error(path, ["data.seq_len="])
+
+
 def test_override_errors_name_the_command_line(tmp_path):
     path = write(tmp_path / "run.yaml", "seed: 1\n")
     for bad in (["data.seqlen=3"], ["data.seq_len=abc"], ["seq_len"], ["attention.mechanism=rwkv"]):

@@ -1,0 +1,160 @@
+"""The command line: user mistakes give one line on stderr and exit 2 (checked in real subprocesses),
+and each subcommand calls its stage function with the right arguments (checked in-process with fakes)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from stages import cli
+from stages.config_loader import CONFIGS_DIR, STAGE_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(CONFIGS_DIR / "demo.yaml")
+# Offline: a mistaken hub lookup must fail fast instead of waiting on the network.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run_cli(*args, cwd=REPO):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(REPO), **OFFLINE}
+    return subprocess.run([sys.executable, "-m", "stages.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == cli.EXIT_USER_ERROR, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("linearize: error: ")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, make_tiny_model, tiny_tokenizer):
+    """A saved tiny llama with its tokenizer: a model.path that loads in well under a second."""
+    path = tmp_path / "tiny"
+    make_tiny_model("llama").save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("includes: [model/smollm2.yaml]\nattention:\n  windw_size: 3\n")
+    assert_one_line_error(run_cli("config", str(bad)), str(bad), "attention.windw_size", "unknown key")
+    assert_one_line_error(run_cli("config", DEMO, "data.seq_len=long"), "command line", "data.seq_len")
+    result = run_cli("config", DEMO, "attention.mechanism=mamba")
+    assert_one_line_error(result, "attention.mechanism", "window_linear", "lawcat", "liger")
+    assert_one_line_error(run_cli("config", str(tmp_path / "missing.yaml")), "not found")
+
+
+def test_missing_model_path_is_one_line(tmp_path):
+    result = run_cli("run", DEMO, f"model.path={tmp_path / 'no_model'}", f"output_dir={tmp_path}")
+    assert_one_line_error(result, "model.path", "no_model")
+    assert_one_line_error(run_cli("check", DEMO, f"model.path={tmp_path / 'no_model'}"), "model.path")
+
+
+def test_empty_data_file_is_one_line(tmp_path, tiny_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = run_cli("check", DEMO, f"model.path={tiny_dir}", f"data.train={empty}")
+    assert_one_line_error(result, str(empty), "no documents")
+
+
+def test_check_reports_sizes(tmp_path, tiny_dir):
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(["Linear attention replaces the softmax with a kernel feature map."] * 40))
+    result = run_cli("check", DEMO, f"model.path={tiny_dir}", f"data.train={text}", "data.eval=",
+                     "data.eval_fraction=0.25", "data.seq_len=32")
+    assert result.returncode == 0, result.stderr
+    assert "sequences x 32 tokens" in result.stdout
+
+
+def test_python_dash_m_linearize_and_argparse_errors():
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **OFFLINE}
+    result = subprocess.run([sys.executable, "-m", "linearize", "--help"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "generate" in result.stdout
+    assert run_cli("stage", "distill", DEMO).returncode == cli.EXIT_USER_ERROR
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Replaces the stage modules the CLI imports lazily; records every call."""
+    calls = []
+
+    def fake(name, **functions):
+        module = types.ModuleType(f"stages.{name}")
+        for attr, fn in functions.items():
+            setattr(module, attr, fn)
+        monkeypatch.setitem(sys.modules, f"stages.{name}", module)
+
+    fake("pipeline", run_stages=lambda cfg, names, force=False: calls.append(("run", cfg, list(names), force)))
+    fake("evaluate", evaluate_target=lambda target, overrides: calls.append(("eval", target, overrides)) or {"ppl": 1.5})
+    fake("export", export_run=lambda run_dir, out_dir: calls.append(("export", run_dir, out_dir)))
+    return calls
+
+
+def test_run_passes_the_configs_stages(fake_stages):
+    assert cli.main(["run", DEMO, "--force", "seed=7", "stages=[evaluate,export]"]) == 0
+    (_, cfg, names, force), = fake_stages
+    assert (cfg.seed, names, force) == (7, ["evaluate", "export"], True)
+
+
+def test_run_defaults_to_the_demo_config(fake_stages):
+    assert cli.main(["run", "seed=3"]) == 0
+    (_, cfg, names, force), = fake_stages
+    assert (cfg.run_name, cfg.seed, names, force) == ("demo", 3, list(STAGE_NAMES), False)
+
+
+def test_stage_runs_one_stage(fake_stages):
+    assert cli.main(["stage", "lora_recovery", DEMO, "lora_recovery.rank=4"]) == 0
+    (_, cfg, names, _), = fake_stages
+    assert names == ["lora_recovery"] and cfg.lora_recovery.rank == 4
+
+
+def test_eval_and_export_dispatch(fake_stages, tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path), "data.eval=x.txt"]) == 0
+    assert '"ppl": 1.5' in capsys.readouterr().out
+    assert cli.main(["export", str(tmp_path), str(tmp_path / "out")]) == 0
+    assert fake_stages == [("eval", str(tmp_path), ["data.eval=x.txt"]),
+                           ("export", str(tmp_path), str(tmp_path / "out"))]
+    assert cli.main(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == cli.EXIT_USER_ERROR
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(cfg, names, force=False):
+        raise KeyboardInterrupt
+
+    module = types.ModuleType("stages.pipeline")
+    module.run_stages = interrupted
+    monkeypatch.setitem(sys.modules, "stages.pipeline", module)
+    assert cli.main(["run", DEMO]) == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "linearize: interrupted"
+
+
+def test_traceback_flag_reraises(fake_stages):
+    from linearize import UserError
+
+    with pytest.raises(UserError):
+        cli.main(["config", DEMO, "seed=x", "--traceback"])
+
+
+@pytest.mark.parametrize("command", ["run", "stage", "eval", "export", "generate", "config", "check"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: linearize {command}" in out and len(out.splitlines()) > 5

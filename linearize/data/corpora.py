@@ -38,7 +38,7 @@ class Corpus:
 CORPORA: dict[str, Corpus] = {
     "demo-wiki": Corpus(
         GENSIM_WHEEL, GENSIM_TEST_DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
-        _wiki_bz2_to_documents, "~100 English Wikipedia articles (2016, CC BY-SA), markup stripped, ~0.5M tokens"),
+        _wiki_bz2_to_documents, "~100 English Wikipedia articles (2016, CC BY-SA), markup stripped, ~0.6M tokens"),
     "demo-news": Corpus(
         GENSIM_WHEEL, GENSIM_TEST_DATA + "lee_background.cor",
         _lines_to_documents, "300 Australian news articles (Lee corpus), one per line, ~75k tokens"),

@@ -37,16 +37,16 @@ SCHEDULERS = ("cosine", "plateau", "constant")
 # Used only while linearize.attention / linearize.feature_maps expose no registry (they are the truth).
 FALLBACK_MECHANISMS = ("linear", "window_linear", "liger", "liger_window", "lawcat", "softmax")
 FALLBACK_FEATURE_MAPS = ("hedgehog", "hedgehog_joint", "t2r", "elu", "softmax_dim", "identity")
-_REGISTRY_ATTRS = ("available_mechanisms", "available_feature_maps", "MECHANISMS", "FEATURE_MAPS", "REGISTRY")
 
 
-def _registry_names(module_name: str, fallback: tuple[str, ...]) -> tuple[str, ...]:
-    """Names registered in `module_name` (imported lazily: it may pull in torch/triton), else `fallback`."""
+def _registry_names(module_name: str, attrs: tuple[str, ...], fallback: tuple[str, ...]) -> tuple[str, ...]:
+    """Names registered in `module_name` (imported lazily: it may pull in torch/triton) under the first of
+    `attrs` it has (a function returning names, or a name-keyed mapping), else `fallback`."""
     try:
         module = importlib.import_module(module_name)
     except ImportError:
         return fallback
-    for attr in _REGISTRY_ATTRS:
+    for attr in attrs:
         registry = getattr(module, attr, None)
         if callable(registry):
             return tuple(registry())
@@ -56,11 +56,13 @@ def _registry_names(module_name: str, fallback: tuple[str, ...]) -> tuple[str, .
 
 
 def mechanism_names() -> tuple[str, ...]:
-    return _registry_names("linearize.attention", FALLBACK_MECHANISMS)
+    return _registry_names("linearize.attention", ("available_mechanisms", "MECHANISMS", "REGISTRY"),
+                           FALLBACK_MECHANISMS)
 
 
 def feature_map_names() -> tuple[str, ...]:
-    return _registry_names("linearize.feature_maps", FALLBACK_FEATURE_MAPS)
+    return _registry_names("linearize.feature_maps", ("available_feature_maps", "FEATURE_MAPS", "REGISTRY"),
+                           FALLBACK_FEATURE_MAPS)
 
 
 # Keys whose value must be one of a set of names; the set is computed when validating (registries load lazily).

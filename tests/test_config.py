@@ -213,3 +213,15 @@ def test_diff_configs_lists_changed_keys():
     assert diff_configs(a, b) == ["attention.window_size", "seed", "stages"]
     assert diff_configs(a, a) == []
     assert diff_configs({"x": {"y": 1}}, {"x": {"y": 1, "z": 2}}) == ["x.z"]
+
+
+def test_names_come_from_the_registries_when_present(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("linearize.feature_maps")
+    fake.available_feature_maps = lambda: ["cosformer"]
+    monkeypatch.setitem(sys.modules, "linearize.feature_maps", fake)
+    path = write(tmp_path / "run.yaml", "attention:\n  feature_map: cosformer\n")
+    assert load_config(path).attention.feature_map == "cosformer"
+    assert "valid: cosformer" in load_error(path, ["attention.feature_map=hedgehog"])

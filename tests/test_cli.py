@@ -158,3 +158,16 @@ def test_every_subcommand_has_help(command, capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert f"usage: linearize {command}" in out and len(out.splitlines()) > 5
+
+
+def test_generate_streams_a_greedy_continuation(monkeypatch, tmp_path, capsys, make_tiny_model, tiny_tokenizer):
+    import linearize.models.exported as exported
+
+    model, tokenizer = make_tiny_model("llama"), AutoTokenizer.from_pretrained(tiny_tokenizer)
+    monkeypatch.setattr(exported, "load_export", lambda path: (model, tokenizer))
+    assert cli.main(["generate", str(tmp_path), "The quick brown fox", "--max-new-tokens", "5"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("The quick brown fox") and len(first) > len("The quick brown fox")
+    cli.main(["generate", str(tmp_path), "The quick brown fox", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out == first  # greedy: the same continuation every time
+    assert cli.main(["generate", str(tmp_path / "nope"), "x"]) == cli.EXIT_USER_ERROR

@@ -123,13 +123,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Validates everything a run reads before it starts: config, model location, tokenizer, data."""
     cfg = load_config(args.config, args.overrides)
     from linearize.data import build_datasets
-    from linearize.models.teacher import load_tokenizer, resolve_model_path
+    from linearize.models.teacher import load_model_tokenizer, resolve_model_path
 
     location = resolve_model_path(cfg.model.path)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path,
-                               "model.tokenizer" if cfg.model.tokenizer else "model.path")
+    tokenizer = load_model_tokenizer(cfg.model)
     train, evaluation = build_datasets(cfg.data, tokenizer, cfg.seed)
-    print(f"config  {args.config}: ok ({cfg.attention.mechanism} + {cfg.attention.feature_map}, stages {list(cfg.stages)})")
+    attention = f"{cfg.attention.mechanism} + {cfg.attention.feature_map}"
+    print(f"config  {args.config}: ok ({attention}, stages {list(cfg.stages)})")
     print(f"model   {cfg.model.path} -> {location}")
     print(f"train   {cfg.data.train}: {train.shape[0]} sequences x {train.shape[1]} tokens")
     print(f"eval    {cfg.data.eval or 'held out'}: {evaluation.shape[0]} sequences x {evaluation.shape[1]} tokens")

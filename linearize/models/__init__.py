@@ -10,6 +10,7 @@ import importlib
 _EXPORTS = {
     "load_teacher": "teacher",
     "load_tokenizer": "teacher",
+    "load_model_tokenizer": "teacher",
     "REGISTERED_MODELS": "teacher",
     "save_export": "exported",
     "load_export": "exported",

@@ -139,6 +139,13 @@ def load_tokenizer(spec: str, key: str = "model.tokenizer"):
     return tokenizer
 
 
+def load_model_tokenizer(model_cfg):
+    """The tokenizer of a `ModelConfig`: `model.tokenizer` when set, else the one stored with `model.path`."""
+    if model_cfg.tokenizer:
+        return load_tokenizer(model_cfg.tokenizer, "model.tokenizer")
+    return load_tokenizer(model_cfg.path, "model.path")
+
+
 def load_teacher(model_cfg):
     """(model in eval mode, tokenizer) for a `ModelConfig`: weights in `model_cfg.dtype`."""
     from transformers import AutoModelForCausalLM
@@ -149,6 +156,4 @@ def load_teacher(model_cfg):
                                                      attn_implementation=TEACHER_ATTN_IMPLEMENTATION)
     except (OSError, ValueError) as exc:  # missing weights, unknown model type, hub errors
         raise UserError(f"cannot load model.path {model_cfg.path!r}: {_one_line(exc)}") from None
-    tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.path,
-                               "model.tokenizer" if model_cfg.tokenizer else "model.path")
-    return model.eval(), tokenizer
+    return model.eval(), load_model_tokenizer(model_cfg)

@@ -1,0 +1,50 @@
+"""Student attention mechanisms, registered by name (the `attention.mechanism` config value).
+
+| name | what |
+|---|---|
+| linear | normalized linear attention with learned feature maps (after RoPE and GQA grouping) |
+| window_linear | LoLCATs: sliding-window softmax + linear over older keys, shared normalizer (`window_only`: the SWA baseline) |
+| liger | gated linear attention, gate from the pretrained key projection, no new parameters |
+| liger_window | α · sliding-window softmax + β · liger |
+| lawcat | causal conv on q/k, shared feature map, low-rank gate, normalized gated linear attention |
+| softmax | the teacher attention is kept (no layer is converted) |
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import Mechanism, Projected, RunOptions
+from .cache import StudentCacheLayer, cache_nbytes, map_state, state_nbytes
+from .lawcat import LawcatAttention
+from .liger import LigerAttention, LigerWindowAttention
+from .linear import LinearAttention
+from .window_linear import WindowLinearAttention
+from .wrapper import MODES, LinearizedAttention, TransferPair
+
+MECHANISMS: dict[str, Callable[..., Mechanism] | None] = {
+    "linear": LinearAttention,
+    "window_linear": WindowLinearAttention,
+    "liger": LigerAttention,
+    "liger_window": LigerWindowAttention,
+    "lawcat": LawcatAttention,
+    "softmax": None,  # keep the teacher: nothing to build
+}
+
+
+def available_mechanisms() -> list[str]:
+    return list(MECHANISMS)
+
+
+def build_mechanism(cfg, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int) -> Mechanism:
+    if cfg.mechanism not in MECHANISMS:
+        raise ValueError(f"unknown mechanism {cfg.mechanism!r}; valid mechanisms: {', '.join(MECHANISMS)}")
+    factory = MECHANISMS[cfg.mechanism]
+    if factory is None:
+        raise ValueError("mechanism 'softmax' keeps the teacher attention; there is no student to build")
+    return factory(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
+
+
+__all__ = [
+    "MECHANISMS", "MODES", "LinearizedAttention", "Mechanism", "Projected", "RunOptions", "StudentCacheLayer",
+    "TransferPair", "available_mechanisms", "build_mechanism", "cache_nbytes", "map_state", "state_nbytes",
+]

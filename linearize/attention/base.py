@@ -1,0 +1,82 @@
+"""Pieces every mechanism shares: the projected inputs of one attention call, the mechanism base
+class, and small tensor helpers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import AttentionConfig
+
+
+@dataclass
+class Projected:
+    """Everything a mechanism may read, computed once from the frozen teacher projections.
+
+    q `[B, T, H, D]`, k and v `[B, T, H_kv, D]` are after the q/k norms (Qwen3) and before RoPE;
+    q_rope / k_rope after RoPE; k_raw is `k_proj(x)` before any norm (the Liger gate source);
+    hidden `[B, T, hidden]` is the layer input (the LAWCAT gate source)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_rope: torch.Tensor
+    k_rope: torch.Tensor
+    k_raw: torch.Tensor
+    hidden: torch.Tensor
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[2] // self.k.shape[2]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a mechanism computes one call: the ops' form, chunk size and backend."""
+
+    form: str = "chunk"
+    chunk_size: int = 64
+    backend: str = "auto"
+
+    def op_kwargs(self, decoding: bool) -> dict:
+        # A call that continues a cached state is a decode step: the recurrent form is exact and cheapest.
+        form = "recurrent" if decoding else self.form
+        kwargs = dict(form=form, backend=self.backend if form == "chunk" else "torch")
+        if form == "chunk":
+            kwargs["chunk_size"] = self.chunk_size
+        return kwargs
+
+
+def repeat_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """`[B, T, H_kv, D]` → `[B, T, H_kv·group, D]`: query head h reads kv head h // group (GQA)."""
+    return x if group == 1 else x.repeat_interleave(group, dim=2)
+
+
+class Mechanism(nn.Module):
+    """A student attention. `forward(p, state, opts)` returns per-head outputs `[B, T, H, D]` and the
+    state after the last token (None when `state is None and not want_state`).
+
+    `param_groups()` names each trainable parameter's group (feature_maps, gates, mixing, conv)."""
+
+    name: str = ""
+
+    def __init__(self, cfg: AttentionConfig, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+
+    def forward(self, p: Projected, state: Any, opts: RunOptions, want_state: bool) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def param_groups(self) -> dict[str, str]:
+        return {}
+
+    def attention_weights(self, p: Projected) -> Optional[torch.Tensor]:
+        """Normalized student attention `[B, H, T, T]` for the attention-weight loss (parallel only)."""
+        raise ValueError(f"mechanism {self.name!r} has no attention-weight form; use mechanism linear or window_linear")
+
+
+def causal_mask(t: int, device) -> torch.Tensor:
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()  # [T, T]

@@ -1,0 +1,55 @@
+"""`linear`: normalized linear attention φ_q(q)ᵀS / φ_q(q)ᵀz with learned feature maps applied after
+RoPE and after GQA grouping (LoLCATs' pure linear student)."""
+from __future__ import annotations
+
+import torch
+
+from ..feature_maps import build_feature_map
+from ..ops.linear_attn import chunk_linear_attn
+from .base import Mechanism, Projected, causal_mask, repeat_heads
+
+
+class FeatureMaps(torch.nn.Module):
+    """The q and k maps (one shared module when `tie_qk_feature_map`)."""
+
+    def __init__(self, cfg, num_heads: int, head_dim: int, tied: bool):
+        super().__init__()
+        self.q = build_feature_map(cfg.feature_map, num_heads, head_dim, cfg.feature_dim)
+        self.k = self.q if tied else build_feature_map(cfg.feature_map, num_heads, head_dim, cfg.feature_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q `[B, T, H, D]`, k `[B, T, H, D]` (already GQA-expanded) → `[B, T, H, F]` each."""
+        return self.q(q), self.k(k)
+
+
+def normalized_weights(fq: torch.Tensor, fk: torch.Tensor) -> torch.Tensor:
+    """Causal, row-normalized linear attention weights `[B, H, T, T]` from features `[B, T, H, F]`."""
+    scores = torch.einsum("bthf,bshf->bhts", fq.float(), fk.float())  # [B, H, T, T]
+    scores = scores * causal_mask(fq.shape[1], fq.device)
+    return scores / scores.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+class LinearAttention(Mechanism):
+    name = "linear"
+
+    def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
+        super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
+        self.feature_maps = FeatureMaps(cfg, num_heads, head_dim, cfg.tie_qk_feature_map)
+
+    def features(self, p: Projected) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.feature_maps(p.q_rope, repeat_heads(p.k_rope, p.group))
+
+    def forward(self, p, state, opts, want_state):
+        fq, fk = self.features(p)
+        # The feature maps are per query head, so v is expanded to match fk's heads.
+        v = repeat_heads(p.v, p.group)  # [B, T, H, D]
+        return chunk_linear_attn(
+            fq, fk, v, normalize=True, initial_state=state, output_final_state=want_state,
+            **opts.op_kwargs(decoding=state is not None),
+        )
+
+    def param_groups(self):
+        return {name: "feature_maps" for name, _ in self.named_parameters()}
+
+    def attention_weights(self, p):
+        return normalized_weights(*self.features(p))

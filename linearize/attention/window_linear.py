@@ -1,0 +1,69 @@
+"""`window_linear`: the LoLCATs hybrid. Softmax over the last W keys plus linear attention over older
+keys, one shared normalizer, a learned per-head window weight sigmoid(w_h) (init 0.1).
+
+`window_only=True` drops the linear branch (zero features): the sliding-window softmax baseline."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.window_linear_attn import window_linear_attn
+from .base import Mechanism, Projected, causal_mask, repeat_heads
+from .linear import FeatureMaps
+
+
+def zero_features(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`[B, T, H, 1]` zeros: a linear branch that contributes nothing."""
+    return x.new_zeros(x.shape[0], x.shape[1], num_heads, 1, dtype=torch.float32)
+
+
+def sliding_window(p: Projected, window_size: int, opts, state, want_state):
+    """Plain causal sliding-window softmax over the last `window_size` keys → ([B, T, H, D], state)."""
+    fz = zero_features(p.q, p.q.shape[2])
+    logit = p.q.new_zeros(p.q.shape[2], dtype=torch.float32)  # γ cancels without a linear branch
+    return window_linear_attn(
+        p.q_rope, p.k_rope, p.v, fz, fz, logit, window_size=window_size, initial_state=state,
+        output_final_state=want_state, **opts.op_kwargs(decoding=state is not None),
+    )
+
+
+class WindowLinearAttention(Mechanism):
+    name = "window_linear"
+
+    def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
+        super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
+        self.window_size = cfg.window_size
+        self.window_only = cfg.window_only
+        if not self.window_only:
+            self.feature_maps = FeatureMaps(cfg, num_heads, head_dim, cfg.tie_qk_feature_map)
+            self.window_logit = nn.Parameter(torch.full((num_heads,), float(cfg.init_window_logit)))
+
+    def forward(self, p, state, opts, want_state):
+        if self.window_only:
+            return sliding_window(p, self.window_size, opts, state, want_state)
+        fq, fk = self.feature_maps(p.q_rope, repeat_heads(p.k_rope, p.group))
+        return window_linear_attn(
+            p.q_rope, p.k_rope, p.v, fq, fk, self.window_logit, window_size=self.window_size,
+            initial_state=state, output_final_state=want_state, **opts.op_kwargs(decoding=state is not None),
+        )
+
+    def param_groups(self):
+        return {name: "mixing" if name == "window_logit" else "feature_maps" for name, _ in self.named_parameters()}
+
+    def attention_weights(self, p):
+        """The hybrid's normalized weights `[B, H, T, T]`, the quadratic way (parallel form only)."""
+        if self.window_only:
+            raise ValueError("the window-only baseline has no linear branch to train with attention weights")
+        t, device = p.q.shape[1], p.q.device
+        k = repeat_heads(p.k_rope, p.group).float()
+        scores = torch.einsum("bthd,bshd->bhts", p.q_rope.float(), k) * self.head_dim**-0.5  # [B, H, T, T]
+        causal = causal_mask(t, device)
+        pos = torch.arange(t, device=device)
+        window = causal & (pos[:, None] - pos[None, :] < self.window_size)  # [T, T]
+        scores = scores.masked_fill(~window, float("-inf"))
+        gamma = torch.sigmoid(self.window_logit.float())[None, :, None, None]
+        a_sm = gamma * torch.exp(scores - scores.amax(-1, keepdim=True))
+        fq, fk = self.feature_maps(p.q_rope, k)
+        a_lin = torch.einsum("bthf,bshf->bhts", fq, fk) * (causal & ~window)
+        weights = a_sm + a_lin
+        return weights / weights.sum(-1, keepdim=True)

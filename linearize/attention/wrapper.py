@@ -1,0 +1,109 @@
+"""`LinearizedAttention`: the one wrapper that puts a student mechanism in front of a pretrained
+attention module (`base_layer`, reused, never copied).
+
+Modes:
+- `student`: the student's output (inference, LoRA recovery, export);
+- `transfer`: teacher and student from the same q/k/v; the pair of per-head outputs goes to the
+  caller's collector and the *teacher's* output is returned, so every layer sees exact teacher inputs;
+- `teacher`: the pretrained module itself (the KL teacher in LoRA recovery, without a second model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Mechanism, Projected, RunOptions, causal_mask, repeat_heads
+from .cache import student_layer
+
+MODES = ("student", "transfer", "teacher")
+
+
+@dataclass
+class TransferPair:
+    """One converted layer's outputs before o_proj, `[B, T, H, D]`; weights `[B, H, T, T]` only when
+    the collector sets `want_weights`."""
+
+    layer_idx: int
+    student: torch.Tensor
+    teacher: torch.Tensor
+    student_weights: Optional[torch.Tensor] = None
+    teacher_weights: Optional[torch.Tensor] = None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[B, T, H, D]`, cos/sin `[B, T, D]` (the model's rotary embedding) → rotated x."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
+    return x * cos + rotate_half(x) * sin
+
+
+def teacher_attention(p: Projected, want_weights: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Causal softmax attention in fp32 → (`[B, T, H, D]`, weights `[B, H, T, T]` or None).
+    SDPA avoids a T×T matrix unless the weights are asked for."""
+    q = p.q_rope.float().transpose(1, 2)  # [B, H, T, D]
+    k = repeat_heads(p.k_rope, p.group).float().transpose(1, 2)  # [B, H, T, D]
+    v = repeat_heads(p.v, p.group).float().transpose(1, 2)  # [B, H, T, D]
+    if not want_weights:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2), None
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, T, T]
+    weights = scores.masked_fill(~causal_mask(q.shape[2], q.device), float("-inf")).softmax(-1)
+    return (weights @ v).transpose(1, 2), weights
+
+
+class LinearizedAttention(nn.Module):
+    def __init__(self, base_layer: nn.Module, mechanism: Mechanism, layer_idx: int, opts: RunOptions):
+        super().__init__()
+        self.base_layer = base_layer
+        self.mechanism = mechanism
+        self.layer_idx = layer_idx
+        self.opts = opts
+        self.mode = "student"
+        self.collector: Optional[Callable[[TransferPair], None]] = None
+
+    def project(self, hidden_states: torch.Tensor, position_embeddings) -> Projected:
+        base = self.base_layer
+        b, t, _ = hidden_states.shape
+        shape = (b, t, -1, base.head_dim)
+        k_raw = base.k_proj(hidden_states).view(shape)  # [B, T, H_kv, D]
+        q = base.q_proj(hidden_states).view(shape)  # [B, T, H, D]
+        k = k_raw
+        if getattr(base, "q_norm", None) is not None:  # Qwen3 normalizes q and k per head before RoPE
+            q, k = base.q_norm(q), base.k_norm(k)
+        v = base.v_proj(hidden_states).view(shape)  # [B, T, H_kv, D]
+        cos, sin = position_embeddings
+        return Projected(q, k, v, apply_rope(q, cos, sin), apply_rope(k, cos, sin), k_raw, hidden_states)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        if self.mode == "teacher":
+            return self.base_layer(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        p = self.project(hidden_states, position_embeddings)
+        cache = student_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+        state = cache.state if cache is not None else None
+        y, new_state = self.mechanism(p, state, self.opts, want_state=cache is not None)
+        if cache is not None:
+            cache.advance(new_state, hidden_states.shape[1])
+        if self.mode == "transfer":
+            y = self.transfer(p, y)
+        b, t = hidden_states.shape[:2]
+        out = self.base_layer.o_proj(y.to(hidden_states.dtype).reshape(b, t, -1))  # [B, T, H·D]
+        return out, None
+
+    def transfer(self, p: Projected, y_student: torch.Tensor) -> torch.Tensor:
+        want_weights = bool(getattr(self.collector, "want_weights", False))
+        with torch.no_grad():
+            y_teacher, w_teacher = teacher_attention(p, want_weights)
+        w_student = self.mechanism.attention_weights(p) if want_weights else None
+        if self.collector is not None:
+            self.collector(TransferPair(self.layer_idx, y_student, y_teacher, w_student, w_teacher))
+        return y_teacher
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, mechanism={self.mechanism.name}, mode={self.mode}"

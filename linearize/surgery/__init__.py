@@ -1,0 +1,155 @@
+"""Model surgery: find the decoder layers of a supported architecture, wrap the selected attentions in
+`LinearizedAttention`, undo it exactly, freeze everything but the student, and switch modes.
+
+Decoder layers are found through one explicit table; any other architecture is refused."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..attention import MECHANISMS, LinearizedAttention, RunOptions, build_mechanism
+from ..config import AttentionConfig
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where a model family keeps its decoder layers and, in each, its attention module."""
+
+    layers: str  # dotted path from the *ForCausalLM model
+    attention: str
+
+
+ARCHITECTURES: dict[str, DecoderLayout] = {
+    "llama": DecoderLayout(layers="model.layers", attention="self_attn"),
+    "mistral": DecoderLayout(layers="model.layers", attention="self_attn"),
+    "qwen2": DecoderLayout(layers="model.layers", attention="self_attn"),
+    "qwen3": DecoderLayout(layers="model.layers", attention="self_attn"),
+}
+
+
+def decoder_layers(model: nn.Module) -> tuple[list[nn.Module], DecoderLayout]:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    layout = ARCHITECTURES[model_type]
+    return list(model.get_submodule(layout.layers)), layout
+
+
+def as_attention_config(cfg: Any) -> AttentionConfig:
+    """Accept the dataclass, an OmegaConf node or a plain dict (e.g. read back from an export)."""
+    if isinstance(cfg, AttentionConfig):
+        return cfg
+    if not isinstance(cfg, dict):
+        from omegaconf import OmegaConf  # only when handed an OmegaConf node
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return AttentionConfig(**cfg)
+
+
+def selected_layers(cfg: AttentionConfig, num_layers: int) -> list[int]:
+    """The layers to convert: `cfg.layers` (or all) minus `cfg.softmax_layers`; none for `softmax`."""
+    if cfg.mechanism not in MECHANISMS:
+        raise UserError(f"unknown mechanism {cfg.mechanism!r}; valid mechanisms: {', '.join(MECHANISMS)}")
+    if MECHANISMS[cfg.mechanism] is None:
+        return []
+    candidates = list(range(num_layers)) if cfg.layers is None else list(cfg.layers)
+    for idx in [*candidates, *cfg.softmax_layers]:
+        if not 0 <= idx < num_layers:
+            raise UserError(f"attention layer index {idx} is out of range: the model has {num_layers} layers")
+    keep = set(cfg.softmax_layers)
+    return [i for i in candidates if i not in keep]
+
+
+def linearize_model(model: nn.Module, attention_config: Any) -> nn.Module:
+    """Wrap the attention of every selected layer in place and record the conversion in
+    `model.config.linearize`. New parameters are fp32 on the model's device."""
+    cfg = as_attention_config(attention_config)
+    layers, layout = decoder_layers(model)
+    if any(isinstance(getattr(layer, layout.attention), LinearizedAttention) for layer in layers):
+        raise UserError("this model is already linearized; call unlinearize_model first")
+    text_cfg = model.config.get_text_config(decoder=True)
+    opts = RunOptions(form=cfg.form, chunk_size=cfg.chunk_size, backend=cfg.backend)
+    converted = selected_layers(cfg, len(layers))
+    for idx in converted:
+        base = getattr(layers[idx], layout.attention)
+        device = next(base.parameters()).device
+        mechanism = build_mechanism(
+            cfg, text_cfg.num_attention_heads, text_cfg.num_key_value_heads, base.head_dim, text_cfg.hidden_size
+        ).to(device=device, dtype=torch.float32)
+        setattr(layers[idx], layout.attention, LinearizedAttention(base, mechanism, idx, opts))
+    model.config.linearize = {
+        "attention": dataclasses.asdict(cfg),
+        "layers": {str(i): (cfg.mechanism if i in converted else "softmax") for i in range(len(layers))},
+    }
+    return model
+
+
+def wrapped_attentions(model: nn.Module) -> Iterator[LinearizedAttention]:
+    for module in model.modules():
+        if isinstance(module, LinearizedAttention):
+            yield module
+
+
+def unlinearize_model(model: nn.Module) -> nn.Module:
+    """Put every original attention module back (the same objects) and forget the conversion."""
+    layers, layout = decoder_layers(model)
+    for layer in layers:
+        attn = getattr(layer, layout.attention)
+        if isinstance(attn, LinearizedAttention):
+            setattr(layer, layout.attention, attn.base_layer)
+    if hasattr(model.config, "linearize"):
+        del model.config.linearize
+    return model
+
+
+def student_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The student's new parameters by group: feature_maps, gates, mixing, conv (full model names)."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"feature_maps": [], "gates": [], "mixing": [], "conv": []}
+    prefixes = {id(m): name for name, m in model.named_modules()}
+    for attn in wrapped_attentions(model):
+        prefix = prefixes[id(attn.mechanism)]
+        params = dict(attn.mechanism.named_parameters())
+        for name, group in attn.mechanism.param_groups().items():
+            groups[group].append((f"{prefix}.{name}", params[name]))
+    return groups
+
+
+def freeze_for_transfer(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze everything except the student's parameters; returns the trainable ones."""
+    model.requires_grad_(False)
+    trainable = [p for group in student_parameters(model).values() for _, p in group]
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, mode: str, collector: Callable | None = None):
+    attns = list(wrapped_attentions(model))
+    previous = [(a.mode, a.collector) for a in attns]
+    for a in attns:
+        a.mode, a.collector = mode, collector
+    try:
+        yield model
+    finally:
+        for a, (m, c) in zip(attns, previous):
+            a.mode, a.collector = m, c
+
+
+def transfer_mode(model: nn.Module, collector: Callable):
+    """Within the block each converted layer hands `TransferPair`s to `collector` and returns the
+    teacher's output."""
+    return _mode(model, "transfer", collector)
+
+
+def teacher_mode(model: nn.Module):
+    """Within the block every converted layer runs its original softmax attention."""
+    return _mode(model, "teacher")

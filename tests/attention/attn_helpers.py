@@ -1,0 +1,37 @@
+"""Shared by the attention tests: one tiny converted model per mechanism."""
+import torch
+
+import linearize
+from linearize.attention import RunOptions
+from linearize.config import AttentionConfig
+from linearize.surgery import wrapped_attentions
+
+MECHANISMS = ["linear", "window_linear", "liger", "liger_window", "lawcat"]
+
+
+def attention_config(mechanism: str, **overrides) -> AttentionConfig:
+    kwargs = dict(
+        mechanism=mechanism,
+        feature_map="softmax_dim" if mechanism.startswith("liger") else "hedgehog",
+        feature_dim=8, window_size=8, chunk_size=16,
+    )
+    kwargs.update(overrides)
+    return AttentionConfig(**kwargs)
+
+
+def randomize_student(model, seed: int = 1) -> None:
+    """Move the student away from its init so tests do not pass only at the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for group in linearize.student_parameters(model).values():
+            for _, p in group:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def set_form(model, form: str) -> None:
+    for attn in wrapped_attentions(model):
+        attn.opts = RunOptions(form=form, chunk_size=attn.opts.chunk_size, backend="torch")
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from linearize.feature_maps import FEATURE_MAPS, build_feature_map
+
+H, D = 3, 8
+
+
+@pytest.mark.parametrize("name", list(FEATURE_MAPS))
+def test_shape_matches_out_dim(name):
+    fm = build_feature_map(name, H, D, feature_dim=5)
+    y = fm(torch.randn(2, 7, H, D))
+    assert y.shape == (2, 7, H, fm.out_dim)
+    assert y.dtype == torch.float32
+
+
+def test_hedgehog_is_two_softmaxes_with_identity_init():
+    fm = build_feature_map("hedgehog", H, D, feature_dim=D)
+    x = torch.randn(2, 4, H, D)
+    y = fm(x)
+    # Identity init: xW = x, so the map is exactly [softmax(x), softmax(-x)].
+    torch.testing.assert_close(y, torch.cat([x.softmax(-1), (-x).softmax(-1)], -1))
+    torch.testing.assert_close(y[..., :D].sum(-1), torch.ones(2, 4, H))
+
+
+def test_hedgehog_identity_init_with_wider_features():
+    fm = build_feature_map("hedgehog", H, D, feature_dim=2 * D)
+    w = fm.weight.detach()
+    assert torch.equal(w[:, :, :D], torch.eye(D).expand(H, D, D))
+    assert torch.count_nonzero(w[:, :, D:]) == 0
+
+
+def test_hedgehog_joint_is_one_softmax():
+    fm = build_feature_map("hedgehog_joint", H, D, feature_dim=D)
+    y = fm(torch.randn(2, 4, H, D))
+    torch.testing.assert_close(y.sum(-1), torch.ones(2, 4, H))
+    assert not torch.allclose(y[..., :D].sum(-1), torch.ones(2, 4, H))
+
+
+def test_positive_maps():
+    x = 5 * torch.randn(2, 4, H, D)
+    assert (build_feature_map("elu", H, D)(x) > 0).all()
+    assert (build_feature_map("t2r", H, D, 6)(x) >= 0).all()
+    torch.testing.assert_close(build_feature_map("softmax_dim", H, D)(x).sum(-1), torch.ones(2, 4, H))
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="hedgehog, hedgehog_joint, t2r, elu, softmax_dim, identity"):
+        build_feature_map("cosformer", H, D)

@@ -1,0 +1,21 @@
+"""`model.generate` on converted models builds and uses the student cache by itself."""
+import pytest
+import torch
+
+import linearize
+from attn_helpers import MECHANISMS, attention_config, randomize_student
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_greedy_generate_matches_argmax_of_full_forwards(make_tiny_model, mechanism):
+    model = make_tiny_model("llama")
+    linearize.linearize_model(model, attention_config(mechanism, softmax_layers=[0] if mechanism == "linear" else []))
+    randomize_student(model)
+    prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        expected = prompt
+        for _ in range(10):  # no cache: every step recomputes the whole sequence
+            nxt = model(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, nxt], dim=1)
+    assert torch.equal(out, expected)

@@ -1,0 +1,128 @@
+"""Each mechanism on a tiny converted model: the three computation forms agree, a sequence split at any
+point and resumed from the cached state equals the unsplit run, and the state stays bounded."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+import linearize
+from attn_helpers import MECHANISMS, attention_config, randomize_student, rel_rms, set_form
+from linearize.attention import cache_nbytes
+
+# fp32 end to end; the forms differ only in summation order, so errors sit near 1e-7.
+FORM_TOL = 1e-5
+# Issue requirement for cached decoding vs the full forward in fp32 (we measure ~1e-7).
+DECODE_TOL = 2e-3
+
+
+def converted(make_tiny_model, mechanism, arch="llama", **overrides):
+    model = make_tiny_model(arch)
+    linearize.linearize_model(model, attention_config(mechanism, **overrides))
+    randomize_student(model)
+    return model
+
+
+def student_outputs(model, ids, form):
+    """Per-layer student outputs `[B, T, H, D]`, each layer fed exact teacher inputs."""
+    set_form(model, form)
+    pairs = []
+    with torch.no_grad(), linearize.transfer_mode(model, pairs.append):
+        model(ids, use_cache=False)
+    return [p.student for p in pairs]
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+@pytest.mark.parametrize("length", [1, 63, 100, 257])
+def test_three_forms_agree(make_tiny_model, mechanism, length):
+    model = converted(make_tiny_model, mechanism)
+    ids = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(length))
+    chunk = student_outputs(model, ids, "chunk")
+    for form in ("parallel", "recurrent"):
+        for y, ref in zip(student_outputs(model, ids, form), chunk):
+            assert rel_rms(y, ref) <= FORM_TOL, (form, rel_rms(y, ref))
+
+
+def run_split(model, ids, split):
+    """Logits from a prefill of `ids[:, :split]` then the rest in one call resumed from the cache."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(ids[:, :split], past_key_values=cache, use_cache=True).logits
+        second = model(ids[:, split:], past_key_values=cache, use_cache=True).logits
+    return torch.cat([first, second], dim=1), cache
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_split_and_resume_equals_unsplit(make_tiny_model, mechanism, arch):
+    model = converted(make_tiny_model, mechanism, arch)
+    ids = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    for split in (1, 7, 33):
+        logits, cache = run_split(model, ids, split)
+        assert rel_rms(logits, full) <= FORM_TOL, (split, rel_rms(logits, full))
+        assert all(cache.get_seq_length(i) == 50 for i in range(len(cache.layers)))
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_token_by_token_decoding_equals_full_forward(make_tiny_model, mechanism):
+    model = converted(make_tiny_model, mechanism, softmax_layers=[1])  # a layer-wise hybrid
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(30)]
+    assert rel_rms(torch.cat(steps, dim=1), full) <= DECODE_TOL
+
+
+def cache_bytes_after(model, ids, lengths):
+    cache = DynamicCache(config=model.config)
+    sizes, done = [], 0
+    with torch.no_grad():
+        for n in lengths:
+            model(ids[:, done:n], past_key_values=cache, use_cache=True)
+            done = n
+            sizes.append(cache_nbytes(cache))
+    return sizes
+
+
+@pytest.mark.parametrize("mechanism", ["linear", "liger", "lawcat"])
+def test_state_memory_is_constant_for_linear_mechanisms(make_tiny_model, mechanism):
+    model = converted(make_tiny_model, mechanism)
+    ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(2))
+    small, large = cache_bytes_after(model, ids, [40, 120])
+    assert small == large > 0
+
+
+@pytest.mark.parametrize("mechanism", ["window_linear", "liger_window"])
+def test_state_memory_is_bounded_by_the_window(make_tiny_model, mechanism):
+    model = converted(make_tiny_model, mechanism)  # W = 8
+    ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(3))
+    before_full, at_window, later = cache_bytes_after(model, ids, [4, 8, 120])
+    assert before_full < at_window == later
+
+
+def test_softmax_layers_keep_growing_kv(make_tiny_model):
+    model = converted(make_tiny_model, "linear", softmax_layers=[0])
+    ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(4))
+    small, large = cache_bytes_after(model, ids, [20, 60])
+    assert large > small
+
+
+def test_window_only_is_sliding_window_softmax(make_tiny_model):
+    """window_only must equal causal softmax over the last W keys, computed here from the same q/k/v."""
+    window = 5
+    model = converted(make_tiny_model, "window_linear", window_only=True, window_size=window)
+    attn = model.model.layers[0].self_attn
+    hidden = torch.randn(1, 20, 64)
+    positions = torch.arange(20)[None]
+    p = attn.project(hidden, model.model.rotary_emb(hidden, positions))
+    y, _ = attn.mechanism(p, None, attn.opts, want_state=False)
+    q = p.q_rope.transpose(1, 2)  # [B, H, T, D]
+    k = p.k_rope.repeat_interleave(p.group, dim=2).transpose(1, 2)  # [B, H, T, D]
+    v = p.v.repeat_interleave(p.group, dim=2).transpose(1, 2)  # [B, H, T, D]
+    dist = positions[0][:, None] - positions[0][None, :]
+    allowed = (dist >= 0) & (dist < window)
+    scores = (q @ k.transpose(-1, -2) / 16**0.5).masked_fill(~allowed, float("-inf"))
+    expected = (scores.softmax(-1) @ v).transpose(1, 2)  # [B, T, H, D]
+    assert rel_rms(y, expected) <= FORM_TOL
+    assert list(attn.mechanism.parameters()) == []  # the baseline adds nothing to train

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from linearize.train.checkpoint import KILL_AFTER_CHECKPOINT_ENV
-from test_stages import needs_collaborators
 
 TESTS_DIR = Path(__file__).parent
 REPO = TESTS_DIR.parent
@@ -72,7 +71,6 @@ def _run_stages_job(config: dict, kill_after: int | None = None) -> subprocess.C
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
-@needs_collaborators
 def test_pipeline_killed_in_lora_resumes_exactly(tmp_path, tiny_tokenizer):
     """Transfer (2 steps) then LoRA with dropout and KL, killed after LoRA's step-4 checkpoint; the
     step-4 checkpoint is then lost, so LoRA resumes from step 2 and re-does steps 3-4."""

@@ -2,36 +2,17 @@
 then load_export and generate; skipping finished stages; refusing a changed config."""
 from __future__ import annotations
 
-import importlib
+import contextlib
+import io
 import json
 import shutil
 
 import pytest
 import torch
 
-import linearize
 from conftest import TOKENIZER_TEXT, tiny_model
 from linearize.errors import UserError
 from linearize.train.evaluation import greedy_sample
-
-SURGERY = ("linearize_model", "student_parameters", "freeze_for_transfer", "transfer_mode", "teacher_mode")
-COLLABORATORS = ("linearize.data", "linearize.models.teacher", "stages.config_loader")
-
-
-def _missing_collaborators() -> list[str]:
-    """Parts other modules provide that the stages need (written in parallel; absent until merged)."""
-    missing = [f"linearize.{name}" for name in SURGERY if not hasattr(linearize, name)]
-    for module in COLLABORATORS:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(module)
-    return missing
-
-
-needs_collaborators = pytest.mark.skipif(bool(_missing_collaborators()),
-                                         reason=f"not in the tree yet: {_missing_collaborators()}")
-pytestmark = needs_collaborators
 
 STAGE_NAMES = ["attention_transfer", "lora_recovery", "evaluate", "export"]
 EVAL_KEYS = {"teacher_ppl", "student_ppl", "kl", "top1_agreement", "samples"}
@@ -65,14 +46,26 @@ def tiny_run_config(root, tokenizer_dir, **sections):
     return config_from_dict(data, "test")
 
 
-@pytest.fixture
-def tiny_run(tmp_path, tiny_tokenizer, capsys):
-    """(config, run dir, results, printed output) of one full pipeline run."""
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_tokenizer):
+    """(config, run dir, results, printed output) of one full pipeline run, shared by this module's
+    tests: tests that change a run work on a copy (`copy_run`)."""
     from stages.pipeline import run_stages
 
-    cfg = tiny_run_config(tmp_path, tiny_tokenizer)
-    results = run_stages(cfg)
-    return cfg, tmp_path / "runs" / "tiny", results, capsys.readouterr().out
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = tiny_run_config(root, tiny_tokenizer)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = run_stages(cfg)
+    return cfg, root / "runs" / "tiny", results, printed.getvalue()
+
+
+def copy_run(cfg, run_dir, dest):
+    """The config and run dir of a copy of the run under `dest` (teacher and data files are shared)."""
+    from stages.config_loader import config_from_dict, config_to_dict
+
+    shutil.copytree(run_dir, dest / "tiny")
+    return config_from_dict(config_to_dict(cfg), "test", [f"output_dir={dest}"]), dest / "tiny"
 
 
 def test_every_stage_then_load_export_and_generate(tiny_run):
@@ -111,11 +104,12 @@ def _check_export_matches_run(cfg, run_dir, exported):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_rerun_skips_done_stages_and_refuses_changed_config(tiny_run, tiny_tokenizer, capsys):
+def test_rerun_skips_done_stages_and_refuses_changed_config(tiny_run, tmp_path, capsys):
     from stages.config_loader import config_from_dict, config_to_dict
     from stages.pipeline import run_stages
 
     cfg, run_dir, first, _ = tiny_run
+    cfg, run_dir = copy_run(cfg, run_dir, tmp_path)
     again = run_stages(cfg)
     assert capsys.readouterr().out.count("done, skipping") == 4
     assert again["evaluate"]["student_ppl"] == first["evaluate"]["student_ppl"]
@@ -131,9 +125,9 @@ def test_rerun_skips_done_stages_and_refuses_changed_config(tiny_run, tiny_token
 
 
 def test_no_transfer_baseline_and_unknown_stage(tmp_path, tiny_tokenizer):
-    from stages.pipeline import run_stages
-
     from safetensors.torch import load_file
+
+    from stages.pipeline import run_stages
 
     cfg = tiny_run_config(tmp_path, tiny_tokenizer, lora_recovery={"kl_weight": 0.0, "train_student": True})
     results = run_stages(cfg, ["lora_recovery", "evaluate"])
@@ -149,15 +143,18 @@ def test_no_transfer_baseline_and_unknown_stage(tmp_path, tiny_tokenizer):
         run_stages(cfg, ["distill"])
 
 
-def test_evaluate_target_on_run_and_export_dirs(tiny_run):
+def test_evaluate_target_on_run_and_export_dirs(tiny_run, tmp_path):
     from stages.evaluate import evaluate_target
 
     cfg, run_dir, results, _ = tiny_run
-    other_eval = run_dir.parent / "other.txt"
+    other_eval = tmp_path / "other.txt"
     shutil.copy(cfg.data.train, other_eval)
     on_run = evaluate_target(run_dir, [f"data.eval={other_eval}"])
-    (run_dir.parent.parent / "train.txt").unlink()  # an export is evaluated without the run's data
-    on_export = evaluate_target(run_dir / "export" / "model", [f"data.eval={other_eval}"])
+    export = shutil.copytree(run_dir / "export" / "model", tmp_path / "export")
+    recorded = json.loads((export / "linearize_run.json").read_text())
+    recorded["data"]["train"] = str(tmp_path / "absent.txt")  # an export is evaluated without the run's data
+    (export / "linearize_run.json").write_text(json.dumps(recorded))
+    on_export = evaluate_target(export, [f"data.eval={other_eval}"])
     assert {"teacher_ppl", "student_ppl", "kl", "top1_agreement"} <= on_run.keys()
     assert "teacher_ppl" not in on_export  # an export does not carry its teacher
     # merged vs unmerged LoRA: the same function up to fp32 rounding of W + BA

@@ -35,3 +35,24 @@ def set_form(model, form: str) -> None:
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def converted(make_tiny_model, mechanism, arch="llama", **overrides):
+    """A tiny model with every layer converted to `mechanism` and the student moved off its init."""
+    model = make_tiny_model(arch)
+    linearize.linearize_model(model, attention_config(mechanism, **overrides))
+    randomize_student(model)
+    return model
+
+
+def sliding_window_softmax(p, window: int) -> torch.Tensor:
+    """The oracle: causal softmax restricted to the last `window` keys, from the rotated q/k, `[B, T, H, D]`."""
+    group = p.q.shape[2] // p.k.shape[2]
+    q = p.q_rope.double().transpose(1, 2)  # [B, H, T, D]
+    k = p.k_rope.double().repeat_interleave(group, dim=2).transpose(1, 2)  # [B, H, T, D]
+    v = p.v.double().repeat_interleave(group, dim=2).transpose(1, 2)  # [B, H, T, D]
+    pos = torch.arange(q.shape[2])
+    lag = pos[:, None] - pos[None, :]  # [T, T]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, T, T]
+    scores = scores.masked_fill(~((lag >= 0) & (lag < window)), float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # [B, T, H, D]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .base import Mechanism, Projected, RunOptions, causal_mask, repeat_heads
 from .cache import student_layer
 
@@ -45,17 +46,51 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def teacher_attention(p: Projected, want_weights: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Causal softmax attention in fp32 → (`[B, T, H, D]`, weights `[B, H, T, T]` or None).
-    SDPA avoids a T×T matrix unless the weights are asked for."""
+def teacher_window(base_layer: nn.Module) -> Optional[int]:
+    """The teacher's sliding window, if it has one (Mistral keeps it in the config, Qwen2/3 per layer)."""
+    if hasattr(base_layer, "sliding_window"):
+        return base_layer.sliding_window
+    return getattr(getattr(base_layer, "config", None), "sliding_window", None)
+
+
+def teacher_mask(t: int, window: Optional[int], device) -> Optional[torch.Tensor]:
+    """`[T, T]` bool mask of the keys each query sees; None when plain causal (SDPA's is_causal path)."""
+    if window is None or t <= window:
+        return None
+    pos = torch.arange(t, device=device)
+    lag = pos[:, None] - pos[None, :]  # [T, T]
+    return (lag >= 0) & (lag < window)
+
+
+def teacher_attention(
+    p: Projected, want_weights: bool, scale: float, window: Optional[int] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The teacher's causal (optionally sliding-window) softmax attention in fp32 →
+    (`[B, T, H, D]`, weights `[B, H, T, T]` or None). SDPA avoids a T×T matrix unless weights are asked for."""
     q = p.q_rope.float().transpose(1, 2)  # [B, H, T, D]
     k = repeat_heads(p.k_rope, p.group).float().transpose(1, 2)  # [B, H, T, D]
     v = repeat_heads(p.v, p.group).float().transpose(1, 2)  # [B, H, T, D]
+    mask = teacher_mask(q.shape[2], window, q.device)
     if not want_weights:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2), None
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, T, T]
-    weights = scores.masked_fill(~causal_mask(q.shape[2], q.device), float("-inf")).softmax(-1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        return y.transpose(1, 2), None
+    if mask is None:
+        mask = causal_mask(q.shape[2], q.device)
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, T, T]
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     return (weights @ v).transpose(1, 2), weights
+
+
+def hides_earlier_keys(attention_mask: Optional[torch.Tensor]) -> bool:
+    """True when the newest query of some row cannot see a key that comes before a key it can see:
+    left padding. Right padding (hidden keys only after the visible ones) cannot reach earlier causal
+    outputs, so it is allowed. attention_mask: the model's 4D mask `[B, 1, Tq, S]`, additive or bool."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return False
+    last_row = attention_mask[:, 0, -1]  # [B, S]
+    visible = last_row if last_row.dtype == torch.bool else last_row >= 0
+    visible_after = visible.flip(-1).cumsum(-1).flip(-1) - visible.long()  # [B, S]: visible keys to the right
+    return bool((~visible & (visible_after > 0)).any())
 
 
 class LinearizedAttention(nn.Module):
@@ -66,6 +101,8 @@ class LinearizedAttention(nn.Module):
         self.layer_idx = layer_idx
         self.opts = opts
         self.mode = "student"
+        self.window = teacher_window(base_layer)
+        self.scaling = getattr(base_layer, "scaling", base_layer.head_dim**-0.5)
         self.collector: Optional[Callable[[TransferPair], None]] = None
 
     def project(self, hidden_states: torch.Tensor, position_embeddings) -> Projected:
@@ -84,6 +121,11 @@ class LinearizedAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
         if self.mode == "teacher":
             return self.base_layer(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        if self.window is None and hides_earlier_keys(attention_mask):
+            raise UserError(
+                "left-padded batches are not supported by linearized attention yet (the student states would "
+                "include the padding); pad on the right or generate one sequence at a time"
+            )
         p = self.project(hidden_states, position_embeddings)
         cache = student_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
         state = cache.state if cache is not None else None
@@ -99,7 +141,7 @@ class LinearizedAttention(nn.Module):
     def transfer(self, p: Projected, y_student: torch.Tensor) -> torch.Tensor:
         want_weights = bool(getattr(self.collector, "want_weights", False))
         with torch.no_grad():
-            y_teacher, w_teacher = teacher_attention(p, want_weights)
+            y_teacher, w_teacher = teacher_attention(p, want_weights, self.scaling, self.window)
         w_student = self.mechanism.attention_weights(p) if want_weights else None
         if self.collector is not None:
             self.collector(TransferPair(self.layer_idx, y_student, y_teacher, w_student, w_teacher))

@@ -5,7 +5,9 @@ import torch
 from transformers import DynamicCache
 
 import linearize
-from attn_helpers import MECHANISMS, converted, rel_rms, set_form, sliding_window_softmax
+from attn_helpers import (  # noqa: F401 (single_thread: autouse fixture)
+    MECHANISMS, converted, rel_rms, set_form, single_thread, sliding_window_softmax,
+)
 from linearize.attention import cache_nbytes
 
 # fp32 end to end; the forms differ only in summation order, so errors sit near 1e-7.

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import linearize
-from attn_helpers import MECHANISMS, attention_config, randomize_student, rel_rms
+from attn_helpers import (  # noqa: F401 (single_thread: autouse fixture)
+    MECHANISMS, attention_config, randomize_student, rel_rms, single_thread,
+)
 from linearize.attention import LinearizedAttention
 from linearize.surgery import wrapped_attentions
 
@@ -151,3 +153,31 @@ def test_conversion_is_recorded_in_the_config(make_tiny_model):
 def test_liger_rejects_a_parametric_feature_map(make_tiny_model):
     with pytest.raises(linearize.UserError, match="parameter-free feature map"):
         linearize.linearize_model(make_tiny_model("llama"), attention_config("liger", feature_map="hedgehog"))
+
+
+def test_transfer_teacher_honours_a_sliding_window(make_tiny_model):
+    """Mistral with a window shorter than the sequence: the recomputed teacher must slide too."""
+    model = make_tiny_model("mistral", sliding_window=6)
+    x = ids(20)
+    with torch.no_grad():
+        ref = model(x).logits
+    linearize.linearize_model(model, attention_config("linear"))
+    with torch.no_grad(), linearize.transfer_mode(model, lambda pair: None):
+        logits = model(x, use_cache=False).logits
+    assert rel_rms(logits, ref) <= TEACHER_RECOMPUTE_TOL
+
+
+def test_left_padding_is_refused_right_padding_is_exact(make_tiny_model):
+    model = make_tiny_model("llama")
+    linearize.linearize_model(model, attention_config("liger"))
+    x = ids(10)
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        right = torch.ones_like(x)
+        right[0, 7:] = 0
+        padded = model(x, attention_mask=right, use_cache=False).logits
+        assert torch.equal(padded[0, :7], full[0, :7])  # causal: later padding cannot reach earlier tokens
+        left = torch.ones_like(x)
+        left[0, :3] = 0
+        with pytest.raises(linearize.UserError, match="left-padded"):
+            model(x, attention_mask=left, use_cache=False)

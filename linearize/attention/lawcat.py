@@ -54,13 +54,19 @@ class LawcatAttention(Mechanism):
         k, conv_k_state = self.conv_k(p.k.float().reshape(b, t, -1), conv_k_state)  # [B, T, H_kv·D]
         fq = self.feature_map(q.view(b, t, h, d))  # [B, T, H, F]
         fk = self.feature_map(repeat_heads(k.view(b, t, -1, d), p.group))  # [B, T, H, F]
-        g = F.logsigmoid(self.gate_up(self.gate_down(p.hidden.float()))) / self.gate_norm  # [B, T, H_kv·F]
+        g = self.log_decay(p.hidden)  # [B, T, H_kv·F]
         g = repeat_heads(g.view(b, t, -1, fq.shape[-1]), p.group)  # [B, T, H, F]
         y, recurrent = chunk_gated_linear_attn(
             fq, fk, repeat_heads(p.v, p.group), g, normalize=True, initial_state=recurrent,
             output_final_state=want_state, **opts.op_kwargs(decoding=state is not None),
         )
         return y, ((conv_q_state, conv_k_state, recurrent) if want_state else None)
+
+    def log_decay(self, hidden: torch.Tensor) -> torch.Tensor:
+        """g = logsigmoid(up(down(x))) / gate_norm: `[B, T, hidden]` → `[B, T, H_kv·F]`, in fp32 even when the
+        model (and with it this gate) was cast to bf16 after conversion."""
+        low = F.linear(hidden.float(), self.gate_down.weight.float())  # [B, T, rank]
+        return F.logsigmoid(F.linear(low, self.gate_up.weight.float(), self.gate_up.bias.float())) / self.gate_norm
 
     def param_groups(self):
         groups = {"conv_q": "conv", "conv_k": "conv", "gate_down": "gates", "gate_up": "gates"}

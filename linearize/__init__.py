@@ -1,8 +1,8 @@
 """linearize: convert softmax-attention decoder LLMs into linear and hybrid attention students."""
-from .attention import TransferPair, available_mechanisms
+from .attention import LinearizedAttention, StudentCache, TransferPair, available_mechanisms, cache_nbytes
 from .config import AttentionConfig
 from .errors import UserError
-from .feature_maps import available_feature_maps
+from .feature_maps import available_feature_maps, build_feature_map
 from .surgery import (
     freeze_for_transfer,
     linearize_model,
@@ -13,7 +13,7 @@ from .surgery import (
 )
 
 __all__ = [
-    "AttentionConfig", "TransferPair", "UserError", "available_feature_maps", "available_mechanisms",
-    "freeze_for_transfer", "linearize_model", "student_parameters", "teacher_mode", "transfer_mode",
-    "unlinearize_model",
+    "AttentionConfig", "LinearizedAttention", "StudentCache", "TransferPair", "UserError",
+    "available_feature_maps", "available_mechanisms", "build_feature_map", "cache_nbytes", "freeze_for_transfer",
+    "linearize_model", "student_parameters", "teacher_mode", "transfer_mode", "unlinearize_model",
 ]

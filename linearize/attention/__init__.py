@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .base import Mechanism, Projected, RunOptions
-from .cache import StudentCacheLayer, cache_nbytes, map_state, state_nbytes
+from .cache import StudentCache, StudentCacheLayer, cache_nbytes, map_state, state_nbytes
 from .lawcat import LawcatAttention
 from .liger import LigerAttention, LigerWindowAttention
 from .linear import LinearAttention
@@ -45,6 +45,7 @@ def build_mechanism(cfg, num_heads: int, num_kv_heads: int, head_dim: int, hidde
 
 
 __all__ = [
-    "MECHANISMS", "MODES", "LinearizedAttention", "Mechanism", "Projected", "RunOptions", "StudentCacheLayer",
-    "TransferPair", "available_mechanisms", "build_mechanism", "cache_nbytes", "map_state", "state_nbytes",
+    "MECHANISMS", "MODES", "LinearizedAttention", "Mechanism", "Projected", "RunOptions", "StudentCache",
+    "StudentCacheLayer", "TransferPair", "available_mechanisms", "build_mechanism", "cache_nbytes", "map_state",
+    "state_nbytes",
 ]

@@ -85,6 +85,21 @@ class StudentCacheLayer(CacheLayerMixin):
         pass
 
 
+class StudentCache(DynamicCache):
+    """A `DynamicCache` whose converted layers are `StudentCacheLayer`s from the start, read from a converted
+    model's `config.linearize["layers"]`; softmax layers get the usual key/value layers.
+
+    Optional: `generate` builds a plain `DynamicCache`, and each converted layer installs its
+    `StudentCacheLayer` on first use (`student_layer`), so both kinds of cache work."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config=config, **kwargs)
+        record = getattr(config, "linearize", None) or {}
+        for idx, mechanism in record.get("layers", {}).items():
+            if mechanism != "softmax":
+                self.layers[int(idx)] = StudentCacheLayer()
+
+
 def student_layer(cache: DynamicCache, layer_idx: int) -> StudentCacheLayer:
     """The student layer of `cache` at `layer_idx`, installing one where the model built a plain layer
     (a `DynamicCache` made by `generate` or by the model's own forward)."""

@@ -8,7 +8,7 @@ import linearize
 from attn_helpers import (  # noqa: F401 (single_thread: autouse fixture)
     MECHANISMS, converted, rel_rms, set_form, single_thread, sliding_window_softmax,
 )
-from linearize.attention import cache_nbytes
+from linearize.attention import StudentCache, cache_nbytes
 
 # fp32 end to end; the forms differ only in summation order, so errors sit near 1e-7.
 FORM_TOL = 1e-5
@@ -40,9 +40,9 @@ def test_three_forms_agree(make_tiny_model, mechanism, length, arch):
             assert rel_rms(y, ref) <= FORM_TOL, (form, rel_rms(y, ref))
 
 
-def run_split(model, ids, split):
+def run_split(model, ids, split, cache_class=DynamicCache):
     """Logits from a prefill of `ids[:, :split]` then the rest in one call resumed from the cache."""
-    cache = DynamicCache(config=model.config)
+    cache = cache_class(config=model.config)
     with torch.no_grad():
         first = model(ids[:, :split], past_key_values=cache, use_cache=True).logits
         second = model(ids[:, split:], past_key_values=cache, use_cache=True).logits
@@ -61,8 +61,8 @@ def test_split_and_resume_equals_unsplit(make_tiny_model, mechanism):
     ids = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-    for split in (1, 7, 33):
-        logits, cache = run_split(model, ids, split)
+    for split, cache_class in ((1, DynamicCache), (7, StudentCache), (33, DynamicCache)):
+        logits, cache = run_split(model, ids, split, cache_class)
         assert rel_rms(logits, full) <= FORM_TOL, (split, rel_rms(logits, full))
         assert all(cache.get_seq_length(i) == 50 for i in range(len(cache.layers)))
 

@@ -197,3 +197,18 @@ def test_model_cast_to_bf16_after_conversion(make_tiny_model, mechanism):
         out = model.to(torch.bfloat16)(x).logits
     assert out.dtype == torch.bfloat16
     assert rel_rms(out, ref) <= BF16_TOL
+
+
+@pytest.mark.parametrize("mechanism", ["linear", "window_linear", "lawcat"])
+def test_transfer_loss_reaches_every_student_parameter(make_tiny_model, mechanism):
+    model = make_tiny_model("llama")
+    linearize.linearize_model(model, attention_config(mechanism))
+    randomize_student(model)
+    trainable = linearize.freeze_for_transfer(model)
+    pairs = []
+    with linearize.transfer_mode(model, pairs.append):
+        model(ids(20), use_cache=False)
+    loss = sum(torch.nn.functional.mse_loss(p.student, p.teacher) for p in pairs)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)

@@ -32,6 +32,10 @@ class Projected:
         return self.q.shape[2] // self.k.shape[2]
 
 
+# Calls of at most this many tokens after a cached state run as recurrent decode steps.
+DECODE_STEP_TOKENS = 1
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How a mechanism computes one call: the ops' form, chunk size and backend."""
@@ -40,9 +44,11 @@ class RunOptions:
     chunk_size: int = 64
     backend: str = "auto"
 
-    def op_kwargs(self, decoding: bool) -> dict:
-        # A call that continues a cached state is a decode step: the recurrent form is exact and cheapest.
-        form = "recurrent" if decoding else self.form
+    def op_kwargs(self, state: Any, num_tokens: int) -> dict:
+        """The ops' keyword arguments for a call of `num_tokens` tokens continuing `state` (None: a fresh
+        sequence). A decode step (one token after a state) uses the recurrent form, exact and cheapest
+        there; longer calls (prefill, chunked continuation) use the configured form from the state."""
+        form = "recurrent" if state is not None and num_tokens <= DECODE_STEP_TOKENS else self.form
         kwargs = dict(form=form, backend=self.backend if form == "chunk" else "torch")
         if form == "chunk":
             kwargs["chunk_size"] = self.chunk_size

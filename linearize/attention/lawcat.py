@@ -58,7 +58,7 @@ class LawcatAttention(Mechanism):
         g = repeat_heads(g.view(b, t, -1, fq.shape[-1]), p.group)  # [B, T, H, F]
         y, recurrent = chunk_gated_linear_attn(
             fq, fk, repeat_heads(p.v, p.group), g, normalize=True, initial_state=recurrent,
-            output_final_state=want_state, **opts.op_kwargs(decoding=state is not None),
+            output_final_state=want_state, **opts.op_kwargs(state, p.q.shape[1]),
         )
         return y, ((conv_q_state, conv_k_state, recurrent) if want_state else None)
 

@@ -32,7 +32,7 @@ class LigerAttention(Mechanism):
         g = F.logsigmoid(p.k_raw.float()) / self.gate_norm  # [B, T, H_kv, D]
         return chunk_gated_linear_attn(
             self.feature_map(p.q), self.feature_map(p.k), p.v, g, scale=1.0, normalize=False,
-            initial_state=state, output_final_state=want_state, **opts.op_kwargs(decoding=state is not None),
+            initial_state=state, output_final_state=want_state, **opts.op_kwargs(state, p.q.shape[1]),
         )
 
     def forward(self, p, state, opts, want_state):

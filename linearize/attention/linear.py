@@ -45,7 +45,7 @@ class LinearAttention(Mechanism):
         v = repeat_heads(p.v, p.group)  # [B, T, H, D]
         return chunk_linear_attn(
             fq, fk, v, normalize=True, initial_state=state, output_final_state=want_state,
-            **opts.op_kwargs(decoding=state is not None),
+            **opts.op_kwargs(state, p.q.shape[1]),
         )
 
     def param_groups(self):

@@ -23,7 +23,7 @@ def sliding_window(p: Projected, window_size: int, opts, state, want_state):
     logit = p.q.new_zeros(p.q.shape[2], dtype=torch.float32)  # γ cancels without a linear branch
     return window_linear_attn(
         p.q_rope, p.k_rope, p.v, fz, fz, logit, window_size=window_size, initial_state=state,
-        output_final_state=want_state, **opts.op_kwargs(decoding=state is not None),
+        output_final_state=want_state, **opts.op_kwargs(state, p.q.shape[1]),
     )
 
 
@@ -44,7 +44,7 @@ class WindowLinearAttention(Mechanism):
         fq, fk = self.feature_maps(p.q_rope, repeat_heads(p.k_rope, p.group))
         return window_linear_attn(
             p.q_rope, p.k_rope, p.v, fq, fk, self.window_logit, window_size=self.window_size,
-            initial_state=state, output_final_state=want_state, **opts.op_kwargs(decoding=state is not None),
+            initial_state=state, output_final_state=want_state, **opts.op_kwargs(state, p.q.shape[1]),
         )
 
     def param_groups(self):

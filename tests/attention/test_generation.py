@@ -21,3 +21,14 @@ def test_greedy_generate_matches_argmax_of_full_forwards(make_tiny_model, mechan
             nxt = model(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             expected = torch.cat([expected, nxt], dim=1)
     assert torch.equal(out, expected)
+
+
+def test_teacher_mode_generates_like_the_original_model(make_tiny_model):
+    model = make_tiny_model("qwen2")
+    prompt = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(prompt, **settings)
+        linearize.linearize_model(model, attention_config("window_linear"))
+        with linearize.teacher_mode(model):
+            assert torch.equal(model.generate(prompt, **settings), ref)

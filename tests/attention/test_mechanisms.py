@@ -68,8 +68,9 @@ def test_split_and_resume_equals_unsplit(make_tiny_model, mechanism):
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
-def test_token_by_token_decoding_equals_full_forward(make_tiny_model, mechanism):
-    model = converted(make_tiny_model, mechanism, softmax_layers=[1])  # a layer-wise hybrid
+@pytest.mark.parametrize("softmax_layers", [[], [1]], ids=["all_converted", "hybrid"])
+def test_token_by_token_decoding_equals_full_forward(make_tiny_model, mechanism, softmax_layers):
+    model = converted(make_tiny_model, mechanism, softmax_layers=softmax_layers)
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits

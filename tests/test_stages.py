@@ -162,3 +162,23 @@ def test_evaluate_target_on_run_and_export_dirs(tiny_run, tmp_path):
     assert on_run["student_ppl"] != pytest.approx(results["evaluate"]["student_ppl"], rel=1e-6)  # other data
     with pytest.raises(UserError, match="neither a run directory"):
         evaluate_target(run_dir / "evaluate")
+
+
+def test_transfer_loss_with_attention_weights_trains_student_parameters():
+    """attn_ce_weight > 0 (parallel form): layers hand over attention weights and the CE term adds in."""
+    import linearize
+    from linearize.config.schema import AttentionConfig, TransferConfig
+    from linearize.losses import PairCollector
+    from stages.attention_transfer import make_transfer_loss
+
+    model = tiny_model("llama")
+    linearize.linearize_model(model, AttentionConfig(mechanism="window_linear", form="parallel", window_size=4,
+                                                     feature_dim=8))
+    linearize.freeze_for_transfer(model)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    mse_only = make_transfer_loss(PairCollector(), TransferConfig(attn_ce_weight=0.0))(model, ids)
+    with_ce = make_transfer_loss(PairCollector(want_weights=True), TransferConfig(attn_ce_weight=1.0))(model, ids)
+    assert with_ce > mse_only  # the CE of a row distribution against another is positive
+    with_ce.backward()
+    trained = [name for name, p in model.named_parameters() if p.grad is not None]
+    assert trained and all(p.requires_grad for name, p in model.named_parameters() if name in trained)

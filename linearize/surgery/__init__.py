@@ -15,6 +15,7 @@ from torch import nn
 from ..attention import MECHANISMS, LinearizedAttention, RunOptions, build_mechanism
 from ..config import AttentionConfig
 from ..errors import UserError
+from ..ops._common import BACKENDS, FORM_NAMES
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,18 @@ def selected_layers(cfg: AttentionConfig, num_layers: int) -> list[int]:
     return [i for i in candidates if i not in keep]
 
 
+def check_run_options(cfg: AttentionConfig) -> None:
+    """Refuse an unknown form or backend at conversion time rather than at the first forward."""
+    for key, value, valid in (("form", cfg.form, FORM_NAMES), ("backend", cfg.backend, BACKENDS)):
+        if value not in valid:
+            raise UserError(f"unknown attention.{key} {value!r}; valid: {', '.join(valid)}")
+
+
 def linearize_model(model: nn.Module, attention_config: Any) -> nn.Module:
     """Wrap the attention of every selected layer in place and record the conversion in
     `model.config.linearize`. New parameters are fp32 on the model's device."""
     cfg = as_attention_config(attention_config)
+    check_run_options(cfg)
     layers, layout = decoder_layers(model)
     if any(isinstance(getattr(layer, layout.attention), LinearizedAttention) for layer in layers):
         raise UserError("this model is already linearized; call unlinearize_model first")

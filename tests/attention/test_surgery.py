@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -212,3 +213,14 @@ def test_transfer_loss_reaches_every_student_parameter(make_tiny_model, mechanis
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("key,value,valid", [
+    ("mechanism", "mamba", "linear, window_linear, liger, liger_window, lawcat, softmax"),
+    ("form", "fused", "chunk, parallel, recurrent"),
+    ("backend", "cuda", "auto, torch, triton"),
+])
+def test_unknown_names_are_refused_at_conversion(make_tiny_model, key, value, valid):
+    with pytest.raises(linearize.UserError, match=f"unknown .*{value}.*{valid}"):
+        cfg = dataclasses.replace(attention_config("linear"), **{key: value})
+        linearize.linearize_model(make_tiny_model("llama"), cfg)

@@ -84,10 +84,11 @@ def teacher_attention(
 def hides_earlier_keys(attention_mask: Optional[torch.Tensor]) -> bool:
     """True when the newest query of some row cannot see a key that comes before a key it can see:
     left padding. Right padding (hidden keys only after the visible ones) cannot reach earlier causal
-    outputs, so it is allowed. attention_mask: the model's 4D mask `[B, 1, Tq, S]`, additive or bool."""
-    if attention_mask is None or attention_mask.dim() != 4:
+    outputs, so it is allowed. attention_mask: the model's 4D mask `[B, 1, Tq, S]` (additive or bool; eager
+    and SDPA) or the 2D padding mask `[B, S]` (1 = token; flash attention)."""
+    if attention_mask is None or attention_mask.dim() not in (2, 4):
         return False
-    last_row = attention_mask[:, 0, -1]  # [B, S]
+    last_row = attention_mask.bool() if attention_mask.dim() == 2 else attention_mask[:, 0, -1]  # [B, S]
     visible = last_row if last_row.dtype == torch.bool else last_row >= 0
     visible_after = visible.flip(-1).cumsum(-1).flip(-1) - visible.long()  # [B, S]: visible keys to the right
     return bool((~visible & (visible_after > 0)).any())

@@ -224,3 +224,15 @@ def test_unknown_names_are_refused_at_conversion(make_tiny_model, key, value, va
     with pytest.raises(linearize.UserError, match=f"unknown .*{value}.*{valid}"):
         cfg = dataclasses.replace(attention_config("linear"), **{key: value})
         linearize.linearize_model(make_tiny_model("llama"), cfg)
+
+
+def test_left_padding_detection_reads_every_mask_layout():
+    from linearize.attention.wrapper import hides_earlier_keys
+
+    left, right = torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert hides_earlier_keys(left) and not hides_earlier_keys(right)  # 2D (flash attention)
+    as_bool = [m.bool()[:, None, None, :].expand(2, 1, 3, 3) for m in (left, right)]  # SDPA
+    assert hides_earlier_keys(as_bool[0]) and not hides_earlier_keys(as_bool[1])
+    additive = [torch.zeros(2, 1, 3, 3).masked_fill(~m, torch.finfo(torch.float32).min) for m in as_bool]  # eager
+    assert hides_earlier_keys(additive[0]) and not hides_earlier_keys(additive[1])
+    assert not hides_earlier_keys(None)

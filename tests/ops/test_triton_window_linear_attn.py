@@ -1,0 +1,129 @@
+"""Triton fused window + linear attention vs the pure-PyTorch parallel form: output, final state and
+every gradient, on lengths that do not fit the tiles, windows smaller and larger than a tile, GQA,
+split-and-resume through `WindowLinearState`; CPU via the interpreter."""
+import os
+
+# the interpreter flag is read when @triton.jit decorates, so it must be set before the import below;
+# the debug flag fills kernel outputs with NaN so an unwritten tile fails the comparison
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["LINEARIZE_TRITON_DEBUG"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+from linearize.ops.window_linear_attn import window_linear_attn  # noqa: E402
+from linearize.ops.window_linear_attn.naive import parallel_window_linear_attn  # noqa: E402
+from linearize.ops.window_linear_attn.triton import window_linear_attn_triton  # noqa: E402
+
+# fp32 everywhere and exact interpreter dots: only summation order and the online-softmax rescale differ
+TOL = 1e-4
+# GPU: fp32 tl.dot runs in TF32 and inputs are bf16
+GPU_TOL = 2e-2
+LENGTHS = [1, 17, 64, 100]
+HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM = 4, 2, 16, 12, 8
+
+
+# window_logit's gradient is analytically 0 when no query has linear keys (gamma cancels), so its
+# reference is pure fp32 rounding noise (~3e-7); real window_logit gradients here have norm ~0.1-1
+GRAD_NORM_FLOOR = 1e-2
+
+
+def rel_rms(a, b, floor=1e-30):
+    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+
+
+def make_inputs(seq_len, seed=0, head_dim=HEAD_DIM, feature_dim=FEATURE_DIM, value_dim=VALUE_DIM, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, seq_len, HEADS, head_dim, generator=gen)
+    k = torch.randn(2, seq_len, KV_HEADS, head_dim, generator=gen)
+    v = torch.randn(2, seq_len, KV_HEADS, value_dim, generator=gen)
+    fq = torch.rand(2, seq_len, HEADS, feature_dim, generator=gen)
+    fk = torch.rand(2, seq_len, HEADS, feature_dim, generator=gen)
+    window_logit = torch.randn(HEADS, generator=gen)
+    return [x.to(device).requires_grad_() for x in (q, k, v, fq, fk, window_logit)]
+
+
+def grads_of(outputs, inputs, seed=1):
+    """Gradients of a fixed random projection of every output tensor (state tensors included)."""
+    outputs = [o for o in outputs if o.numel() > 0 and o.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o.shape, generator=gen).to(o) for o in outputs]
+    return torch.autograd.grad(outputs, inputs, weights, allow_unused=True)
+
+
+def assert_matches(inputs, tol, initial_state=None, **kwargs):
+    """Output, every final-state tensor and every input gradient agree within `tol` (relative RMS)."""
+    state_inputs = [] if initial_state is None else [t for t in initial_state if t.requires_grad]
+    o, final = window_linear_attn_triton(*inputs, initial_state=initial_state, output_final_state=True, **kwargs)
+    o_ref, final_ref = parallel_window_linear_attn(
+        *inputs, initial_state=initial_state, output_final_state=True, **kwargs
+    )
+    assert torch.isfinite(o).all()
+    assert rel_rms(o.float(), o_ref.float()) < tol
+    for name, got, want in zip(final._fields, final, final_ref):
+        assert got.shape == want.shape, name
+        if want.numel():
+            assert rel_rms(got, want) < tol, name
+    every = list(inputs) + state_inputs
+    grads = grads_of([o, *final], every)
+    grads_ref = grads_of([o_ref, *final_ref], every)
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+        assert (g is None) == (g_ref is None), i
+        if g is not None:
+            assert rel_rms(g.float(), g_ref.float(), GRAD_NORM_FLOOR) < tol, i
+
+
+@pytest.mark.parametrize("seq_len", LENGTHS)
+@pytest.mark.parametrize("window_size", [5, 24])
+def test_matches_reference_gqa(seq_len, window_size):
+    assert_matches(make_inputs(seq_len, seed=seq_len), TOL, window_size=window_size, chunk_size=16)
+
+
+def test_window_spans_several_tiles_and_odd_widths():
+    inputs = make_inputs(70, head_dim=10, feature_dim=20, value_dim=6)
+    assert_matches(inputs, TOL, window_size=40, chunk_size=16, scale=0.2)
+
+
+@pytest.mark.parametrize("split", [3, 30])
+def test_split_and_resume(split):
+    """A first call's WindowLinearState continues exactly, with a prefix shorter and longer than W."""
+    window_size = 12
+    inputs = make_inputs(50)
+    *tokens, logit = inputs
+    full, full_state = window_linear_attn_triton(*inputs, window_size=window_size, output_final_state=True)
+    first, state = window_linear_attn_triton(
+        *[t[:, :split] for t in tokens], logit, window_size=window_size, output_final_state=True
+    )
+    second, end_state = window_linear_attn_triton(
+        *[t[:, split:] for t in tokens], logit, window_size=window_size, initial_state=state,
+        output_final_state=True,
+    )
+    assert rel_rms(torch.cat([first, second], dim=1), full) < TOL
+    for name, got, want in zip(full_state._fields, end_state, full_state):
+        assert rel_rms(got, want) < TOL, name
+
+
+def test_gradients_reach_initial_state():
+    *tokens, logit = make_inputs(30)
+    _, state = parallel_window_linear_attn(
+        *[t[:, :20].detach() for t in tokens], logit.detach(), window_size=8, output_final_state=True
+    )
+    state = type(state)(*(t.detach().requires_grad_() for t in state))
+    rest = [t[:, 20:].detach().requires_grad_() for t in tokens] + [logit.detach().requires_grad_()]
+    assert_matches(rest, TOL, initial_state=state, window_size=8)
+
+
+def test_public_dispatch_selects_triton():
+    inputs = make_inputs(9)
+    o, _ = window_linear_attn(*inputs, window_size=4, backend="triton")
+    o_ref, _ = parallel_window_linear_attn(*inputs, window_size=4)
+    assert rel_rms(o, o_ref) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16():
+    inputs = make_inputs(300, head_dim=64, feature_dim=64, value_dim=64, device="cuda")
+    low = [x.detach().bfloat16().requires_grad_() for x in inputs[:5]] + [inputs[5]]
+    assert_matches(low, GPU_TOL, window_size=64)

@@ -1,22 +1,10 @@
-"""Shared by the attention tests: one tiny converted model per mechanism, formula oracles, and the
-one-thread fixture every attention test module imports."""
-import pytest
+"""Shared by the attention tests: one tiny converted model per mechanism and formula oracles."""
 import torch
 
 import linearize
 from linearize.attention import RunOptions
 from linearize.config import AttentionConfig
 from linearize.surgery import wrapped_attentions
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Each test on one thread: the tiny models gain nothing from more, and with other jobs on the 2-core
-    machine a 2-thread forward was measured up to 40x slower (threads wait on each other)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 MECHANISMS = ["linear", "window_linear", "liger", "liger_window", "lawcat"]

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from attn_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 from linearize.feature_maps import FEATURE_MAPS, build_feature_map
 

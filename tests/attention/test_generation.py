@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import linearize
-from attn_helpers import (  # noqa: F401 (single_thread: autouse fixture)
-    MECHANISMS, attention_config, randomize_student, single_thread,
+from attn_helpers import (
+    MECHANISMS, attention_config, randomize_student,
 )
 
 

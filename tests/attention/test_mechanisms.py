@@ -5,8 +5,8 @@ import torch
 from transformers import DynamicCache
 
 import linearize
-from attn_helpers import (  # noqa: F401 (single_thread: autouse fixture)
-    MECHANISMS, converted, rel_rms, set_form, single_thread, sliding_window_softmax,
+from attn_helpers import (
+    MECHANISMS, converted, rel_rms, set_form, sliding_window_softmax,
 )
 from linearize.attention import StudentCache, cache_nbytes
 

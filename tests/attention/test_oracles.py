@@ -4,8 +4,8 @@ conv or a wrong normalizer, which the forms-agree tests cannot)."""
 import torch
 import torch.nn.functional as F
 
-from attn_helpers import (  # noqa: F401 (single_thread: autouse fixture)
-    attention_config, converted, rel_rms, single_thread, sliding_window_softmax,
+from attn_helpers import (
+    attention_config, converted, rel_rms, sliding_window_softmax,
 )
 from linearize import linearize_model
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import linearize
-from attn_helpers import (  # noqa: F401 (single_thread: autouse fixture)
-    MECHANISMS, attention_config, randomize_student, rel_rms, single_thread,
+from attn_helpers import (
+    MECHANISMS, attention_config, randomize_student, rel_rms,
 )
 from linearize.attention import LinearizedAttention
 from linearize.surgery import wrapped_attentions

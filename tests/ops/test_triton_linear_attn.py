@@ -1,5 +1,6 @@
 """Triton chunked linear attention vs the pure-PyTorch parallel form: output, final state and every
-gradient, on lengths that do not fit the time tile, GQA, split-and-resume; CPU via the interpreter."""
+gradient (Triton backward kernels), on lengths that do not fit the time tile, GQA, split-and-resume;
+CPU via the interpreter."""
 import os
 
 # the interpreter flag is read when @triton.jit decorates, so it must be set before the import below;
@@ -102,3 +103,26 @@ def test_gpu_bf16(normalize):
     q, k, v, s0 = (x.detach() for x in inputs)
     low = [x.bfloat16().requires_grad_() for x in (q, k, v)] + [s0.requires_grad_()]
     assert_matches(chunk_linear_attn_triton, parallel_linear_attn, low, GPU_TOL, normalize=normalize)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradients_without_states(normalize):
+    """No initial state and no final state: the backward kernels' state-free path."""
+    q, k, v, _ = make_inputs(33, normalize=normalize, seed=3)
+    o, _ = chunk_linear_attn_triton(q, k, v, normalize=normalize, chunk_size=16)
+    o_ref, _ = parallel_linear_attn(q, k, v, normalize=normalize)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert rel_rms(g, g_ref) < TOL, name
+
+
+def test_gradient_through_final_state_only():
+    q, k, v, s0 = make_inputs(20, normalize=False, seed=4)
+    _, final = chunk_linear_attn_triton(q, k, v, normalize=False, initial_state=s0, output_final_state=True)
+    _, final_ref = parallel_linear_attn(q, k, v, normalize=False, initial_state=s0, output_final_state=True)
+    grads = torch.autograd.grad(final.sum(), (k, v, s0))
+    grads_ref = torch.autograd.grad(final_ref.sum(), (k, v, s0))
+    for name, g, g_ref in zip(["k", "v", "initial_state"], grads, grads_ref):
+        assert rel_rms(g, g_ref) < TOL, name

@@ -1,6 +1,6 @@
 """Triton chunked gated linear attention vs the pure-PyTorch parallel form: output, final state and
-every gradient, on lengths that do not fit the time tile, GQA, strong decay, split-and-resume; CPU via
-the interpreter."""
+every gradient (Triton backward kernels), on lengths that do not fit the time tile, GQA, strong decay,
+split-and-resume; CPU via the interpreter."""
 import os
 
 # the interpreter flag is read when @triton.jit decorates, so it must be set before the import below;
@@ -97,3 +97,27 @@ def test_gpu_bf16(normalize):
     q, k, v, g, s0 = (x.detach() for x in inputs)
     low = [x.bfloat16().requires_grad_() for x in (q, k, v)] + [g.requires_grad_(), s0.requires_grad_()]
     assert_matches(chunk_gated_linear_attn_triton, parallel_gated_linear_attn, low, GPU_TOL, normalize=normalize)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradients_without_states(normalize):
+    """No initial state and no final state: the backward kernels' state-free path."""
+    q, k, v, g, _ = make_inputs(33, normalize=normalize, seed=3)
+    o, _ = chunk_gated_linear_attn_triton(q, k, v, g, normalize=normalize)
+    o_ref, _ = parallel_gated_linear_attn(q, k, v, g, normalize=normalize)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(o, (q, k, v, g), do)
+    grads_ref = torch.autograd.grad(o_ref, (q, k, v, g), do)
+    for name, grad, grad_ref in zip("qkvg", grads, grads_ref):
+        assert rel_rms(grad, grad_ref) < TOL, name
+
+
+def test_gradient_through_final_state_only():
+    q, k, v, g, s0 = make_inputs(20, seed=4)
+    kwargs = dict(initial_state=s0, output_final_state=True)
+    _, final = chunk_gated_linear_attn_triton(q, k, v, g, **kwargs)
+    _, final_ref = parallel_gated_linear_attn(q, k, v, g, **kwargs)
+    grads = torch.autograd.grad(final.square().sum(), (k, v, g, s0))
+    grads_ref = torch.autograd.grad(final_ref.square().sum(), (k, v, g, s0))
+    for name, grad, grad_ref in zip(["k", "v", "g", "initial_state"], grads, grads_ref):
+        assert rel_rms(grad, grad_ref) < TOL, name

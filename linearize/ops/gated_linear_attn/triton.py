@@ -8,7 +8,9 @@ exponent is a difference "later minus earlier" (≤ 0), so nothing overflows how
 - inter-chunk `o += (q ⊙ exp(G)) S`;
 - `S ← diag(exp(G_last)) S + (k ⊙ exp(G_last − G))ᵀ v`.
 GQA by indexing (query head h reads kv head `h // group`). Normalized: the kernel runs on `[v, 1]`.
-Backward: torch recompute of the chunk form (see `_triton_utils`).
+Backward: Triton for dq (forward order) and dk, dv, d(initial_state) (reverse order, carrying dS);
+the log-decay gradient follows from them in torch: with G the cumulative log-decay from the sequence
+start, dL/dG_t = q_t ⊙ dq_t − k_t ⊙ dk_t (+ Σ_v dS_T ⊙ S_T at t = T), and dg is its reverse cumsum.
 """
 from __future__ import annotations
 
@@ -17,15 +19,7 @@ import triton
 import triton.language as tl
 
 from .._common import NORMALIZE_EPS, check_heads, check_same_tokens
-from .._triton_utils import (
-    apply_with_torch_backward,
-    block_k,
-    block_t,
-    block_v,
-    contiguous,
-    new_output,
-)
-from .naive import chunk_gated_linear_attn_torch
+from .._triton_utils import block_k, block_t, block_v, contiguous, new_output
 
 # Time tile cap: the intra-chunk decay tile is [BT, BT, BK], so BT stays small.
 MAX_BLOCK_T = 16
@@ -101,26 +95,180 @@ def gla_forward_fp32(q, k, v, g, scale, initial_state, output_final_state, chunk
     return o, final
 
 
-def _forward(q, k, v, g, initial_state, *, scale, normalize, output_final_state, chunk_size):
-    """Triton forward with the public contract (no autograd)."""
-    q, k, v, g, initial_state = (contiguous(x) for x in (q, k, v, g, initial_state))
-    out_dtype = v.dtype
-    if normalize:
-        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).contiguous()  # [B, T, H_kv, V + 1]
-        scale = 1.0
-    elif scale is None:
-        scale = q.shape[-1] ** -0.5
-    o, final = gla_forward_fp32(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
-    if normalize:
-        o = o[..., :-1] / (o[..., -1:] + NORMALIZE_EPS)  # [B, T, H, V]
-    return o.to(out_dtype), final
+
+@triton.jit
+def _chunk_gla_bwd_dq_kernel(
+    k, v, g, do, dq, s0, scale, T,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+):
+    """dq_t = scale · (Σ_{s≤t in chunk} (do_t·v_s) k_s ⊙ exp(G_t − G_s) + exp(G_t) ⊙ S_n do_t); this value
+    tile's share goes to dq[i_v] (the wrapper sums the tiles)."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h // (H // HKV)
+    B = tl.num_programs(1) // H
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        p_state = o_k[:, None] * V + o_v[None, :] + i_bh * K * V  # [BK, BV]
+        b_s += tl.load(s0 + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    causal = o_t[:, None] >= o_t[None, :]  # [BT(t), BT(s)]
+    for i_t in range(0, tl.cdiv(T, BT)):
+        t = i_t * BT + o_t
+        m_t = t < T
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        row_q = (i_b * T + t) * H + i_h
+        row_kv = (i_b * T + t) * HKV + i_hk
+        b_k = tl.load(k + row_kv[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_g = tl.load(g + row_kv[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_v = tl.load(v + row_kv[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_do = tl.load(do + row_q[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_gc = tl.cumsum(b_g, axis=0)  # [BT, BK]
+        b_glast = tl.sum(b_g, axis=0)  # [BK]
+        b_diff = b_gc[:, None, :] - b_gc[None, :, :]  # [BT(t), BT(s), BK]
+        b_decay = tl.where(causal[:, :, None], tl.exp(tl.minimum(b_diff, 0.0)), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v))  # [BT(t), BT(s)]
+        b_dq = tl.sum(b_dp[:, :, None] * b_k[None, :, :] * b_decay, axis=1)  # [BT, BK]
+        b_dq += tl.exp(b_gc) * tl.dot(b_do, tl.trans(b_s))
+        p_dq = dq + i_v * B * T * H * K + row_q[:, None] * K + o_k[None, :]
+        tl.store(p_dq, b_dq * scale, mask=m_tk)
+        b_k_end = b_k * tl.exp(b_glast[None, :] - b_gc)  # [BT, BK]
+        b_s = b_s * tl.exp(b_glast)[:, None] + tl.dot(tl.trans(b_k_end), b_v)
 
 
-def _reference(q, k, v, g, initial_state, *, scale, normalize, output_final_state, chunk_size):
-    return chunk_gated_linear_attn_torch(
-        q, k, v, g, scale=scale, normalize=normalize, initial_state=initial_state,
-        output_final_state=output_final_state, chunk_size=chunk_size,
+@triton.jit
+def _chunk_gla_bwd_dkv_kernel(
+    q, k, v, g, do, dk, dv, ds_final, ds0, scale, T,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_FINAL_GRAD: tl.constexpr,
+):
+    """Walks the chunks backwards holding dS (gradient of the state leaving the chunk):
+    dk_s = Σ_{t≥s} (do_t·v_s) q_t ⊙ exp(G_t − G_s) + exp(G_last − G_s) ⊙ dS v_s,
+    dv_s = Σ_{t≥s} A_ts do_t + dSᵀ (k_s ⊙ exp(G_last − G_s)),
+    then dS ← diag(exp(G_last)) dS + (q ⊙ exp(G))ᵀ do. dk[i_v] is this value tile's share; dk, dv are
+    per query head (the wrapper sums GQA groups)."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h // (H // HKV)
+    B = tl.num_programs(1) // H
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    p_state = o_k[:, None] * V + o_v[None, :] + i_bh * K * V  # [BK, BV]
+    b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_GRAD:
+        b_ds += tl.load(ds_final + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    causal = o_t[:, None] >= o_t[None, :]  # [BT(t), BT(s)]
+    num_chunks = tl.cdiv(T, BT)
+    for i_r in range(0, num_chunks):
+        i_t = num_chunks - 1 - i_r
+        t = i_t * BT + o_t
+        m_t = t < T
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        row_q = (i_b * T + t) * H + i_h
+        row_kv = (i_b * T + t) * HKV + i_hk
+        b_q = tl.load(q + row_q[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32) * scale
+        b_k = tl.load(k + row_kv[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_g = tl.load(g + row_kv[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_v = tl.load(v + row_kv[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_do = tl.load(do + row_q[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_gc = tl.cumsum(b_g, axis=0)  # [BT, BK]
+        b_glast = tl.sum(b_g, axis=0)  # [BK]
+        b_diff = b_gc[:, None, :] - b_gc[None, :, :]  # [BT(t), BT(s), BK]
+        b_decay = tl.where(causal[:, :, None], tl.exp(tl.minimum(b_diff, 0.0)), 0.0)
+        b_a = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_decay, axis=2)  # [BT(t), BT(s)]
+        b_dp = tl.dot(b_do, tl.trans(b_v))  # [BT(t), BT(s)]
+        b_k_end = b_k * tl.exp(b_glast[None, :] - b_gc)  # [BT, BK]
+        b_dv = tl.dot(tl.trans(b_a), b_do) + tl.dot(b_k_end, b_ds)  # [BT, BV]
+        b_dk = tl.sum(b_dp[:, :, None] * b_q[:, None, :] * b_decay, axis=0)  # [BT, BK]
+        b_dk += tl.exp(b_glast[None, :] - b_gc) * tl.dot(b_v, tl.trans(b_ds))
+        tl.store(dv + row_q[:, None] * V + o_v[None, :], b_dv, mask=m_tv)
+        tl.store(dk + i_v * B * T * H * K + row_q[:, None] * K + o_k[None, :], b_dk, mask=m_tk)
+        b_ds = b_ds * tl.exp(b_glast)[:, None] + tl.dot(tl.trans(b_q * tl.exp(b_gc)), b_do)
+    tl.store(ds0 + p_state, b_ds, mask=m_k[:, None] & m_v[None, :])
+
+
+def _group_view(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """`[B, T, H, D]` → `[B, T, H_kv, group, D]` (query head h = kv head h // group)."""
+    batch, seq_len, heads, width = x.shape
+    return x.view(batch, seq_len, kv_heads, heads // kv_heads, width)
+
+
+def _decay_gradient(q, k, dq, dk_per_head, final, dfinal, kv_heads):
+    """dg `[B, T, H_kv, K]` from dL/dG_t = q ⊙ dq − k ⊙ dk (+ Σ_v dS_T ⊙ S_T at the last token),
+    G being the cumulative log-decay, so dg is the reverse cumulative sum over time."""
+    d_cum = (_group_view(q.float() * dq, kv_heads) - k.float().unsqueeze(3) * _group_view(dk_per_head, kv_heads))
+    d_cum = d_cum.sum(3)  # [B, T, H_kv, K]
+    dg = d_cum.flip(1).cumsum(1).flip(1)  # [B, T, H_kv, K]
+    if dfinal is not None:
+        batch, heads, key_dim, _ = final.shape
+        last = (dfinal * final).sum(-1).view(batch, kv_heads, heads // kv_heads, key_dim).sum(2)  # [B, H_kv, K]
+        dg = dg + last.unsqueeze(1)  # every g_j (j ≤ T) decays the final state
+    return dg
+
+
+def gla_backward_fp32(q, k, v, g, do, initial_state, dfinal, scale, chunk_size):
+    """Per-query-head fp32 dq `[B, T, H, K]`, dk `[B, T, H, K]`, dv `[B, T, H, V]` and d(initial_state)."""
+    batch, seq_len, heads, key_dim = q.shape
+    kv_heads, value_dim = k.shape[2], v.shape[-1]
+    bv = block_v(value_dim)
+    num_v_tiles = triton.cdiv(value_dim, bv)
+    grid = (num_v_tiles, batch * heads)
+    blocks = dict(BT=block_t(chunk_size, MAX_BLOCK_T), BK=block_k(key_dim), BV=bv)
+    dims = dict(H=heads, HKV=kv_heads, K=key_dim, V=value_dim)
+    dq = new_output((num_v_tiles, batch, seq_len, heads, key_dim), q.device)
+    dk = new_output((num_v_tiles, batch, seq_len, heads, key_dim), q.device)
+    dv = new_output((batch, seq_len, heads, value_dim), q.device)
+    ds0 = new_output((batch, heads, key_dim, value_dim), q.device)
+    _chunk_gla_bwd_dq_kernel[grid](
+        k, v, g, do, dq, initial_state, float(scale), seq_len, **dims, **blocks,
+        USE_INITIAL_STATE=initial_state is not None,
     )
+    _chunk_gla_bwd_dkv_kernel[grid](
+        q, k, v, g, do, dk, dv, dfinal, ds0, float(scale), seq_len, **dims, **blocks,
+        USE_FINAL_GRAD=dfinal is not None,
+    )
+    return dq.sum(0), dk.sum(0), dv, ds0
+
+
+class _GlaCore(torch.autograd.Function):
+    """Unnormalized GLA `S_t = diag(exp(g_t)) S_{t−1} + k_t v_tᵀ`, `o_t = scale · q_tᵀ S_t` in fp32,
+    Triton both ways (dg assembled in torch from dq and dk)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, chunk_size):
+        q, k, v, g, initial_state = (contiguous(x) for x in (q, k, v, g, initial_state))
+        o, final = gla_forward_fp32(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
+        ctx.save_for_backward(q, k, v, g, initial_state, final)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, initial_state, final = ctx.saved_tensors
+        kv_heads = k.shape[2]
+        do = torch.zeros(q.shape[:3] + v.shape[-1:], device=q.device) if do is None else do.contiguous()
+        dfinal = contiguous(dfinal)
+        dq, dk, dv, ds0 = gla_backward_fp32(q, k, v, g, do, initial_state, dfinal, ctx.scale, ctx.chunk_size)
+        dg = _decay_gradient(q, k, dq, dk, final, dfinal, kv_heads)
+        dk = _group_view(dk, kv_heads).sum(3)  # [B, T, H_kv, K]
+        dv = _group_view(dv, kv_heads).sum(3)  # [B, T, H_kv, V]
+        ds0 = None if initial_state is None else ds0.to(initial_state.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), ds0, None, None, None
 
 
 def _check(q, k, v, g):
@@ -135,10 +283,21 @@ def _check(q, k, v, g):
 def chunk_gated_linear_attn_triton(
     q, k, v, g, *, scale=None, normalize=False, initial_state=None, output_final_state=False, chunk_size=64
 ):
-    """Gated linear attention, Triton forward; q `[B, T, H, K]`, k, g `[B, T, H_kv, K]`,
+    """Gated linear attention, Triton forward and backward; q `[B, T, H, K]`, k, g `[B, T, H_kv, K]`,
     v `[B, T, H_kv, V]` → (o `[B, T, H, V]` in v.dtype, fp32 state `[B, H, K, V(+1)]` or None).
     `chunk_size` sets the time tile (rounded down to a power of two, at most 16); the result does not
-    depend on it."""
+    depend on it. Normalized: the core runs on `[v, 1]` and torch autograd handles the division."""
     _check(q, k, v, g)
-    kwargs = dict(scale=scale, normalize=normalize, output_final_state=output_final_state, chunk_size=chunk_size)
-    return apply_with_torch_backward(_forward, _reference, kwargs, q, k, v, g, initial_state)
+    out_dtype = v.dtype
+    if normalize:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [B, T, H_kv, V + 1]
+        scale = 1.0
+    elif scale is None:
+        scale = q.shape[-1] ** -0.5
+    state_shape = (q.shape[0], q.shape[2], q.shape[-1], v.shape[-1])
+    if initial_state is not None and tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"initial_state must have shape {state_shape}, got {tuple(initial_state.shape)}")
+    o, final = _GlaCore.apply(q, k, v, g, initial_state, float(scale), output_final_state, chunk_size)
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + NORMALIZE_EPS)  # [B, T, H, V]
+    return o.to(out_dtype), final

@@ -26,7 +26,7 @@ from .naive import WindowLinearState, _check_inputs, _initial_state, chunk_windo
 # Time tile cap for queries and keys: [BT, BT] score tiles beside [BT, BD] / [BT, BF] operands.
 MAX_BLOCK_T = 64
 # Running-max start: finite so a row with no window key yet rescales by exp(0), not exp(-inf + inf).
-NEG_LARGE = -1.0e30
+NEG_LARGE = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -1,15 +1,8 @@
-"""Shared plumbing of the Triton kernels: block sizes, output allocation (NaN-poisoned under a debug
-flag), and the autograd bridge "Triton forward, torch-recompute backward".
-
-Backward honesty: the kernels here implement the forward pass only. Gradients come from
-`TritonForwardTorchBackward`, which recomputes the op with the op's pure-PyTorch chunk form inside
-`backward` and differentiates that (same math, fp32), so training works on the Triton path but its
-backward costs a torch chunk forward + backward.
-"""
+"""Shared plumbing of the Triton kernels: block sizes and output allocation (NaN-poisoned under a
+debug flag, so a tile a kernel forgets to write shows up in tests)."""
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import torch
 import triton
@@ -55,41 +48,3 @@ def block_t(chunk_size: int, cap: int) -> int:
 def contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
     """Kernels compute offsets from shapes, never from strides: hand them contiguous tensors."""
     return None if x is None else x.contiguous()
-
-
-class TritonForwardTorchBackward(torch.autograd.Function):
-    """`forward_fn(*tensors, **kwargs)` (Triton) in the forward pass; the gradient of
-    `reference_fn(*tensors, **kwargs)` (pure torch, same outputs) in the backward pass.
-
-    Both functions return a tuple of tensors or None; `tensors` may contain None (absent inputs)."""
-
-    @staticmethod
-    def forward(ctx, forward_fn: Callable, reference_fn: Callable, kwargs: dict, *tensors):
-        ctx.reference_fn = reference_fn
-        ctx.kwargs = kwargs
-        ctx.save_for_backward(*tensors)
-        ctx.set_materialize_grads(False)
-        return tuple(forward_fn(*tensors, **kwargs))
-
-    @staticmethod
-    def backward(ctx, *output_grads):
-        saved = ctx.saved_tensors
-        wants = ctx.needs_input_grad[3:]
-        inputs = [
-            None if t is None else t.detach().requires_grad_(bool(want)) for t, want in zip(saved, wants)
-        ]
-        with torch.enable_grad():
-            outputs = ctx.reference_fn(*inputs, **ctx.kwargs)
-        pairs = [(o, g) for o, g in zip(outputs, output_grads) if o is not None and g is not None]
-        targets = [t for t, want in zip(inputs, wants) if t is not None and want]
-        grads = iter(())
-        if pairs and targets:
-            outs, out_grads = zip(*pairs)
-            grads = iter(torch.autograd.grad(outs, targets, out_grads, allow_unused=True))
-        result = [next(grads) if (t is not None and want) else None for t, want in zip(inputs, wants)]
-        return (None, None, None, *result)
-
-
-def apply_with_torch_backward(forward_fn: Callable, reference_fn: Callable, kwargs: dict, *tensors):
-    """Run `forward_fn` under autograd with `reference_fn`'s gradient (see the class docstring)."""
-    return TritonForwardTorchBackward.apply(forward_fn, reference_fn, kwargs, *tensors)

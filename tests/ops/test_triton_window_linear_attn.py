@@ -1,6 +1,6 @@
 """Triton fused window + linear attention vs the pure-PyTorch parallel form: output, final state and
-every gradient, on lengths that do not fit the tiles, windows smaller and larger than a tile, GQA,
-split-and-resume through `WindowLinearState`; CPU via the interpreter."""
+every gradient (Triton backward kernels), on lengths that do not fit the tiles, windows smaller and
+larger than a tile, GQA, split-and-resume through `WindowLinearState`; CPU via the interpreter."""
 import os
 
 # the interpreter flag is read when @triton.jit decorates, so it must be set before the import below;
@@ -21,7 +21,8 @@ TOL = 1e-4
 # GPU: fp32 tl.dot runs in TF32 and inputs are bf16
 GPU_TOL = 2e-2
 LENGTHS = [1, 17, 64, 100]
-HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM = 4, 2, 16, 12, 8
+# one sequence: the interpreter runs every program in Python, and batch adds nothing the heads don't test
+BATCH, HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM = 1, 4, 2, 16, 12, 8
 
 
 # window_logit's gradient is analytically 0 when no query has linear keys (gamma cancels), so its
@@ -35,11 +36,11 @@ def rel_rms(a, b, floor=1e-30):
 
 def make_inputs(seq_len, seed=0, head_dim=HEAD_DIM, feature_dim=FEATURE_DIM, value_dim=VALUE_DIM, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, seq_len, HEADS, head_dim, generator=gen)
-    k = torch.randn(2, seq_len, KV_HEADS, head_dim, generator=gen)
-    v = torch.randn(2, seq_len, KV_HEADS, value_dim, generator=gen)
-    fq = torch.rand(2, seq_len, HEADS, feature_dim, generator=gen)
-    fk = torch.rand(2, seq_len, HEADS, feature_dim, generator=gen)
+    q = torch.randn(BATCH, seq_len, HEADS, head_dim, generator=gen)
+    k = torch.randn(BATCH, seq_len, KV_HEADS, head_dim, generator=gen)
+    v = torch.randn(BATCH, seq_len, KV_HEADS, value_dim, generator=gen)
+    fq = torch.rand(BATCH, seq_len, HEADS, feature_dim, generator=gen)
+    fk = torch.rand(BATCH, seq_len, HEADS, feature_dim, generator=gen)
     window_logit = torch.randn(HEADS, generator=gen)
     return [x.to(device).requires_grad_() for x in (q, k, v, fq, fk, window_logit)]
 

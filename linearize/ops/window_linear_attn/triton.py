@@ -12,7 +12,12 @@ it visits the key tiles covering [q0 − W, q0 + BT) once:
 - older keys: `fq_t S`, `fq_t z`.
 The first tile ([q0 − W, q0 − W + BT)) is linear for every later query, so it joins S and z afterwards.
 GQA by indexing: k, v by kv head `h // group`; q, fq, fk by query head.
-Backward: torch recompute of the chunk form (see `_triton_utils`).
+
+Backward (Triton): with o_t = Σ_s w_ts v_s / den_t, every weight gets dw_ts = (do_t·v_s − do_t·o_t) / den_t.
+A query-side kernel (forward order) gives dq, dfq and the per-row window_logit term; a key-side kernel
+(reverse order over key tiles) visits the query tiles within W + BT of each key tile and reaches later
+queries (all linear) through an accumulator R = Σ fq_tᵀ [do_t, −do_t·o_t] / den_t, giving dk, dv, dfk.
+
 """
 from __future__ import annotations
 
@@ -20,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_utils import apply_with_torch_backward, block_k, block_t, block_v, contiguous, new_output
-from .naive import WindowLinearState, _check_inputs, _initial_state, chunk_window_linear_attn_torch
+from .._triton_utils import MIN_BLOCK as MIN_BLOCK_V, block_k, block_t, block_v, contiguous, new_output
+from .naive import WindowLinearState, _check_inputs, _initial_state
 
 # Time tile cap for queries and keys: [BT, BT] score tiles beside [BT, BD] / [BT, BF] operands.
 MAX_BLOCK_T = 64
@@ -31,11 +36,13 @@ NEG_LARGE = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _window_linear_fwd_kernel(
-    q, k, v, fq, fk, gamma, kv0, o, scale, T, P, W,
+    q, k, v, fq, fk, gamma, kv0, o, den, row_max, row_arg, scale, T, P, W,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
 ):
+    """Writes o and, for the backward pass, per row the normalizer den_t, the window max c_t and the
+    key position attaining it (c_t scales the softmax part against the linear part: it gets a gradient)."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -70,6 +77,7 @@ def _window_linear_fwd_kernel(
         b_lin = tl.dot(b_fq, b_s)  # [BT, BV]
         b_lin_den = tl.sum(b_fq * b_z[None, :], axis=1)  # [BT]
         b_m = tl.full([BT], NEG_LARGE, dtype=tl.float32)
+        b_arg = tl.zeros([BT], dtype=tl.int32)
         b_l = tl.zeros([BT], dtype=tl.float32)
         b_acc = tl.zeros([BT, BV], dtype=tl.float32)
         lo = P + i_t * BT - W
@@ -92,7 +100,10 @@ def _window_linear_fwd_kernel(
             b_lin += tl.dot(b_a_lin, b_v)
             b_lin_den += tl.sum(b_a_lin, axis=1)
             b_score = tl.where(in_window, tl.dot(b_q, tl.trans(b_k)), float("-inf"))  # [BT, BT]
-            b_m_new = tl.maximum(b_m, tl.max(b_score, axis=1))
+            b_tile_max = tl.max(b_score, axis=1)
+            b_tile_arg = lo + i_s * BT + tl.argmax(b_score, axis=1).to(tl.int32)
+            b_arg = tl.where(b_tile_max > b_m, b_tile_arg, b_arg)
+            b_m_new = tl.maximum(b_m, b_tile_max)
             b_alpha = tl.exp(b_m - b_m_new)
             b_p = tl.exp(b_score - b_m_new[:, None])  # [BT, BT]
             b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
@@ -106,6 +117,11 @@ def _window_linear_fwd_kernel(
         # padded query rows have a zero normalizer: give them 1 so nothing divides by 0
         b_den = tl.where(m_t, b_gamma * b_l + b_lin_den, 1.0)
         tl.store(o + row_q[:, None] * V + o_v[None, :], b_num / b_den[:, None], mask=m_t[:, None] & m_v[None, :])
+        # every value tile computes the same row statistics; the first one writes them
+        if i_v == 0:
+            tl.store(den + row_q, b_den, mask=m_t)
+            tl.store(row_max + row_q, b_m, mask=m_t)
+            tl.store(row_arg + row_q, b_arg, mask=m_t)
 
 
 def _final_state(k_all, v_all, fk_all, kv0, window_size):
@@ -126,50 +142,260 @@ def _final_state(k_all, v_all, fk_all, kv0, window_size):
     )
 
 
-def _forward(q, k, v, fq, fk, window_logit, kv0, cache_k, cache_v, cache_fk, *, window_size, scale,
-             output_final_state, chunk_size, has_state):
-    """Triton forward; returns `(o, *final_state)` flat (four Nones without a final state)."""
-    state = WindowLinearState(kv0, cache_k, cache_v, cache_fk)
-    if has_state:
-        k_all = torch.cat([cache_k.transpose(1, 2).to(k.dtype), k], dim=1)  # [B, P + T, H_kv, D]
-        v_all = torch.cat([cache_v.transpose(1, 2).to(v.dtype), v], dim=1)  # [B, P + T, H_kv, V]
-        fk_all = torch.cat([cache_fk.transpose(1, 2).to(fk.dtype), fk], dim=1)  # [B, P + T, H, F]
-    else:
-        k_all, v_all, fk_all = k, v, fk
-    q, fq, k_all, v_all, fk_all = (contiguous(x) for x in (q, fq, k_all, v_all, fk_all))
+
+
+@triton.jit
+def _window_linear_bwd_q_kernel(
+    q, k, v, fq, fk, gamma, kv0, do, den, row_max, delta, dq, dfq, dlog, scale, T, P, W,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+):
+    """Query side, forward order: dq = scale · Σ_win w·dw k, dfq = Σ_lin dw fk + S dN + z dD, and the
+    per-row Σ_win w·dw (the window_logit gradient before the sigmoid factor). One value tile (BV ≥ V)."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h // (H // HKV)
+    L = P + T
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    o_f = tl.arange(0, BF)
+    o_v = tl.arange(0, BV)
+    m_d = o_d < D
+    m_f = o_f < F
+    m_v = o_v < V
+    b_gamma = tl.load(gamma + i_h)
+    b_s = tl.zeros([BF, BV], dtype=tl.float32)
+    b_z = tl.zeros([BF], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        p_kv0 = kv0 + i_bh * F * (V + 1) + o_f[:, None] * (V + 1)  # [BF, 1]
+        b_s += tl.load(p_kv0 + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0.0)
+        b_z += tl.load(kv0 + i_bh * F * (V + 1) + o_f * (V + 1) + V, mask=m_f, other=0.0)
+    for i_t in range(0, tl.cdiv(T, BT)):
+        t = i_t * BT + o_t
+        m_t = t < T
+        pos_q = P + t
+        row_q = (i_b * T + t) * H + i_h
+        b_q = tl.load(q + row_q[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        b_q = b_q.to(tl.float32) * scale  # [BT, BD]
+        b_fq = tl.load(fq + row_q[:, None] * F + o_f[None, :], mask=m_t[:, None] & m_f[None, :], other=0.0)
+        b_fq = b_fq.to(tl.float32)  # [BT, BF]
+        b_do = tl.load(do + row_q[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_den = tl.load(den + row_q, mask=m_t, other=1.0)
+        b_c = tl.load(row_max + row_q, mask=m_t, other=0.0)
+        b_dn = b_do / b_den[:, None]  # [BT, BV] gradient of the numerator
+        b_dd = -tl.load(delta + row_q, mask=m_t, other=0.0) / b_den  # [BT] gradient of the normalizer
+        b_dfq = tl.dot(b_dn, tl.trans(b_s)) + b_dd[:, None] * b_z[None, :]  # [BT, BF]
+        b_dq = tl.zeros([BT, BD], dtype=tl.float32)
+        b_dlog = tl.zeros([BT], dtype=tl.float32)
+        lo = P + i_t * BT - W
+        for i_s in range(0, tl.cdiv(W + BT, BT)):
+            s = lo + i_s * BT + o_t
+            m_s = (s >= 0) & (s < L)
+            row_k = (i_b * L + s) * HKV + i_hk
+            row_fk = (i_b * L + s) * H + i_h
+            b_k = tl.load(k + row_k[:, None] * D + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.0)
+            b_fk = tl.load(fk + row_fk[:, None] * F + o_f[None, :], mask=m_s[:, None] & m_f[None, :], other=0.0)
+            b_v = tl.load(v + row_k[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)
+            b_k = b_k.to(tl.float32)
+            b_fk = b_fk.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+            dist = pos_q[:, None] - s[None, :]  # [BT, BT]
+            valid = m_t[:, None] & m_s[None, :]
+            in_window = valid & (dist >= 0) & (dist < W)
+            is_linear = valid & (dist >= W)
+            b_score = tl.dot(b_q, tl.trans(b_k)) - b_c[:, None]  # ≤ 0 on window entries
+            b_w = tl.where(in_window, b_gamma * tl.exp(tl.minimum(b_score, 0.0)), 0.0)  # [BT, BT]
+            b_dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]  # [BT, BT]
+            b_dscore = b_w * b_dw
+            b_dq += tl.dot(b_dscore, b_k)
+            b_dlog += tl.sum(b_dscore, axis=1)
+            b_dfq += tl.dot(tl.where(is_linear, b_dw, 0.0), b_fk)
+            if i_s == 0:
+                b_s += tl.dot(tl.trans(b_fk), b_v)
+                b_z += tl.sum(b_fk, axis=0)
+        tl.store(dq + row_q[:, None] * D + o_d[None, :], b_dq * scale, mask=m_t[:, None] & m_d[None, :])
+        tl.store(dfq + row_q[:, None] * F + o_f[None, :], b_dfq, mask=m_t[:, None] & m_f[None, :])
+        tl.store(dlog + row_q, b_dlog, mask=m_t)
+
+
+@triton.jit
+def _window_linear_bwd_kv_kernel(
+    q, k, v, fq, fk, gamma, do, den, row_max, delta, dk, dv, dfk, scale, T, P, W,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+):
+    """Key side, key tiles in reverse order. Query tiles starting at the key tile and covering W + BT
+    positions are visited explicitly; later queries are all linear for these keys and arrive through
+    R = Σ fq_tᵀ dN_t, r = Σ fq_t dD_t, to which each key tile adds its last query tile before moving on.
+    Writes per-query-head dk, dv (the wrapper sums GQA groups) and dfk. One value tile (BV ≥ V)."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h // (H // HKV)
+    L = P + T
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    o_f = tl.arange(0, BF)
+    o_v = tl.arange(0, BV)
+    m_d = o_d < D
+    m_f = o_f < F
+    m_v = o_v < V
+    b_gamma = tl.load(gamma + i_h)
+    b_r = tl.zeros([BF, BV], dtype=tl.float32)
+    b_rz = tl.zeros([BF], dtype=tl.float32)
+    num_q_tiles = tl.cdiv(W + BT, BT)
+    num_k_tiles = tl.cdiv(L, BT)
+    for i_r in range(0, num_k_tiles):
+        i_k = num_k_tiles - 1 - i_r
+        s = i_k * BT + o_t
+        m_s = s < L
+        row_k = (i_b * L + s) * HKV + i_hk
+        row_fk = (i_b * L + s) * H + i_h
+        b_k = tl.load(k + row_k[:, None] * D + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.0)
+        b_fk = tl.load(fk + row_fk[:, None] * F + o_f[None, :], mask=m_s[:, None] & m_f[None, :], other=0.0)
+        b_v = tl.load(v + row_k[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)
+        b_k = b_k.to(tl.float32)  # [BT, BD]
+        b_fk = b_fk.to(tl.float32)  # [BT, BF]
+        b_v = b_v.to(tl.float32)  # [BT, BV]
+        b_dv = tl.dot(b_fk, b_r)  # [BT, BV]
+        b_dfk = tl.dot(b_v, tl.trans(b_r)) + b_rz[None, :]  # [BT, BF]
+        b_dk = tl.zeros([BT, BD], dtype=tl.float32)
+        for i_q in range(0, num_q_tiles):
+            pos_q = i_k * BT + i_q * BT + o_t
+            t = pos_q - P
+            m_q = (t >= 0) & (t < T)
+            row_q = (i_b * T + t) * H + i_h
+            b_q = tl.load(q + row_q[:, None] * D + o_d[None, :], mask=m_q[:, None] & m_d[None, :], other=0.0)
+            b_q = b_q.to(tl.float32) * scale  # [BT, BD]
+            b_fq = tl.load(fq + row_q[:, None] * F + o_f[None, :], mask=m_q[:, None] & m_f[None, :], other=0.0)
+            b_fq = b_fq.to(tl.float32)  # [BT, BF]
+            b_do = tl.load(do + row_q[:, None] * V + o_v[None, :], mask=m_q[:, None] & m_v[None, :], other=0.0)
+            b_den = tl.load(den + row_q, mask=m_q, other=1.0)
+            b_c = tl.load(row_max + row_q, mask=m_q, other=0.0)
+            b_dn = b_do / b_den[:, None]  # [BT, BV]
+            b_dd = -tl.load(delta + row_q, mask=m_q, other=0.0) / b_den  # [BT]
+            dist = pos_q[:, None] - s[None, :]  # [BT(q), BT(s)]
+            valid = m_q[:, None] & m_s[None, :]
+            in_window = valid & (dist >= 0) & (dist < W)
+            is_linear = valid & (dist >= W)
+            b_score = tl.dot(b_q, tl.trans(b_k)) - b_c[:, None]
+            b_w = tl.where(in_window, b_gamma * tl.exp(tl.minimum(b_score, 0.0)), 0.0)  # [BT, BT]
+            b_a = tl.where(is_linear, tl.dot(b_fq, tl.trans(b_fk)), 0.0)  # [BT, BT]
+            b_dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]  # [BT, BT]
+            b_dv += tl.dot(tl.trans(b_w + b_a), b_dn)
+            b_dk += tl.dot(tl.trans(b_w * b_dw), b_q)
+            b_dfk += tl.dot(tl.trans(tl.where(is_linear, b_dw, 0.0)), b_fq)
+            if i_q == num_q_tiles - 1:
+                b_r += tl.dot(tl.trans(b_fq), b_dn)
+                b_rz += tl.sum(b_fq * b_dd[:, None], axis=0)
+        row_kq = (i_b * L + s) * H + i_h  # per-query-head gradient rows
+        tl.store(dk + row_kq[:, None] * D + o_d[None, :], b_dk, mask=m_s[:, None] & m_d[None, :])
+        tl.store(dv + row_kq[:, None] * V + o_v[None, :], b_dv, mask=m_s[:, None] & m_v[None, :])
+        tl.store(dfk + row_fk[:, None] * F + o_f[None, :], b_dfk, mask=m_s[:, None] & m_f[None, :])
+
+
+def _launch_dims(q, k_all, v_all, fq, chunk_size):
     batch, seq_len, heads, head_dim = q.shape
-    kv_heads, value_dim, feat = k.shape[2], v.shape[-1], fq.shape[-1]
+    dims = dict(H=heads, HKV=k_all.shape[2], D=head_dim, F=fq.shape[-1], V=v_all.shape[-1])
+    blocks = dict(BT=block_t(chunk_size, MAX_BLOCK_T), BD=block_k(head_dim), BF=block_k(fq.shape[-1]))
+    return batch, seq_len, heads, dims, blocks
+
+
+def window_forward_fp32(q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state):
+    """Kernel launch on contiguous inputs (keys include the cached prefix) → fp32 o `[B, T, H, V]`,
+    normalizer and window max `[B, T, H]`."""
+    batch, seq_len, heads, dims, blocks = _launch_dims(q, k_all, v_all, fq, chunk_size)
+    value_dim = dims["V"]
     o = new_output((batch, seq_len, heads, value_dim), q.device)
-    gamma = torch.sigmoid(window_logit.float()).contiguous()  # [H]
+    den = new_output((batch, seq_len, heads), q.device)
+    row_max = new_output((batch, seq_len, heads), q.device)
+    row_arg = torch.zeros((batch, seq_len, heads), dtype=torch.int32, device=q.device)
     bv = block_v(value_dim)
-    grid = (triton.cdiv(value_dim, bv), batch * heads)
-    _window_linear_fwd_kernel[grid](
-        q, k_all, v_all, fq, fk_all, gamma, contiguous(state.kv.float()), o,
-        float(scale if scale is not None else head_dim ** -0.5), seq_len, cache_k.shape[2], window_size,
-        H=heads, HKV=kv_heads, D=head_dim, F=feat, V=value_dim,
-        BT=block_t(chunk_size, MAX_BLOCK_T), BD=block_k(head_dim), BF=block_k(feat), BV=bv,
-        USE_INITIAL_STATE=has_state,
+    _window_linear_fwd_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
+        q, k_all, v_all, fq, fk_all, gamma, kv0, o, den, row_max, row_arg, scale, seq_len, prefix, window_size,
+        **dims, **blocks, BV=bv, USE_INITIAL_STATE=has_state,
     )
-    final = _final_state(k_all, v_all, fk_all, state.kv, window_size) if output_final_state else (None,) * 4
-    return (o.to(v.dtype), *final)
+    return o, den, row_max, row_arg
 
 
-def _reference(q, k, v, fq, fk, window_logit, kv0, cache_k, cache_v, cache_fk, *, window_size, scale,
-               output_final_state, chunk_size, has_state):
-    """The torch chunk form with the same flat inputs and outputs as `_forward`."""
-    state = WindowLinearState(kv0, cache_k, cache_v, cache_fk) if has_state else None
-    o, final = chunk_window_linear_attn_torch(
-        q, k, v, fq, fk, window_logit, window_size=window_size, scale=scale, initial_state=state,
-        output_final_state=output_final_state, chunk_size=chunk_size,
-    )
-    return (o, *(final if final is not None else (None,) * 4))
+def _group_sum(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Per-query-head gradients `[B, L, H, D]` → per-kv-head `[B, L, H_kv, D]`."""
+    batch, num_keys, heads, width = x.shape
+    return x.view(batch, num_keys, kv_heads, heads // kv_heads, width).sum(3)  # [B, L, H_kv, D]
+
+
+def _add_row_max_gradient(q, k_all, row_arg, d_max, scale, dq, dk):
+    """c_t = scale · q_t·k_{arg_t}: add its gradient d_max `[B, T, H]` (= −Σ_win w·dw) to dq and to the
+    per-query-head dk `[B, L, H, D]` in place."""
+    batch, seq_len, heads, _ = q.shape
+    group = heads // k_all.shape[2]
+    b_idx = torch.arange(batch, device=q.device).view(batch, 1, 1).expand_as(row_arg)  # [B, T, H]
+    h_idx = torch.arange(heads, device=q.device).view(1, 1, heads).expand_as(row_arg)  # [B, T, H]
+    arg = row_arg.long()
+    k_max = k_all[b_idx, arg, h_idx // group].float()  # [B, T, H, D]
+    dq += scale * d_max.unsqueeze(-1) * k_max
+    dk.index_put_((b_idx, arg, h_idx), scale * d_max.unsqueeze(-1) * q.float(), accumulate=True)
+
+
+class _WindowCore(torch.autograd.Function):
+    """Fused hybrid attention over `P + T` keys (prefix included) → fp32 o; Triton both ways."""
+
+    @staticmethod
+    def forward(ctx, q, k_all, v_all, fq, fk_all, window_logit, kv0, scale, window_size, chunk_size, has_state):
+        q, k_all, v_all, fq, fk_all, kv0 = (contiguous(x) for x in (q, k_all, v_all, fq, fk_all, kv0))
+        gamma = torch.sigmoid(window_logit.float()).contiguous()  # [H]
+        prefix = k_all.shape[1] - q.shape[1]
+        o, den, row_max, row_arg = window_forward_fp32(
+            q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state
+        )
+        ctx.save_for_backward(q, k_all, v_all, fq, fk_all, gamma, kv0, o, den, row_max, row_arg)
+        ctx.config = (scale, window_size, prefix, chunk_size, has_state)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k_all, v_all, fq, fk_all, gamma, kv0, o, den, row_max, row_arg = ctx.saved_tensors
+        scale, window_size, prefix, chunk_size, has_state = ctx.config
+        batch, seq_len, heads, dims, blocks = _launch_dims(q, k_all, v_all, fq, chunk_size)
+        num_keys = k_all.shape[1]
+        do = do.float().contiguous()
+        delta = (do * o).sum(-1).contiguous()  # [B, T, H]: do_t · o_t
+        dq = new_output(q.shape, q.device)
+        dfq = new_output(fq.shape, q.device)
+        dlog = new_output((batch, seq_len, heads), q.device)
+        dk = new_output((batch, num_keys, heads, dims["D"]), q.device)
+        dv = new_output((batch, num_keys, heads, dims["V"]), q.device)
+        dfk = new_output(fk_all.shape, q.device)
+        bv = max(MIN_BLOCK_V, triton.next_power_of_2(dims["V"]))  # one value tile: dw needs all of do·v
+        common = (scale, seq_len, prefix, window_size)
+        _window_linear_bwd_q_kernel[(batch * heads,)](
+            q, k_all, v_all, fq, fk_all, gamma, kv0, do, den, row_max, delta, dq, dfq, dlog, *common,
+            **dims, **blocks, BV=bv, USE_INITIAL_STATE=has_state,
+        )
+        _window_linear_bwd_kv_kernel[(batch * heads,)](
+            q, k_all, v_all, fq, fk_all, gamma, do, den, row_max, delta, dk, dv, dfk, *common,
+            **dims, **blocks, BV=bv,
+        )
+        _add_row_max_gradient(q, k_all, row_arg, -dlog, scale, dq, dk)
+        dlogit = (1.0 - gamma) * dlog.sum((0, 1))  # [H]: d sigmoid / d logit = γ(1 − γ), γ cancels in w/γ
+        dkv0 = None
+        if has_state:
+            dn_dd = torch.cat([do, -delta.unsqueeze(-1)], dim=-1) / den.unsqueeze(-1)  # [B, T, H, V + 1]
+            dkv0 = torch.einsum("bthf,bthv->bhfv", fq.float(), dn_dd)  # [B, H, F, V + 1]
+        kv_heads = k_all.shape[2]
+        return (
+            dq.to(q.dtype), _group_sum(dk, kv_heads).to(k_all.dtype), _group_sum(dv, kv_heads).to(v_all.dtype),
+            dfq.to(fq.dtype), dfk.to(fk_all.dtype), dlogit, dkv0, None, None, None, None,
+        )
 
 
 def window_linear_attn_triton(
     q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
     output_final_state=False, chunk_size=64,
 ):
-    """Hybrid sliding-window softmax + linear attention, Triton forward; q `[B, T, H, D]`,
+    """Hybrid sliding-window softmax + linear attention, Triton forward and backward; q `[B, T, H, D]`,
     k `[B, T, H_kv, D]`, v `[B, T, H_kv, V]`, fq, fk `[B, T, H, F]`, window_logit `[H]` →
     (o `[B, T, H, V]` in v.dtype, `WindowLinearState` or None). `chunk_size` sets the query/key tile
     (rounded down to a power of two in [16, 64]); the result does not depend on it."""
@@ -177,11 +403,15 @@ def window_linear_attn_triton(
     has_state = initial_state is not None
     state = _initial_state(q, k, v, fq, initial_state, window_size)
     if has_state:
-        # keep the caller's tensors (not fp32 copies) so gradients reach them
+        # the caller's tensors (not fp32 copies), so gradients reach them through the concatenation
         state = WindowLinearState(*initial_state)
-    kwargs = dict(
-        window_size=window_size, scale=scale, output_final_state=output_final_state,
-        chunk_size=chunk_size, has_state=has_state,
-    )
-    o, *final = apply_with_torch_backward(_forward, _reference, kwargs, q, k, v, fq, fk, window_logit, *state)
-    return o, (WindowLinearState(*final) if output_final_state else None)
+        k_all = torch.cat([state.k.transpose(1, 2).to(k.dtype), k], dim=1)  # [B, P + T, H_kv, D]
+        v_all = torch.cat([state.v.transpose(1, 2).to(v.dtype), v], dim=1)  # [B, P + T, H_kv, V]
+        fk_all = torch.cat([state.fk.transpose(1, 2).to(fk.dtype), fk], dim=1)  # [B, P + T, H, F]
+    else:
+        k_all, v_all, fk_all = k, v, fk
+    scale = float(scale if scale is not None else q.shape[-1] ** -0.5)
+    kv0 = state.kv.float()
+    o = _WindowCore.apply(q, k_all, v_all, fq, fk_all, window_logit, kv0, scale, window_size, chunk_size, has_state)
+    final = _final_state(k_all, v_all, fk_all, kv0, window_size) if output_final_state else None
+    return o.to(v.dtype), final

@@ -17,7 +17,9 @@ Backward (Triton): with o_t = Σ_s w_ts v_s / den_t, every weight gets dw_ts = (
 A query-side kernel (forward order) gives dq, dfq and the per-row window_logit term; a key-side kernel
 (reverse order over key tiles) visits the query tiles within W + BT of each key tile and reaches later
 queries (all linear) through an accumulator R = Σ fq_tᵀ [do_t, −do_t·o_t] / den_t, giving dk, dv, dfk.
-
+The row max c_t does not cancel (it scales the softmax weights against the linear ones), so the forward
+saves the key position attaining it and torch adds that gradient to dq and dk; d(initial kv) is a torch
+einsum.
 """
 from __future__ import annotations
 

@@ -231,6 +231,8 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of user errors (for bug reports)")
+    # The `deepspeed` launcher appends --local_rank=N; the rank is read from the LOCAL_RANK variable.
+    common.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return common
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from linearize.train import distributed
 from linearize.train import (check_same_config, clear_done, config_to_dict, latest_checkpoint, read_done,
                              verify_checkpoint)
 from linearize.train.checkpoint import read_checkpoint_config
@@ -20,6 +21,9 @@ STAGES = {
 }
 RUN_CONFIG = "config.yaml"
 SKIP, RUN = "skip", "run"
+# Stages every rank runs together under engine.name=deepspeed; the others run on rank 0 while the
+# rest wait, since they neither train nor need more than one process.
+DISTRIBUTED_STAGES = ("attention_transfer", "lora_recovery")
 
 
 def run_dir_of(cfg) -> Path:
@@ -82,28 +86,47 @@ def _print_summary(run_dir: Path, results: dict, sample, report: Path) -> None:
     print(f"report: {report}")
 
 
+def _runs_here(name: str, distributed_run: bool) -> bool:
+    return not distributed_run or name in DISTRIBUTED_STAGES or distributed.is_main_process()
+
+
 def run_stages(cfg, stage_names=None, force: bool = False) -> dict:
-    """Runs `stage_names` (default cfg.stages) in order for `cfg`; returns stage → final metrics."""
+    """Runs `stage_names` (default cfg.stages) in order for `cfg`; returns stage → final metrics.
+    Under engine.name=deepspeed every launched rank calls this: training stages run on all ranks, the
+    rest (and every shared file: config, report, summary) on rank 0 only."""
     from stages.config_loader import save_resolved
 
     names = list(stage_names or cfg.stages)
     _check_names(names)
+    distributed_run = cfg.engine.name == "deepspeed"
+    if distributed_run:
+        distributed.init()
+    main = distributed.is_main_process()
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = config_to_dict(cfg)
     plan = {name: _plan(run_dir / name, name, config, force) for name in names}
-    save_resolved(cfg, run_dir / RUN_CONFIG)
+    if main:
+        save_resolved(cfg, run_dir / RUN_CONFIG)
     results, statuses = {}, {}
     for name in names:
         stage_dir = run_dir / name
         if plan[name] == SKIP and read_done(stage_dir) is not None:
-            print(f"{name}: done, skipping")
+            if main:
+                print(f"{name}: done, skipping")
             results[name], statuses[name] = read_done(stage_dir)["metrics"], "skipped (done)"
             continue
-        clear_done(stage_dir)
         statuses[name] = _status(stage_dir)
-        results[name] = STAGES[name](cfg, run_dir, force=force)
-        _discard_later_stages(run_dir, name)
+        distributed.barrier()  # every rank has planned before rank 0 clears the DONE marker
+        if main:
+            clear_done(stage_dir)
+        if _runs_here(name, distributed_run):
+            results[name] = STAGES[name](cfg, run_dir, force=force)
+        distributed.barrier()  # the stage's files are complete before anyone reads or discards them
+        if main:
+            _discard_later_stages(run_dir, name)
+    if not main:
+        return results
     sample = _export_sample(cfg, run_dir)
     report = write_report(run_dir, statuses, results, sample)
     _print_summary(run_dir, results, sample, report)

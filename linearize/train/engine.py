@@ -1,12 +1,14 @@
 """The engine seam: builds what the loop drives (model on its device, optimizer, backward/step) from
-`cfg.engine`. Only `single` (one process, one device) exists; `deepspeed` will live here, the only
-module allowed to import it."""
+`cfg.engine`: `single` (one process, one device) or `deepspeed` (ZeRO across ranks, built in
+`linearize.train.distributed`, the only module that imports deepspeed, and only when that engine is
+asked for). Both expose the same seam: set_lr, loss, backward, step, gather, barrier, save, load, finish."""
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -34,6 +36,14 @@ class Engine:
     device: torch.device
     params: list
     scaler: Optional[torch.amp.GradScaler] = None
+    loss_fn: Optional[Callable] = None
+    rank: int = 0
+    world_size: int = 1
+    is_main: bool = True
+
+    def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The stage's loss on a batch `[B, L]` (already on `device`)."""
+        return self.loss_fn(self.model, input_ids)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -63,12 +73,34 @@ class Engine:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+    def gather(self, values: list[float]) -> list[float]:
+        """Per-micro-batch values of all ranks in stream order: one process holds them all."""
+        return list(values)
+
+    def barrier(self) -> None:
+        """Nothing to wait for in one process."""
+
+    def save(self, stage_dir: Path, schedule_state: dict, state, config: dict, keep_last: int) -> Path:
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(stage_dir, self.model, self.state_dict(), schedule_state, state, config, keep_last)
+
+    def load(self, path: Path, schedule):
+        from .checkpoint import load_checkpoint
+
+        state, extras = load_checkpoint(path, self.model, self.optimizer, schedule)
+        self.load_extras(extras)
+        return state
+
+    def finish(self) -> None:
+        """The model already holds its trained weights."""
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _build_single(engine_cfg, model: torch.nn.Module, stage_cfg) -> Engine:
+def _build_single(engine_cfg, model: torch.nn.Module, stage_cfg, loss_fn: Optional[Callable]) -> Engine:
     device = default_device()
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -77,18 +109,23 @@ def _build_single(engine_cfg, model: torch.nn.Module, stage_cfg) -> Engine:
     optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
     # fp16 autocast needs loss scaling; bf16 has fp32's exponent range and does not.
     scaler = torch.amp.GradScaler(device.type) if stage_cfg.autocast == "float16" else None
-    return Engine(model=model, optimizer=optimizer, device=device, params=params, scaler=scaler)
+    return Engine(model=model, optimizer=optimizer, device=device, params=params, scaler=scaler, loss_fn=loss_fn)
 
 
-def _build_deepspeed(engine_cfg, model, stage_cfg) -> Engine:
-    raise UserError("engine.name=deepspeed is not yet supported; use engine.name=single")
+def _build_deepspeed(engine_cfg, model: torch.nn.Module, stage_cfg, loss_fn: Optional[Callable]):
+    if loss_fn is None:
+        raise ValueError("engine.name=deepspeed needs the stage's loss_fn: the loss runs inside the engine")
+    from .distributed import build_deepspeed_engine
+
+    return build_deepspeed_engine(engine_cfg, model, stage_cfg, loss_fn)
 
 
 ENGINES = {"single": _build_single, "deepspeed": _build_deepspeed}
 
 
-def build_engine(engine_cfg, model: torch.nn.Module, stage_cfg) -> Engine:
-    """The engine named by `engine_cfg.name`; unknown names raise ValueError listing valid ones."""
+def build_engine(engine_cfg, model: torch.nn.Module, stage_cfg, loss_fn: Optional[Callable] = None) -> Engine:
+    """The engine named by `engine_cfg.name`; unknown names raise ValueError listing valid ones.
+    `loss_fn(model, input_ids [B, L]) -> scalar` is what `engine.loss` computes."""
     if engine_cfg.name not in ENGINES:
         raise ValueError(f"unknown engine {engine_cfg.name!r}; valid: {', '.join(sorted(ENGINES))}")
-    return ENGINES[engine_cfg.name](engine_cfg, model, stage_cfg)
+    return ENGINES[engine_cfg.name](engine_cfg, model, stage_cfg, loss_fn)

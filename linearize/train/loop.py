@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, read_checkpoint_config,
-                         remove_partial_checkpoints, save_checkpoint, verify_checkpoint)
+from .checkpoint import (TrainerState, latest_checkpoint, read_checkpoint_config, remove_partial_checkpoints,
+                         verify_checkpoint)
 from .engine import Engine, autocast_context, build_engine
 from .metrics import MetricsLog, plot_metrics
 from .sampler import sample_indices
@@ -81,6 +81,20 @@ def _stop_on_nonfinite(value: float, step: int, stage_dir: Path, what: str = "lo
     raise UserError(f"{what} is {value} at step {step} in {stage_dir}: training stopped; {kept}")
 
 
+def _micro_positions(cursor: int, micro: int, engine: Engine, micro_batch: int) -> int:
+    """First stream position of micro-batch `micro` on this rank: ranks interleave micro-batches, so
+    the global batch is the single-process batch of grad_accum × world micro-batches."""
+    return cursor + (micro * engine.world_size + engine.rank) * micro_batch
+
+
+def _checked_loss(engine: Engine, loss: torch.Tensor, step: int, stage_dir: Path) -> float:
+    """This rank's loss value; every rank stops together if any rank's loss is not finite."""
+    value = float(loss.detach())
+    worst = max(engine.gather([value]), key=lambda v: not math.isfinite(v))
+    _stop_on_nonfinite(worst, step, stage_dir)
+    return value
+
+
 def _train_step(run: _Run, state: TrainerState, stage_dir: Path) -> dict:
     cfg, engine = run.stage_cfg, run.engine
     step = state.step + 1
@@ -88,37 +102,38 @@ def _train_step(run: _Run, state: TrainerState, stage_dir: Path) -> dict:
     engine.set_lr(lr)
     engine.model.train()
     started, losses, tokens = time.perf_counter(), [], 0
-    for _ in range(cfg.grad_accum):
-        index = sample_indices(state.cursor, cfg.micro_batch_size, len(run.train_tokens), run.seed, run.shuffle)
+    for micro in range(cfg.grad_accum):
+        first = _micro_positions(state.cursor, micro, engine, cfg.micro_batch_size)
+        index = sample_indices(first, cfg.micro_batch_size, len(run.train_tokens), run.seed, run.shuffle)
         batch = run.train_tokens[index].to(engine.device)  # [B, L]
-        state.cursor += cfg.micro_batch_size
         with autocast_context(cfg.autocast, engine.device):
-            loss = run.loss_fn(engine.model, batch)
-        value = float(loss.detach())
-        _stop_on_nonfinite(value, step, stage_dir)
+            loss = engine.loss(batch)
+        losses.append(_checked_loss(engine, loss, step, stage_dir))
         engine.backward(loss / cfg.grad_accum)
-        losses.append(value)
-        tokens += batch.numel()
+        tokens += batch.numel() * engine.world_size
+    state.cursor += cfg.micro_batch_size * cfg.grad_accum * engine.world_size
     grad_norm = engine.step(cfg.grad_clip)
     if engine.scaler is None:  # with fp16 loss scaling, inf grads are expected: the scaler skips the step
         _stop_on_nonfinite(grad_norm, step, stage_dir)
     state.step, state.tokens = step, state.tokens + tokens
     elapsed = time.perf_counter() - started
-    return {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": grad_norm,
+    # Summed in stream order, so the logged loss matches a single process reading the same batch.
+    every = engine.gather(losses)
+    return {"step": step, "loss": sum(every) / len(every), "lr": lr, "grad_norm": grad_norm,
             "tokens": state.tokens, "tokens_per_s": tokens / max(elapsed, MIN_ELAPSED_S)}
 
 
 def _resume(engine: Engine, schedule, stage_dir: Path, config: dict, stage: str, force: bool):
     """Restores the newest checkpoint (verified, same config unless force); None when there is none."""
-    remove_partial_checkpoints(stage_dir)
+    if engine.is_main:
+        remove_partial_checkpoints(stage_dir)
+    engine.barrier()
     path = latest_checkpoint(stage_dir)
     if path is None:
         return None, None
     verify_checkpoint(path)
     check_same_config(read_checkpoint_config(path), config, stage, path, force)
-    state, extras = load_checkpoint(path, engine.model, engine.optimizer, schedule)
-    engine.load_extras(extras)
-    return state, path
+    return engine.load(path, schedule), path
 
 
 def train(model: torch.nn.Module, loss_fn: LossFn, train_tokens: torch.Tensor, eval_tokens: torch.Tensor,
@@ -129,32 +144,39 @@ def train(model: torch.nn.Module, loss_fn: LossFn, train_tokens: torch.Tensor, e
     stored in every checkpoint and compared on resume. train/eval tokens: `[N, L]` / `[M, L]`."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    engine = build_engine(engine_cfg, model, stage_cfg)
+    engine = build_engine(engine_cfg, model, stage_cfg, loss_fn)
     schedule = build_schedule(stage_cfg)
     state, resumed = _resume(engine, schedule, stage_dir, config, stage, force)
     state = state or TrainerState()
     metrics = MetricsLog(stage_dir / METRICS_FILE)
-    metrics.truncate_after(state.step)
+    if engine.is_main:
+        metrics.truncate_after(state.step)
     run = _Run(engine, schedule, loss_fn, stage_cfg, train_tokens, eval_tokens, seed, shuffle)
     checkpoint = resumed
-    with tqdm(total=stage_cfg.max_steps, initial=state.step, desc=stage, dynamic_ncols=True) as bar:
+    with tqdm(total=stage_cfg.max_steps, initial=state.step, desc=stage, dynamic_ncols=True,
+              disable=not engine.is_main) as bar:
         while state.step < stage_cfg.max_steps:
             record = _train_step(run, state, stage_dir)
             if _due(state.step, stage_cfg.eval_every, stage_cfg.max_steps):
-                eval_loss = evaluate_loss(engine.model, loss_fn, eval_tokens, stage_cfg.micro_batch_size,
-                                          stage_cfg.autocast, engine.device)
+                # Every rank evaluates the whole eval set: under ZeRO-3 each forward is collective.
+                eval_loss = evaluate_loss(engine.model, lambda _, batch: engine.loss(batch), eval_tokens,
+                                          stage_cfg.micro_batch_size, stage_cfg.autocast, engine.device)
                 record["eval_loss"] = eval_loss
                 if eval_loss is not None:
                     _stop_on_nonfinite(eval_loss, state.step, stage_dir, "eval loss")
                     schedule.on_eval(eval_loss)
-            metrics.append(record)
+            if engine.is_main:
+                metrics.append(record)
             if _due(state.step, stage_cfg.save_every, stage_cfg.max_steps):
-                checkpoint = save_checkpoint(stage_dir, engine.model, engine.state_dict(), schedule.state_dict(),
-                                             state, config, stage_cfg.keep_last)
+                checkpoint = engine.save(stage_dir, schedule.state_dict(), state, config, stage_cfg.keep_last)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
+    engine.finish()
+    engine.barrier()
     records = metrics.read()
-    plot = plot_metrics(records, stage_dir / PLOT_FILE, stage)
+    plot = stage_dir / PLOT_FILE
+    if engine.is_main:
+        plot_metrics(records, plot, stage)
     final = records[-1] if records else {}
     last_eval = next((r["eval_loss"] for r in reversed(records) if r.get("eval_loss") is not None), None)
     return TrainResult(step=state.step, loss=final.get("loss"), eval_loss=last_eval, tokens=state.tokens,

@@ -1,0 +1,303 @@
+"""Multi-process training through DeepSpeed ZeRO: the only module that imports `deepspeed` (lazily, so
+importing linearize never initialises it).
+
+Launch with `torchrun --nproc_per_node N -m linearize run CONFIG engine.name=deepspeed` or
+`deepspeed --num_gpus N --module linearize run ...`. Every rank builds the same model (surgery and
+freezing first), then `deepspeed.initialize` wraps a module whose forward *is* the stage's loss, so
+ZeRO-3's forward hooks gather the partitioned weights for every submodule the loss touches, teacher
+passes included (transfer-mode teacher attention, the adapter-disabled KL teacher).
+
+Global batch per optimizer step = micro_batch_size × grad_accum × world_size: at micro-step j rank r
+reads stream positions cursor + (j·world + r)·micro_batch_size …, which are exactly the sequences a
+single process with grad_accum × world micro-steps reads, in the same order.
+
+Checkpoints: `<stage_dir>/step_<N>/` holds DeepSpeed's own files under `engine/` (model + ZeRO
+optimizer shards, with `universal_checkpoint_info` so `ds_to_universal` can convert them), one RNG
+file per rank, our scheduler/state/config JSON and a manifest with the sha256 of every file. Rank 0
+writes everything that is not per rank; the directory is renamed into place only when complete."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from .checkpoint import (MANIFEST, TMP_PREFIX, TrainerState, _fsync_path, _maybe_inject_kill, _prune,
+                         _restore_rng, _rng_state, _sha256, verify_checkpoint)
+
+ENGINE_TAG = "engine"
+UNIVERSAL_CHECKPOINT_VERSION = 0.4
+PRECISIONS = {"fp32": {}, "bf16": {"bf16": {"enabled": True}}, "fp16": {"fp16": {"enabled": True}}}
+ZERO_STAGES = (1, 2, 3)
+TRITON_CACHE_ENV = "TRITON_CACHE_DIR"
+DEFAULT_TRITON_CACHE = Path.home() / ".triton" / "cache"
+# Launcher variables a single `python` process lacks; without them DeepSpeed goes looking for MPI.
+SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": "29511"}
+# DeepSpeed's own log lines (config dumps, timers) drown the progress bar; warnings still show.
+DEEPSPEED_LOG_LEVEL = "WARNING"
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a plain single process): the only rank that writes shared files."""
+    return rank() == 0
+
+
+def set_triton_cache_per_rank() -> Path:
+    """Points TRITON_CACHE_DIR at `<base>/rank<r>`, so ranks never race on one kernel cache file."""
+    base = Path(os.environ.get(TRITON_CACHE_ENV, DEFAULT_TRITON_CACHE))
+    if base.name.startswith("rank"):
+        return base
+    path = base / f"rank{rank()}"
+    os.environ[TRITON_CACHE_ENV] = str(path)
+    return path
+
+
+def init() -> None:
+    """Sets up this rank: per-rank Triton cache, then the process group (gloo on CPU, nccl on GPU)."""
+    for key, value in SINGLE_PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+    set_triton_cache_per_rank()
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel(DEEPSPEED_LOG_LEVEL)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    deepspeed.init_distributed(verbose=False)
+
+
+def barrier() -> None:
+    """Waits for every rank (no-op without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def deepspeed_config(engine_cfg, stage_cfg, world: int) -> dict:
+    """The DeepSpeed config dict for a stage: batch geometry from the stage, ZeRO/precision/offload from
+    `engine_cfg`. Unknown precision or ZeRO stage raise ValueError listing valid values."""
+    if engine_cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown engine.precision {engine_cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
+    if engine_cfg.zero_stage not in ZERO_STAGES:
+        raise ValueError(f"engine.zero_stage must be one of {ZERO_STAGES}, got {engine_cfg.zero_stage}")
+    if engine_cfg.offload_params and engine_cfg.zero_stage != 3:
+        raise UserError("engine.offload_params=true needs engine.zero_stage=3")
+    zero = {"stage": engine_cfg.zero_stage}
+    if engine_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if engine_cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": stage_cfg.micro_batch_size,
+        "gradient_accumulation_steps": stage_cfg.grad_accum,
+        "train_batch_size": stage_cfg.micro_batch_size * stage_cfg.grad_accum * world,
+        "gradient_clipping": max(stage_cfg.grad_clip, 0.0),
+        "zero_optimization": zero,
+        # A client torch AdamW is passed in; DeepSpeed must not JIT-build its fused Adam.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+        **PRECISIONS[engine_cfg.precision],
+    }
+
+
+class LossModule(torch.nn.Module):
+    """`forward(input_ids) = loss_fn(model, input_ids)`: DeepSpeed wraps this, so the stage's whole loss
+    (student and teacher passes) runs inside the engine's forward and its ZeRO-3 hooks."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, input_ids)
+
+
+@dataclass
+class DeepSpeedEngine:
+    """The loop's engine seam over a `deepspeed.DeepSpeedEngine` (see linearize.train.engine.Engine)."""
+
+    ds: object
+    model: torch.nn.Module
+    device: torch.device
+    zero_stage: int
+    rank: int
+    world_size: int
+    scaler: None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def optimizer(self):
+        return self.ds.optimizer
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.ds(input_ids)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss` is already divided by grad_accum (as in the single engine); DeepSpeed's step after each
+        micro-batch only counts it, and reduces + updates at the accumulation boundary."""
+        self.ds.backward(loss, scale_wrt_gas=False)
+        self.ds.step()
+
+    def step(self, grad_clip: float) -> float:
+        """The update already ran in the last micro-batch's backward; returns its global grad norm."""
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def gather(self, values: list[float]) -> list[float]:
+        """Per-micro-batch values of every rank, in global stream order (micro j of rank r at j·world + r)."""
+        local = torch.tensor(values, dtype=torch.float64)  # [grad_accum]
+        stacked = [torch.empty_like(local) for _ in range(self.world_size)]
+        torch.distributed.all_gather(stacked, local)
+        return torch.stack(stacked, dim=1).flatten().tolist()  # [grad_accum · world]
+
+    def barrier(self) -> None:
+        barrier()
+
+    def save(self, stage_dir: Path, schedule_state: dict, state: TrainerState, config: dict, keep_last: int) -> Path:
+        return save_engine_checkpoint(self, Path(stage_dir), schedule_state, state, config, keep_last)
+
+    def load(self, path: Path, schedule) -> TrainerState:
+        return load_engine_checkpoint(self, Path(path), schedule)
+
+    def finish(self) -> None:
+        """Leaves full, unpartitioned weights in `model` (ZeRO-3 keeps only shards) and frees the engine,
+        so the stage can save the student and adapter as after a single-process run."""
+        full = gather_full_weights(self.ds) if self.zero_stage == 3 else None
+        self.ds.destroy()
+        if full is not None:
+            restore_full_weights(self.model, full)
+
+
+def gather_full_weights(ds) -> dict[str, torch.Tensor]:
+    """Every parameter of the wrapped model, gathered from the ZeRO-3 shards (collective)."""
+    import deepspeed
+
+    full = {}
+    for name, param in ds.module.model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            full[name] = param.data.detach().clone()
+    return full
+
+
+def restore_full_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Puts the gathered tensors back as plain parameters and drops ZeRO-3's per-module hooks."""
+    for name, param in model.named_parameters():
+        param.data = full[name]
+    for module in model.modules():
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+        module._backward_hooks.clear()
+
+
+def build_deepspeed_engine(engine_cfg, model: torch.nn.Module, stage_cfg, loss_fn: Callable) -> DeepSpeedEngine:
+    """Wraps `model` (surgery and freezing already done) in a DeepSpeed engine; only the trainable
+    parameters reach the client torch AdamW."""
+    init()
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: the model has no parameter with requires_grad")
+    device = torch.device(deepspeed.get_accelerator().device_name(local_rank()))
+    optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
+    config = deepspeed_config(engine_cfg, stage_cfg, world_size())
+    ds, _, _, _ = deepspeed.initialize(model=LossModule(model, loss_fn), optimizer=optimizer, config=config)
+    return DeepSpeedEngine(ds=ds, model=model, device=device, zero_stage=engine_cfg.zero_stage, rank=rank(),
+                           world_size=world_size())
+
+
+def _rng_file(which: int) -> str:
+    return f"rng_rank{which}.pt"
+
+
+def _write_shared_files(tmp: Path, schedule_state: dict, state: TrainerState, config: dict) -> None:
+    (tmp / "scheduler.json").write_text(json.dumps(schedule_state))
+    (tmp / "state.json").write_text(json.dumps(asdict(state)))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _write_manifest(tmp: Path, step: int, world: int) -> None:
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    manifest = {"step": step, "engine": "deepspeed", "world_size": world,
+                "files": {name: _sha256(tmp / name) for name in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    for name in files + [MANIFEST]:
+        _fsync_path(tmp / name)
+    for folder in {tmp / name for name in files} | {tmp}:
+        _fsync_path(folder if folder.is_dir() else folder.parent)
+
+
+def save_engine_checkpoint(engine: DeepSpeedEngine, stage_dir: Path, schedule_state: dict, state: TrainerState,
+                           config: dict, keep_last: int) -> Path:
+    """Collective: writes `step_<N>` (DeepSpeed shards + our files + manifest), renamed into place by rank
+    0 once every rank has written; then prunes to `keep_last`."""
+    final = stage_dir / f"step_{state.step}"
+    tmp = stage_dir / f"{TMP_PREFIX}{state.step}-deepspeed"
+    if engine.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    client_state = {"universal_checkpoint_info": {"universal_checkpoint_version": UNIVERSAL_CHECKPOINT_VERSION},
+                    "linearize": asdict(state)}
+    engine.ds.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state=client_state, save_latest=False,
+                              exclude_frozen_parameters=True)
+    torch.save(_rng_state(), tmp / _rng_file(engine.rank))
+    barrier()
+    if engine.is_main:
+        _write_shared_files(tmp, schedule_state, state, config)
+        _write_manifest(tmp, state.step, engine.world_size)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_path(stage_dir)
+        _prune(stage_dir, keep_last)
+    barrier()
+    _maybe_inject_kill(state.step)
+    return final
+
+
+def load_engine_checkpoint(engine: DeepSpeedEngine, path: Path, schedule) -> TrainerState:
+    """Collective: restores weights and ZeRO optimizer shards, schedule, this rank's RNG and the trainer
+    state. The checkpoint must come from a run with the same world size."""
+    manifest = verify_checkpoint(path)
+    saved_world = manifest.get("world_size")
+    if manifest.get("engine") != "deepspeed":
+        raise UserError(f"checkpoint {path} was written by the single-process engine; resume it with "
+                        "engine.name=single, or start this stage afresh (--force)")
+    if saved_world != engine.world_size:
+        raise UserError(f"checkpoint {path} was written by {saved_world} ranks, this run has "
+                        f"{engine.world_size}; resume with the same number of processes")
+    loaded, _ = engine.ds.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"checkpoint {path}: DeepSpeed could not load {path / ENGINE_TAG}")
+    schedule.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    # Our own file, hash-verified above: the RNG states hold numpy arrays that weights_only rejects.
+    _restore_rng(torch.load(path / _rng_file(engine.rank), weights_only=False))
+    return TrainerState(**json.loads((path / "state.json").read_text()))

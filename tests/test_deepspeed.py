@@ -1,0 +1,161 @@
+"""DeepSpeed ZeRO on the CPU (DS_ACCELERATOR=cpu, gloo): 2 ranks launched by torchrun through the real
+CLI train both stages of a tiny on-disk run with the per-step losses of a single process reading the
+same global batch; a 2-rank run killed mid-stage resumes with the same subsequent losses; the export
+equals the single-process export.
+
+Global batch 4 both ways: single = micro 2 × accum 2 × 1 rank; DeepSpeed = micro 2 × accum 1 × 2 ranks.
+The first DeepSpeed launch on a fresh machine JIT-builds a comm op (~50 s, then cached)."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from linearize.train.checkpoint import KILL_AFTER_CHECKPOINT_ENV
+
+# find_spec, not import: the test process itself never loads DeepSpeed, only the launched ranks do.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+
+REPO = Path(__file__).resolve().parent.parent
+RANKS = 2
+TRAIN_STAGES = ("attention_transfer", "lora_recovery")
+# Per-step losses after step 1 differ only by the order of float32 gradient sums (an all-reduce of two
+# half-batch gradients vs one accumulated sum), ~1e-7 relative per step on this tiny model.
+LOSS_RTOL = 1e-5
+LAUNCH_TIMEOUT_S = 600
+SINGLE = {"micro_batch_size": 2, "grad_accum": 2}
+PER_RANK = {"micro_batch_size": 2, "grad_accum": 1}
+
+
+def _sections(batch: dict, transfer_steps: int = 3, lora_steps: int = 3) -> dict:
+    # dropout 0: per-rank dropout masks cannot reproduce one process's mask sequence.
+    return {"attention_transfer": dict(batch, max_steps=transfer_steps, save_every=2, eval_every=2, keep_last=3),
+            "lora_recovery": dict(batch, max_steps=lora_steps, save_every=2, eval_every=3, dropout=0.0,
+                                  keep_last=3)}
+
+
+def _config(root: Path, tokenizer_dir: Path, batch: dict, stages: list[str], **steps) -> dict:
+    from stages.config_loader import config_to_dict
+    from test_stages import tiny_run_config
+
+    cfg = config_to_dict(tiny_run_config(root, tokenizer_dir, **_sections(batch, **steps)))
+    cfg["stages"] = stages
+    return cfg
+
+
+def _launch(config: dict, path: Path, zero_stage: int, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m linearize run CONFIG engine.name=deepspeed ...` on the CPU."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k != KILL_AFTER_CHECKPOINT_ENV}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    if kill_after is not None:
+        env[KILL_AFTER_CHECKPOINT_ENV] = str(kill_after)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
+               "-m", "linearize", "run", str(path), "engine.name=deepspeed", f"engine.zero_stage={zero_stage}",
+               "engine.precision=fp32"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=REPO)
+
+
+def _run_single(config: dict) -> None:
+    from stages.config_loader import config_from_dict
+    from stages.pipeline import run_stages
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_stages(config_from_dict(config, "single"))
+
+
+def _losses(stage_dir: Path) -> list[tuple]:
+    lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"], r.get("eval_loss"), r["tokens"]) for r in map(json.loads, lines)]
+
+
+def _assert_close_losses(got: list[tuple], want: list[tuple]) -> None:
+    assert [r[0] for r in got] == [r[0] for r in want]
+    assert [r[3] for r in got] == [r[3] for r in want]  # same tokens: same global batch
+    for (step, loss, eval_loss, _), (_, ref_loss, ref_eval, _) in zip(got, want):
+        assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL), f"step {step}"
+        assert (eval_loss is None) == (ref_eval is None), f"step {step}"
+        if eval_loss is not None:
+            assert eval_loss == pytest.approx(ref_eval, rel=LOSS_RTOL), f"step {step}"
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, tiny_tokenizer):
+    """The single-process reference: both stages + export, global batch 4."""
+    root = tmp_path_factory.mktemp("single")
+    stages = [*TRAIN_STAGES, "export"]
+    _run_single(_config(root, tiny_tokenizer, SINGLE, stages))
+    return root / "runs" / "tiny"
+
+
+def _deepspeed_run(root: Path, tokenizer_dir: Path, zero_stage: int) -> Path:
+    config = _config(root, tokenizer_dir, PER_RANK, [*TRAIN_STAGES, "export"])
+    done = _launch(config, root / "config.yaml", zero_stage)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return root / "runs" / "tiny"
+
+
+def _assert_same_export(run_dir: Path, ref_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    from stages.export import export_dir
+
+    got, want = (load_file(export_dir(d) / "model.safetensors") for d in (run_dir, ref_dir))
+    assert got.keys() == want.keys()
+    # Weights after a few AdamW steps from gradients summed in a different order: lr-sized steps whose
+    # rounding differs at float32 epsilon, well inside 1e-5.
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=LOSS_RTOL, atol=LOSS_RTOL, msg=name)
+
+
+def test_zero2_both_stages_match_single_process(tmp_path, tiny_tokenizer, single_run):
+    run_dir = _deepspeed_run(tmp_path, tiny_tokenizer, zero_stage=2)
+    for stage in TRAIN_STAGES:
+        _assert_close_losses(_losses(run_dir / stage), _losses(single_run / stage))
+        manifest = json.loads((run_dir / stage / "step_2" / "manifest.json").read_text())
+        assert manifest["engine"] == "deepspeed" and manifest["world_size"] == RANKS
+        assert any(name.startswith("engine/") for name in manifest["files"])
+    _assert_same_export(run_dir, single_run)
+    assert (run_dir / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_zero3_both_stages_match_single_process(tmp_path, tiny_tokenizer, single_run):
+    """ZeRO-3 partitions the frozen teacher weights too: the transfer teacher and the KL teacher must
+    still see full weights, else their losses would be far from the single-process ones."""
+    run_dir = _deepspeed_run(tmp_path, tiny_tokenizer, zero_stage=3)
+    for stage in TRAIN_STAGES:
+        _assert_close_losses(_losses(run_dir / stage), _losses(single_run / stage))
+    _assert_same_export(run_dir, single_run)
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_mid_stage_resume_with_same_losses(tmp_path, tiny_tokenizer):
+    """Killed right after LoRA's step-4 checkpoint, which is then lost: resume from step 2, redo 3-5."""
+    stages = list(TRAIN_STAGES)
+    config = _config(tmp_path / "assets", tiny_tokenizer, PER_RANK, stages, transfer_steps=2, lora_steps=5)
+    whole, killed = (dict(config, output_dir=str(tmp_path / name)) for name in ("whole", "killed"))
+    done = _launch(whole, tmp_path / "whole.yaml", zero_stage=2)
+    assert done.returncode == 0, done.stderr[-5000:]
+    crash = _launch(killed, tmp_path / "killed.yaml", zero_stage=2, kill_after=4)
+    assert crash.returncode != 0
+    lora_dir = tmp_path / "killed" / "tiny" / "lora_recovery"
+    assert not (lora_dir / "DONE").exists() and (lora_dir / "step_4").is_dir()
+    shutil.rmtree(lora_dir / "step_4")
+    resumed = _launch(killed, tmp_path / "killed.yaml", zero_stage=2)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    for stage in stages:
+        assert _losses(tmp_path / "killed" / "tiny" / stage) == _losses(tmp_path / "whole" / "tiny" / stage)
+    assert len(_losses(lora_dir)) == 5

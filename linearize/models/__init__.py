@@ -1,7 +1,8 @@
 """Models: loading teachers (a Hugging Face directory, a .gguf file, or a registered name such as the
 embedded `smollm2-135m-instruct`) and the exported student format.
 
-Attributes load lazily, so `linearize.models.assets` can be used without importing transformers.
+Attributes load lazily. Importing the package registers the exported `linearize_<base>` model types
+with the transformers Auto classes (`hf.register_auto_classes`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
+
+# transformers is already imported by `linearize` itself (the attention cache), so registering costs nothing.
+from . import hf as _hf  # noqa: E402
+
+_hf.register_auto_classes()
 
 
 def __getattr__(name: str):

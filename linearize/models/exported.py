@@ -1,7 +1,12 @@
 """The exported student: a Hugging Face directory (config.json, model.safetensors, tokenizer,
 generation config) whose config.json carries a `linearize` section — the attention config and each
 converted layer's mechanism — so `load_export` rebuilds it from the base architecture alone, without
-the training run's files. An unmerged LoRA adapter, if any, sits in `adapter/` and is merged on load."""
+the training run's files. An unmerged LoRA adapter, if any, sits in `adapter/` and is merged on load.
+
+config.json names the model type `linearize_<base>` and maps the Auto classes (`auto_map`) to the
+bundled `modeling_linearize.py` (see `bundle.py`), so plain transformers loads the directory with
+`trust_remote_code=True` even where linearize is not installed; after `import linearize.models` the Auto
+classes load it without remote code (`hf.register_auto_classes`)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +21,7 @@ from safetensors.torch import load_model, save_model
 import linearize
 from ..config.schema import AttentionConfig
 from ..errors import UserError
+from . import bundle, hf
 
 WEIGHTS_FILE = "model.safetensors"
 RUN_CONFIG_FILE = "linearize_run.json"
@@ -63,6 +69,8 @@ def save_export(model: torch.nn.Module, tokenizer, out_dir: Path, *, dtype: Opti
     save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     os.chmod(tmp / WEIGHTS_FILE, SHARED_FILE_MODE)
     model.config.save_pretrained(tmp)
+    _make_self_loading(tmp / "config.json")
+    bundle.write_bundle(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if run_config is not None:
@@ -75,6 +83,22 @@ def save_export(model: torch.nn.Module, tokenizer, out_dir: Path, *, dtype: Opti
     return out_dir
 
 
+def _make_self_loading(config_file: Path) -> None:
+    """Rewrites the saved config as the `linearize_<base>` model type, with `auto_map` pointing the
+    Auto classes at the bundled modeling file."""
+    config = json.loads(config_file.read_text())
+    base = config["model_type"]
+    config_class, model_class = hf.classes_for(base)
+    module = bundle.MODELING_MODULE
+    config.update(
+        model_type=config_class.model_type,
+        architectures=[model_class.__name__],
+        auto_map={"AutoConfig": f"{module}.{config_class.__name__}",
+                  "AutoModelForCausalLM": f"{module}.{model_class.__name__}"},
+    )
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def load_export(path: Path):
     """(model in eval mode, tokenizer) from an export directory: base architecture from config.json,
     `linearize_model` re-applied from the recorded section, then the saved weights (strict)."""
@@ -83,10 +107,13 @@ def load_export(path: Path):
     path = Path(path)
     if not is_export_dir(path):
         raise UserError(f"{path} is not a linearize export (no config.json with a `{SECTION}` section)")
+    hf.register_auto_classes()
     config = AutoConfig.from_pretrained(path)
     section = getattr(config, SECTION)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
-    linearize.linearize_model(model, AttentionConfig(**section["attention"]))
+    if not isinstance(model, tuple(model_class for _, model_class in hf.CLASSES.values())):
+        # An export written before the linearize_<base> model types: a base config with the section.
+        linearize.linearize_model(model, AttentionConfig(**section["attention"]))
     rebuilt = _layers(getattr(model.config, SECTION))
     if rebuilt != _layers(section):
         raise UserError(f"{path}: re-applying the recorded attention config gives layers {rebuilt}, "

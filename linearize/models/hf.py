@@ -1,0 +1,131 @@
+"""Exported students as Hugging Face model classes.
+
+For each supported base architecture (`llama`, `mistral`, `qwen2`, `qwen3`) there is a config class
+with `model_type = "linearize_<base>"` (a subclass of the base config; its `linearize` field records
+the attention config and each layer's mechanism) and a model class (a subclass of the base
+`*ForCausalLM`) whose constructor builds the base architecture and then re-applies the recorded
+conversion, so `from_pretrained` loads the saved weights into the converted modules.
+
+This file is also the export's `modeling_linearize.py`: `bundle.write_bundle` copies it with its
+linearize imports rewritten to flat sibling files, so `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` works where linearize is not installed. Keep its linearize imports relative.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from typing import Iterator
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from ..errors import UserError
+from ..surgery import ARCHITECTURES, linearize_model
+
+SECTION = "linearize"
+MODEL_TYPE_PREFIX = "linearize_"
+# True for the copy written into an export (its module lives under transformers_modules, not linearize).
+BUNDLED = not __name__.startswith("linearize.")
+
+
+def model_type_for(base_model_type: str) -> str:
+    return MODEL_TYPE_PREFIX + base_model_type
+
+
+def _class_stem(base_model_type: str) -> str:
+    return "Linearize" + base_model_type.capitalize()
+
+
+@contextlib.contextmanager
+def _seen_as_base(config) -> Iterator[None]:
+    """Within the block the config reports its base `model_type`, which is what the surgery's
+    architecture table is keyed by; the class attribute (and so the saved config) is untouched."""
+    config.model_type = config.base_model_type
+    try:
+        yield
+    finally:
+        del config.model_type
+
+
+def apply_recorded_conversion(model: torch.nn.Module) -> torch.nn.Module:
+    """Re-applies `model.config.linearize` (attention config + layer mechanisms) to a freshly built base
+    model; raises UserError if the rebuilt layers differ from the recorded ones."""
+    section = getattr(model.config, SECTION, None)
+    if not section:
+        raise UserError(f"the config of this {type(model).__name__} has no `{SECTION}` section")
+    recorded = {int(i): m for i, m in section["layers"].items()}
+    with _seen_as_base(model.config):
+        linearize_model(model, dict(section["attention"]))
+    rebuilt = {int(i): m for i, m in model.config.linearize["layers"].items()}
+    if rebuilt != recorded:
+        raise UserError(f"re-applying the recorded attention config gives layers {rebuilt}, "
+                        f"but the config records {recorded}")
+    return model
+
+
+def _make_classes(base_model_type: str) -> tuple[type, type]:
+    base_config = CONFIG_MAPPING[base_model_type]
+    base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+    stem = _class_stem(base_model_type)
+    config_class = type(f"{stem}Config", (base_config,), {
+        "model_type": model_type_for(base_model_type),
+        "base_model_type": base_model_type,
+        "__module__": __name__,
+        "__doc__": f"A {base_config.__name__} whose `{SECTION}` field records the attention conversion.",
+    })
+
+    def __init__(self, config, *args, **kwargs):
+        base_model.__init__(self, config, *args, **kwargs)
+        apply_recorded_conversion(self)
+
+    model_class = type(f"{stem}ForCausalLM", (base_model,), {
+        "config_class": config_class,
+        "__init__": __init__,
+        "__module__": __name__,
+        "__doc__": f"{base_model.__name__} with the attention conversion recorded in its config re-applied.",
+    })
+    return config_class, model_class
+
+
+CLASSES: dict[str, tuple[type, type]] = {base: _make_classes(base) for base in ARCHITECTURES}
+# Module-level names, so `auto_map` entries such as `modeling_linearize.LinearizeLlamaForCausalLM` resolve.
+for _config_class, _model_class in CLASSES.values():
+    globals()[_config_class.__name__] = _config_class
+    globals()[_model_class.__name__] = _model_class
+
+
+def classes_for(base_model_type: str) -> tuple[type, type]:
+    """(config class, model class) for a base architecture; ValueError lists the supported ones."""
+    if base_model_type not in CLASSES:
+        raise ValueError(f"no exported model class for architecture {base_model_type!r}; "
+                         f"supported: {', '.join(CLASSES)}")
+    return CLASSES[base_model_type]
+
+
+def register_auto_classes() -> None:
+    """Makes `AutoConfig` / `AutoModelForCausalLM` resolve the `linearize_<base>` model types."""
+    for config_class, model_class in CLASSES.values():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+
+
+def _expose_bundled_triton() -> None:
+    """The ops import their Triton kernels by name as `<op package>.triton`; in the flat bundle those
+    are sibling files (`lz_ops_<op>_triton`), so register them under the names the ops look up."""
+    from ..ops.gated_linear_attn.triton import chunk_gated_linear_attn_triton
+    from ..ops.linear_attn.triton import chunk_linear_attn_triton
+    from ..ops.window_linear_attn.triton import window_linear_attn_triton
+
+    for kernel in (chunk_linear_attn_triton, chunk_gated_linear_attn_triton, window_linear_attn_triton):
+        module = sys.modules[kernel.__module__]
+        sys.modules[f"{module.__name__.removesuffix('_triton')}.triton"] = module
+
+
+if BUNDLED and torch.cuda.is_available():
+    try:
+        _expose_bundled_triton()
+    except Exception as err:  # noqa: BLE001 — any Triton failure leaves backend=auto on the torch path
+        warnings.warn(f"Triton kernels unavailable ({err}); using the pure-PyTorch attention", stacklevel=1)

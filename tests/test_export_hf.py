@@ -1,0 +1,118 @@
+"""Exports as Hugging Face models: `load_export`, the registered Auto classes, and a standalone load
+with plain transformers in a subprocess where linearize cannot be imported; cached generation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import linearize
+from linearize.config import AttentionConfig
+from linearize.models import bundle
+from linearize.models.exported import load_export, save_export
+
+from conftest import tiny_model
+
+# The export stores fp32 weights and every path recomputes the same ops: only float reordering differs.
+ATOL = 1e-5
+PROMPT_LEN = 12
+NEW_TOKENS = 6
+
+
+def _export(tmp_path: Path, tokenizer_dir, arch: str = "llama", mechanism: str = "linear", **attention):
+    from transformers import AutoTokenizer
+
+    model = tiny_model(arch)
+    linearize.linearize_model(model, AttentionConfig(mechanism=mechanism, **attention))
+    out = save_export(model, AutoTokenizer.from_pretrained(tokenizer_dir), tmp_path / "export")
+    return model, out
+
+
+def _ids(batch: int = 2, length: int = PROMPT_LEN, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 200, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+CASES = [("llama", "linear", {}), ("llama", "window_linear", {"window_size": 4}),
+         ("qwen3", "liger", {"feature_map": "softmax_dim"}), ("mistral", "lawcat", {}),
+         ("qwen2", "linear", {"softmax_layers": [1]})]
+
+
+@pytest.mark.parametrize("arch,mechanism,attention", CASES)
+def test_load_export_and_auto_classes_give_the_original_logits(tmp_path, tiny_tokenizer, arch, mechanism, attention):
+    from transformers import AutoModelForCausalLM
+
+    model, out = _export(tmp_path, tiny_tokenizer, arch, mechanism, **attention)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == f"linearize_{arch}"
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith(bundle.MODELING_MODULE + ".")
+    ids = _ids()
+    loaded, _ = load_export(out)
+    auto = AutoModelForCausalLM.from_pretrained(out).eval()  # registered by `import linearize.models`
+    with torch.no_grad():
+        want = model(ids).logits
+        for got in (loaded(ids).logits, auto(ids).logits):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert loaded.config.linearize["layers"] == model.config.linearize["layers"]
+
+
+def test_bundle_has_only_flat_relative_linearize_imports(tmp_path):
+    files = bundle.write_bundle(tmp_path)
+    assert bundle.MODELING_FILE in files
+    for name in files:
+        text = (tmp_path / name).read_text()
+        for line in text.splitlines():
+            stripped = line.strip()
+            assert not stripped.startswith(("from linearize", "import linearize", "from ..")), (name, line)
+            if stripped.startswith("from ."):
+                target = stripped.split()[1][1:]
+                assert f"{target}.py" in files, (name, line)
+
+
+STANDALONE = textwrap.dedent("""
+    import sys
+    import torch
+    try:
+        import linearize  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("linearize is importable in the standalone check")
+    from transformers import AutoModelForCausalLM
+    export, ids_file, out_file = sys.argv[1:]
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    ids = torch.load(ids_file)
+    with torch.no_grad():
+        logits = model(ids).logits
+        generated = model.generate(ids, max_new_tokens={new}, do_sample=False, pad_token_id=0)
+    torch.save({{"logits": logits, "generated": generated, "module": type(model).__module__}}, out_file)
+""").format(new=NEW_TOKENS)
+
+
+def test_standalone_load_without_linearize(tmp_path, tiny_tokenizer):
+    _, out = _export(tmp_path, tiny_tokenizer, "llama", "window_linear", window_size=4)
+    ids = _ids()
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "standalone.py"
+    script.write_text(STANDALONE)
+    # -I: no PYTHONPATH, no cwd or script dir on sys.path, so the repo's linearize is out of reach.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    result = subprocess.run([sys.executable, "-I", str(script), str(out), str(tmp_path / "ids.pt"),
+                             str(tmp_path / "result.pt")], cwd=outside, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(tmp_path / "result.pt")
+    assert got["module"].startswith("transformers_modules.")
+    loaded, _ = load_export(out)
+    with torch.no_grad():
+        want_logits = loaded(ids).logits
+        want_generated = loaded.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(got["logits"], want_logits, atol=ATOL, rtol=0)
+    assert torch.equal(got["generated"], want_generated)

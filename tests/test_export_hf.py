@@ -116,3 +116,65 @@ def test_standalone_load_without_linearize(tmp_path, tiny_tokenizer):
         want_generated = loaded.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(got["logits"], want_logits, atol=ATOL, rtol=0)
     assert torch.equal(got["generated"], want_generated)
+
+
+GENERATION_CASES = [("llama", "linear", {}), ("qwen2", "window_linear", {"window_size": 4, "softmax_layers": [1]}),
+                    ("mistral", "lawcat", {})]
+
+
+@pytest.mark.parametrize("arch,mechanism,attention", GENERATION_CASES)
+def test_cached_generation_logits_equal_a_full_forward(tmp_path, tiny_tokenizer, arch, mechanism, attention):
+    _, out = _export(tmp_path, tiny_tokenizer, arch, mechanism, **attention)
+    model, _ = load_export(out)
+    ids = _ids()
+    with torch.no_grad():
+        result = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                                output_logits=True, return_dict_in_generate=True)
+        full = model(result.sequences).logits  # [B, T + new, V]
+    for step, logits in enumerate(result.logits):
+        torch.testing.assert_close(logits, full[:, PROMPT_LEN - 1 + step], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(do_sample=True, top_k=20),
+                                  dict(do_sample=False, num_beams=3, num_return_sequences=2)])
+def test_greedy_sampling_and_beams_equal_uncached_generation(tmp_path, tiny_tokenizer, mode):
+    _, out = _export(tmp_path, tiny_tokenizer, "llama", "window_linear", window_size=4)
+    model, _ = load_export(out)
+    ids = _ids()
+    sequences = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            sequences.append(model.generate(ids, max_new_tokens=NEW_TOKENS, pad_token_id=0, use_cache=use_cache, **mode))
+    assert torch.equal(*sequences)
+
+
+def _greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """The oracle: one full forward per new token on the unpadded row `[1, T]`."""
+    for _ in range(steps):
+        next_token = model(ids).logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+        ids = torch.cat([ids, next_token], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("arch,mechanism,attention", GENERATION_CASES[:2])
+def test_left_padded_batch_generation_is_exact(tmp_path, tiny_tokenizer, arch, mechanism, attention):
+    _, out = _export(tmp_path, tiny_tokenizer, arch, mechanism, **attention)
+    model, _ = load_export(out)
+    pad = 0
+    lengths = [PROMPT_LEN, PROMPT_LEN - 5]
+    rows = [_ids(1, n, seed=i + 3)[0] for i, n in enumerate(lengths)]
+    ids = torch.full((len(rows), PROMPT_LEN), pad)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, PROMPT_LEN - len(row):], mask[i, PROMPT_LEN - len(row):] = row, 1
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=pad)
+        for i, row in enumerate(rows):
+            want = _greedy_without_cache(model, row[None], NEW_TOKENS)[0]
+            assert torch.equal(got[i, PROMPT_LEN - len(row):], want)
+            assert bool((got[i, :PROMPT_LEN - len(row)] == pad).all())
+        beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=2,
+                               num_return_sequences=2, pad_token_id=pad)
+    assert beams.shape == (2 * len(rows), PROMPT_LEN + NEW_TOKENS)

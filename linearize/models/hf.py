@@ -66,6 +66,45 @@ def apply_recorded_conversion(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def leading_pads(attention_mask) -> torch.Tensor | None:
+    """Per row, the number of pad positions before its first token (`attention_mask` `[B, T]`, 1 =
+    token), or None when no row is left-padded."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    tokens = attention_mask.bool()
+    pads = (~tokens).long().cumprod(-1).sum(-1)  # [B]: zeros before the first token
+    return pads if bool((pads > 0).any()) else None
+
+
+def _pad_token(model, kwargs: dict) -> int:
+    config = kwargs.get("generation_config") or model.generation_config
+    pad = kwargs.get("pad_token_id", config.pad_token_id)
+    if pad is None:
+        eos = config.eos_token_id
+        pad = eos[0] if isinstance(eos, list) else eos
+    if pad is None:
+        raise UserError("left-padded generation needs pad_token_id (or an eos_token_id) to pad the outputs")
+    return int(pad)
+
+
+def generate_rows(model, generate, input_ids: torch.Tensor, attention_mask: torch.Tensor, pads: torch.Tensor,
+                  **kwargs) -> torch.Tensor:
+    """Left-padded batch `[B, T]` → `[B·n, T + new]`, as batched `generate` lays it out (prompts keep their
+    left padding, rows that stop early are filled with the pad token), generating each row on its own
+    unpadded tokens: the student states then never see the padding, so every row is exact."""
+    if kwargs.get("return_dict_in_generate"):
+        raise UserError("return_dict_in_generate is not supported for left-padded batches yet; "
+                        "generate one sequence at a time")
+    pad = _pad_token(model, kwargs)
+    rows = []
+    for row, skip in enumerate(pads.tolist()):
+        out = generate(input_ids=input_ids[row:row + 1, skip:], attention_mask=attention_mask[row:row + 1, skip:],
+                       **kwargs)  # [n, T − skip + new_row]
+        rows.append(torch.cat([out.new_full((out.shape[0], skip), pad), out], dim=1))  # [n, T + new_row]
+    width = max(r.shape[1] for r in rows)
+    return torch.cat([torch.cat([r, r.new_full((r.shape[0], width - r.shape[1]), pad)], dim=1) for r in rows])
+
+
 def _make_classes(base_model_type: str) -> tuple[type, type]:
     base_config = CONFIG_MAPPING[base_model_type]
     base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
@@ -81,9 +120,18 @@ def _make_classes(base_model_type: str) -> tuple[type, type]:
         base_model.__init__(self, config, *args, **kwargs)
         apply_recorded_conversion(self)
 
+    def generate(self, input_ids=None, *args, attention_mask=None, **kwargs):
+        """`generate`; a left-padded batch is generated row by row (see `generate_rows`)."""
+        pads = leading_pads(attention_mask)
+        if pads is None or input_ids is None:
+            return base_model.generate(self, input_ids, *args, attention_mask=attention_mask, **kwargs)
+        return generate_rows(self, lambda **kw: base_model.generate(self, *args, **kw), input_ids, attention_mask,
+                             pads, **kwargs)
+
     model_class = type(f"{stem}ForCausalLM", (base_model,), {
         "config_class": config_class,
         "__init__": __init__,
+        "generate": generate,
         "__module__": __name__,
         "__doc__": f"{base_model.__name__} with the attention conversion recorded in its config re-applied.",
     })

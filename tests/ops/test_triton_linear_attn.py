@@ -3,10 +3,12 @@ gradient (Triton backward kernels), on lengths that do not fit the time tile, GQ
 CPU via the interpreter."""
 import os
 
-# the interpreter flag is read when @triton.jit decorates, so it must be set before the import below;
-# the debug flag fills kernel outputs with NaN so an unwritten tile fails the comparison
+# CPU tests run the kernels in the interpreter, whose flag is read when @triton.jit decorates: it must be
+# set before the kernel imports below. `TRITON_INTERPRET=0 pytest -m gpu` runs the compiled GPU tests.
+# The debug flag fills kernel outputs with NaN so an unwritten tile fails the comparison.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["LINEARIZE_TRITON_DEBUG"] = "1"
+INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,6 +23,12 @@ TOL = 1e-4
 # GPU: fp32 tl.dot runs in TF32 and inputs are bf16
 GPU_TOL = 2e-2
 LENGTHS = [1, 17, 64, 100]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_tests_need_interpreter(request):
+    if not INTERPRETED and "gpu" not in request.keywords:
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
 
 
 def rel_rms(a, b):
@@ -96,7 +104,7 @@ def test_no_final_state_unless_asked():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs CUDA and TRITON_INTERPRET=0")
 @pytest.mark.parametrize("normalize", [True, False])
 def test_gpu_bf16(normalize):
     inputs = make_inputs(300, heads=4, kv_heads=2, key_dim=64, value_dim=64, normalize=normalize, device="cuda")

@@ -3,10 +3,12 @@ every gradient (Triton backward kernels), on lengths that do not fit the tiles, 
 larger than a tile, GQA, split-and-resume through `WindowLinearState`; CPU via the interpreter."""
 import os
 
-# the interpreter flag is read when @triton.jit decorates, so it must be set before the import below;
-# the debug flag fills kernel outputs with NaN so an unwritten tile fails the comparison
+# CPU tests run the kernels in the interpreter, whose flag is read when @triton.jit decorates: it must be
+# set before the kernel imports below. `TRITON_INTERPRET=0 pytest -m gpu` runs the compiled GPU tests.
+# The debug flag fills kernel outputs with NaN so an unwritten tile fails the comparison.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["LINEARIZE_TRITON_DEBUG"] = "1"
+INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,6 +30,12 @@ BATCH, HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM = 1, 4, 2, 16, 12, 8
 # window_logit's gradient is analytically 0 when no query has linear keys (gamma cancels), so its
 # reference is pure fp32 rounding noise (~3e-7); real window_logit gradients here have norm ~0.1-1
 GRAD_NORM_FLOOR = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _cpu_tests_need_interpreter(request):
+    if not INTERPRETED and "gpu" not in request.keywords:
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
 
 
 def rel_rms(a, b, floor=1e-30):
@@ -123,7 +131,7 @@ def test_public_dispatch_selects_triton():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs CUDA and TRITON_INTERPRET=0")
 def test_gpu_bf16():
     inputs = make_inputs(300, head_dim=64, feature_dim=64, value_dim=64, device="cuda")
     low = [x.detach().bfloat16().requires_grad_() for x in inputs[:5]] + [inputs[5]]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from linearize.data import build_datasets, load_texts, pack_sequences
 from linearize.errors import UserError
+from linearize.evals import run_long_context
+from linearize.evals.long_context import enabled as long_context_enabled
 from linearize.models.exported import RUN_CONFIG_FILE, is_export_dir, load_export
 from linearize.train import config_to_dict, default_device, mark_done
 from linearize.train.evaluation import compare_on_tokens, greedy_sample
@@ -31,8 +33,21 @@ def _eval_tokens(cfg, tokenizer):
     return held_out[: min(cfg.data.max_eval_sequences, cfg.evaluate.max_sequences)]
 
 
-def evaluate_model(cfg, model, tokenizer, with_teacher: bool) -> dict:
-    """Metrics and greedy samples for `model` (a converted model; with_teacher: its teacher view too)."""
+def _position_tokens(cfg, tokenizer):
+    """`[M, position_seq_len]` rows of data.eval for perplexity by position, or None when off."""
+    lc = cfg.evaluate.long_context
+    if lc.position_seq_len <= 0:
+        return None
+    if not cfg.data.eval:
+        raise UserError("evaluate.long_context.position_seq_len needs data.eval (a held-out file or corpus)")
+    texts = load_texts(cfg.data.eval, cfg.data.text_field)
+    rows = pack_sequences(texts, tokenizer, lc.position_seq_len, source=f"data.eval {cfg.data.eval!r}")
+    return rows[: lc.position_sequences]
+
+
+def evaluate_model(cfg, model, tokenizer, with_teacher: bool, out_dir: Path | None = None) -> dict:
+    """Metrics and greedy samples for `model` (a converted model; with_teacher: its teacher view too);
+    with `evaluate.long_context` set, also `long_context` (tables and heatmap written to `out_dir`)."""
     model.to(default_device())
     view = teacher_view if with_teacher else None
     metrics = compare_on_tokens(model, _eval_tokens(cfg, tokenizer), teacher_view=view)
@@ -41,13 +56,18 @@ def evaluate_model(cfg, model, tokenizer, with_teacher: bool) -> dict:
     if with_teacher:
         with teacher_view(model):
             samples["teacher"] = greedy_sample(model, tokenizer, prompt, length)
-    return {**metrics, "samples": samples}
+    result = {**metrics, "samples": samples}
+    if long_context_enabled(cfg.evaluate.long_context):
+        result["long_context"] = run_long_context(cfg.evaluate.long_context, model, tokenizer,
+                                                  _position_tokens(cfg, tokenizer), out_dir, cfg.seed)
+    return result
 
 
 def evaluate_run(cfg, run_dir: Path) -> dict:
     """Builds the run's final student (student parameters + adapter) and evaluates it against its teacher."""
     model, tokenizer, _ = build_student(cfg, run_dir)
-    return evaluate_model(cfg, attach_adapter(model, run_dir), tokenizer, with_teacher=True)
+    return evaluate_model(cfg, attach_adapter(model, run_dir), tokenizer, with_teacher=True,
+                          out_dir=Path(run_dir) / STAGE)
 
 
 def run(cfg, run_dir: Path, force: bool = False) -> dict:
@@ -69,7 +89,7 @@ def evaluate_target(target, overrides=()) -> dict:
     if is_export_dir(target):
         cfg = config_from_dict(json.loads((target / RUN_CONFIG_FILE).read_text()), str(target), overrides)
         model, tokenizer = load_export(target)
-        return evaluate_model(cfg, model, tokenizer, with_teacher=False)
+        return evaluate_model(cfg, model, tokenizer, with_teacher=False, out_dir=target / STAGE)
     if (target / RUN_CONFIG).is_file():
         return evaluate_run(load_config(target / RUN_CONFIG, overrides), target)
     raise UserError(f"{target} is neither a run directory (no {RUN_CONFIG}) nor an export (no linearize config.json)")

@@ -94,10 +94,23 @@ class LoraRecoveryConfig:
 
 
 @dataclass
+class LongContextConfig:
+    """Long-context evaluation; off by default (slow on CPU). See docs/export.md."""
+
+    passkey_lengths: list[int] = field(default_factory=list)  # prompt lengths in tokens; empty: no passkey eval
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # needle position, 0 = start
+    passkey_trials: int = 2  # random keys per (length, depth) cell
+    position_seq_len: int = 0  # >0: perplexity by position on data.eval packed to this length
+    position_buckets: int = 4
+    position_sequences: int = 4
+
+
+@dataclass
 class EvaluateConfig:
     max_sequences: int = 80
     sample_prompt: str = "The capital of France is"
     sample_tokens: int = 24
+    long_context: LongContextConfig = field(default_factory=LongContextConfig)
 
 
 @dataclass

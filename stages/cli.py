@@ -231,9 +231,14 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of user errors (for bug reports)")
-    # The `deepspeed` launcher appends --local_rank=N; the rank is read from the LOCAL_RANK variable.
-    common.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_local_rank(common)
     return common
+
+
+def _add_local_rank(parser: argparse.ArgumentParser) -> None:
+    """The `deepspeed` launcher passes --local_rank=N (before the subcommand); it is accepted and ignored,
+    the rank comes from the LOCAL_RANK variable the launcher also sets."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 SUBCOMMANDS = (_add_run, _add_stage, _add_eval, _add_export, _add_generate, _add_config, _add_check)
@@ -245,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a softmax-attention decoder LLM into a linear / hybrid attention model: "
                     "attention transfer, LoRA recovery, evaluation, export. Configs: docs/configs.md.")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of user errors (for bug reports)")
+    _add_local_rank(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common_options()
     for add in SUBCOMMANDS:

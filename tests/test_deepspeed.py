@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from linearize.errors import UserError
 from linearize.train.checkpoint import KILL_AFTER_CHECKPOINT_ENV
 
 # find_spec, not import: the test process itself never loads DeepSpeed, only the launched ranks do.
@@ -142,20 +143,70 @@ def test_zero3_both_stages_match_single_process(tmp_path, tiny_tokenizer, single
 
 
 @pytest.mark.slow
-def test_two_ranks_killed_mid_stage_resume_with_same_losses(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_killed_mid_stage_resume_with_same_losses(tmp_path, tiny_tokenizer, zero_stage):
     """Killed right after LoRA's step-4 checkpoint, which is then lost: resume from step 2, redo 3-5."""
     stages = list(TRAIN_STAGES)
     config = _config(tmp_path / "assets", tiny_tokenizer, PER_RANK, stages, transfer_steps=2, lora_steps=5)
     whole, killed = (dict(config, output_dir=str(tmp_path / name)) for name in ("whole", "killed"))
-    done = _launch(whole, tmp_path / "whole.yaml", zero_stage=2)
+    done = _launch(whole, tmp_path / "whole.yaml", zero_stage)
     assert done.returncode == 0, done.stderr[-5000:]
-    crash = _launch(killed, tmp_path / "killed.yaml", zero_stage=2, kill_after=4)
+    crash = _launch(killed, tmp_path / "killed.yaml", zero_stage, kill_after=4)
     assert crash.returncode != 0
     lora_dir = tmp_path / "killed" / "tiny" / "lora_recovery"
     assert not (lora_dir / "DONE").exists() and (lora_dir / "step_4").is_dir()
     shutil.rmtree(lora_dir / "step_4")
-    resumed = _launch(killed, tmp_path / "killed.yaml", zero_stage=2)
+    resumed = _launch(killed, tmp_path / "killed.yaml", zero_stage)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     for stage in stages:
         assert _losses(tmp_path / "killed" / "tiny" / stage) == _losses(tmp_path / "whole" / "tiny" / stage)
     assert len(_losses(lora_dir)) == 5
+
+
+def test_deepspeed_config_from_engine_and_stage():
+    """The config mapping alone (no process group): batch geometry, ZeRO stage, precision, offload."""
+    from linearize.config.schema import EngineConfig, TransferConfig
+    from linearize.train.distributed import deepspeed_config
+
+    stage = TransferConfig(micro_batch_size=3, grad_accum=4, grad_clip=0.5)
+    config = deepspeed_config(EngineConfig(name="deepspeed", zero_stage=3, precision="bf16",
+                                           offload_optimizer=True, offload_params=True), stage, world=2)
+    assert config["train_batch_size"] == 3 * 4 * 2
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (3, 4)
+    assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"enabled": True}
+    assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                           "offload_param": {"device": "cpu"}}
+    assert "fp16" not in deepspeed_config(EngineConfig(precision="fp32"), stage, world=1)
+    with pytest.raises(ValueError, match="fp32, bf16, fp16"):
+        deepspeed_config(EngineConfig(precision="int8"), stage, world=1)
+    with pytest.raises(ValueError, match="zero_stage"):
+        deepspeed_config(EngineConfig(zero_stage=4), stage, world=1)
+    with pytest.raises(UserError, match="offload_params"):
+        deepspeed_config(EngineConfig(zero_stage=2, offload_params=True), stage, world=1)
+
+
+def test_importing_linearize_does_not_import_deepspeed():
+    """DeepSpeed loads only when engine.name=deepspeed builds an engine (a fresh process: pytest's may
+    hold it already)."""
+    code = ("import sys, linearize, linearize.train, linearize.train.distributed, stages.pipeline, stages.cli; "
+            "assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_cli_accepts_the_deepspeed_launchers_local_rank():
+    """`deepspeed --module linearize` puts --local_rank=N before the subcommand; torchrun-style after."""
+    from stages.cli import build_parser, parse_args
+
+    for argv in (["--local_rank=1", "run", "c.yaml", "engine.name=deepspeed"],
+                 ["run", "c.yaml", "engine.name=deepspeed", "--local_rank=1"]):
+        args = parse_args(build_parser(), argv)
+        assert args.config == "c.yaml" and args.overrides == ["engine.name=deepspeed"]
+
+
+def test_single_engine_refuses_a_deepspeed_checkpoint(tmp_path):
+    from linearize.train.checkpoint import MANIFEST, load_checkpoint
+
+    (tmp_path / MANIFEST).write_text(json.dumps({"step": 2, "engine": "deepspeed", "world_size": 2, "files": {}}))
+    with pytest.raises(UserError, match="engine.name=deepspeed"):
+        load_checkpoint(tmp_path, torch.nn.Linear(2, 2), None, None)

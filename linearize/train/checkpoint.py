@@ -35,6 +35,8 @@ MANIFEST = "manifest.json"
 # on disk, the harshest interruption a job can see.
 KILL_AFTER_CHECKPOINT_ENV = "LINEARIZE_FAULT_KILL_AFTER_CHECKPOINT"
 HASH_BLOCK = 1 << 20
+# The manifest's "engine" key of checkpoints written through DeepSpeed (linearize.train.distributed).
+DEEPSPEED_ENGINE = "deepspeed"
 
 
 @dataclass
@@ -192,7 +194,9 @@ def load_checkpoint(path: Path, model, optimizer, schedule) -> tuple[TrainerStat
 
     Returns (trainer state, optimizer extras such as the grad-scaler state)."""
     path = Path(path)
-    verify_checkpoint(path)
+    if verify_checkpoint(path).get("engine") == DEEPSPEED_ENGINE:
+        raise UserError(f"checkpoint {path} was written by engine.name=deepspeed; resume it with that engine "
+                        "(same number of ranks), or start the stage afresh with --force")
     load_trainable(model, path)
     # Our own file, hash-verified above: the RNG states hold numpy arrays that weights_only rejects.
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)

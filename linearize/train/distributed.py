@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from .checkpoint import (MANIFEST, TMP_PREFIX, TrainerState, _fsync_path, _maybe_inject_kill, _prune,
-                         _restore_rng, _rng_state, _sha256, verify_checkpoint)
+from .checkpoint import (DEEPSPEED_ENGINE, MANIFEST, TMP_PREFIX, TrainerState, _fsync_path, _maybe_inject_kill,
+                         _prune, _restore_rng, _rng_state, _sha256, verify_checkpoint)
 
 ENGINE_TAG = "engine"
 UNIVERSAL_CHECKPOINT_VERSION = 0.4
@@ -244,7 +244,7 @@ def _write_shared_files(tmp: Path, schedule_state: dict, state: TrainerState, co
 
 def _write_manifest(tmp: Path, step: int, world: int) -> None:
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    manifest = {"step": step, "engine": "deepspeed", "world_size": world,
+    manifest = {"step": step, "engine": DEEPSPEED_ENGINE, "world_size": world,
                 "files": {name: _sha256(tmp / name) for name in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     for name in files + [MANIFEST]:
@@ -287,7 +287,7 @@ def load_engine_checkpoint(engine: DeepSpeedEngine, path: Path, schedule) -> Tra
     state. The checkpoint must come from a run with the same world size."""
     manifest = verify_checkpoint(path)
     saved_world = manifest.get("world_size")
-    if manifest.get("engine") != "deepspeed":
+    if manifest.get("engine") != DEEPSPEED_ENGINE:
         raise UserError(f"checkpoint {path} was written by the single-process engine; resume it with "
                         "engine.name=single, or start this stage afresh (--force)")
     if saved_world != engine.world_size:

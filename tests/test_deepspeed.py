@@ -180,7 +180,7 @@ def test_deepspeed_config_from_engine_and_stage():
     with pytest.raises(ValueError, match="fp32, bf16, fp16"):
         deepspeed_config(EngineConfig(precision="int8"), stage, world=1)
     with pytest.raises(ValueError, match="zero_stage"):
-        deepspeed_config(EngineConfig(zero_stage=4), stage, world=1)
+        deepspeed_config(EngineConfig(zero_stage=0), stage, world=1)
     with pytest.raises(UserError, match="offload_params"):
         deepspeed_config(EngineConfig(zero_stage=2, offload_params=True), stage, world=1)
 

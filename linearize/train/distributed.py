@@ -164,10 +164,11 @@ class DeepSpeedEngine:
         self.ds.backward(loss, scale_wrt_gas=False)
         self.ds.step()
 
-    def step(self, grad_clip: float) -> float:
-        """The update already ran in the last micro-batch's backward; returns its global grad norm."""
+    def step(self, grad_clip: float):
+        """The update already ran in the last micro-batch's backward; returns its global grad norm (None
+        when DeepSpeed did not compute one)."""
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None
 
     def gather(self, values: list[float]) -> list[float]:
         """Per-micro-batch values of every rank, in global stream order (micro j of rank r at j·world + r)."""

@@ -175,6 +175,9 @@ def test_left_padded_batch_generation_is_exact(tmp_path, tiny_tokenizer, arch, m
             want = _greedy_without_cache(model, row[None], NEW_TOKENS)[0]
             assert torch.equal(got[i, PROMPT_LEN - len(row):], want)
             assert bool((got[i, :PROMPT_LEN - len(row)] == pad).all())
+        by_total_length = model.generate(input_ids=ids, attention_mask=mask, max_length=PROMPT_LEN + NEW_TOKENS,
+                                         do_sample=False, pad_token_id=pad)
+        assert torch.equal(by_total_length, got)
         beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=2,
                                num_return_sequences=2, pad_token_id=pad)
     assert beams.shape == (2 * len(rows), PROMPT_LEN + NEW_TOKENS)

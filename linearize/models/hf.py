@@ -13,12 +13,13 @@ trust_remote_code=True)` works where linearize is not installed. Keep its linear
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import warnings
 from typing import Iterator
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -87,6 +88,29 @@ def _pad_token(model, kwargs: dict) -> int:
     return int(pad)
 
 
+# generate arguments that bound the total length (prompt + new tokens), as opposed to max_new_tokens.
+LENGTH_LIMITS = ("max_length", "min_length")
+
+
+class RowStoppingCriteria(StoppingCriteria):
+    """Presents a batch-level stopping criterion (e.g. lm-eval's, which tracks every row of the batch it
+    was built for) with the batch it expects while one row is generated alone: the row's ids, with its
+    left padding restored, in every slot; the row's own slot decides."""
+
+    def __init__(self, criteria: StoppingCriteriaList, row: int, batch: int, skip: int, pad: int):
+        super().__init__()
+        self.criteria, self.row, self.batch, self.skip, self.pad = criteria, row, batch, skip, pad
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        n = input_ids.shape[0]  # this row's sequences (beams)
+        ids = torch.cat([input_ids.new_full((n, self.skip), self.pad), input_ids], dim=1)  # [n, T + new]
+        scores = scores.repeat(self.batch, 1) if scores is not None else None  # generate may pass None
+        done = self.criteria(ids.repeat(self.batch, 1), scores, **kwargs)  # [batch·n] or one bool
+        if isinstance(done, torch.Tensor) and done.dim() > 0:
+            return done[self.row * n:(self.row + 1) * n]
+        return torch.full((n,), bool(done), dtype=torch.bool, device=input_ids.device)
+
+
 def generate_rows(model, generate, input_ids: torch.Tensor, attention_mask: torch.Tensor, pads: torch.Tensor,
                   **kwargs) -> torch.Tensor:
     """Left-padded batch `[B, T]` → `[B·n, T + new]`, as batched `generate` lays it out (prompts keep their
@@ -96,10 +120,16 @@ def generate_rows(model, generate, input_ids: torch.Tensor, attention_mask: torc
         raise UserError("return_dict_in_generate is not supported for left-padded batches yet; "
                         "generate one sequence at a time")
     pad = _pad_token(model, kwargs)
+    criteria = kwargs.pop("stopping_criteria", None)
     rows = []
     for row, skip in enumerate(pads.tolist()):
+        if criteria:  # a fresh copy per row: criteria may keep per-row state
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [RowStoppingCriteria(copy.deepcopy(criteria), row, len(pads), skip, pad)])
+        # Total-length limits count the padding in a batch; a row alone is `skip` tokens shorter.
+        lengths = {key: kwargs[key] - skip for key in LENGTH_LIMITS if kwargs.get(key) is not None}
         out = generate(input_ids=input_ids[row:row + 1, skip:], attention_mask=attention_mask[row:row + 1, skip:],
-                       **kwargs)  # [n, T − skip + new_row]
+                       **{**kwargs, **lengths})  # [n, T − skip + new_row]
         rows.append(torch.cat([out.new_full((out.shape[0], skip), pad), out], dim=1))  # [n, T + new_row]
     width = max(r.shape[1] for r in rows)
     return torch.cat([torch.cat([r, r.new_full((r.shape[0], width - r.shape[1]), pad)], dim=1) for r in rows])

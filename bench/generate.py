@@ -1,0 +1,177 @@
+"""Decode speed and memory against context length, teacher vs students: prefill a random context of
+each length with a cache, then time greedy decode steps (one token each, the cache carried along).
+
+Each (model, context) case runs alone in its own process, so its peak RSS is its own. Reported: decode
+tokens/s (median step time), the cache's size after prefill (KV cache for the teacher; recurrent state,
+window keys/values and softmax layers' KV for students) and the process's peak RSS (prefill included).
+Run it on an otherwise idle machine: contended timings are meaningless.
+
+    python bench/generate.py                                   # 1K–8K, prints a markdown table
+    python bench/generate.py --contexts 1024,2048 --write docs/export.md --png docs/generate.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODEL = "smollm2-135m-instruct"
+TEACHER = "teacher"
+DEFAULT_CONTEXTS = "1024,2048,4096,8192"
+DEFAULT_MECHANISMS = "window_linear,liger,linear"
+# liger needs a parameter-free feature map that keeps the head dim (attention/liger.py).
+MECHANISM_OVERRIDES = {"liger": {"feature_map": "softmax_dim"}, "liger_window": {"feature_map": "softmax_dim"}}
+SECTION_TITLE = "## Decode speed and memory vs context (bench/generate.py)"
+KIB_PER_MIB = 1024
+BYTES_PER_MIB = 2**20
+WARMUP_STEPS = 2  # untimed decode steps first: the first calls pay one-off allocation costs
+
+
+def build(case: str, dtype: str):
+    """The teacher, or the teacher converted to mechanism `case` (untrained student parameters: speed
+    and memory do not depend on their values)."""
+    import linearize
+    from linearize.config.schema import AttentionConfig, ModelConfig
+    from linearize.models.teacher import load_teacher
+
+    model, _ = load_teacher(ModelConfig(path=MODEL, dtype=dtype))
+    if case != TEACHER:
+        linearize.linearize_model(model, AttentionConfig(mechanism=case, **MECHANISM_OVERRIDES.get(case, {})))
+    return model.eval()
+
+
+@torch.no_grad()
+def measure(case: str, context: int, new_tokens: int, dtype: str) -> dict:
+    from transformers import DynamicCache
+
+    from linearize.attention import cache_nbytes
+
+    model = build(case, dtype)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    started = time.perf_counter()
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # [1, L, V]
+    prefill = time.perf_counter() - started
+    state_bytes = cache_nbytes(cache)
+    token = logits[:, -1:].argmax(-1)  # [1, 1]
+    for _ in range(WARMUP_STEPS):
+        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # [1, 1]
+    steps = []
+    for _ in range(new_tokens):
+        started = time.perf_counter()
+        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # [1, 1]
+        steps.append(time.perf_counter() - started)
+    return {"case": case, "context": context, "prefill_s": prefill, "decode_tok_s": 1.0 / statistics.median(steps),
+            "cache_mib": state_bytes / BYTES_PER_MIB,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB}
+
+
+def _spawn(case: str, context: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--case", case, "--context", str(context), "--new-tokens", str(args.new_tokens),
+           "--dtype", args.dtype, "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"case {case} at {context} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict], args) -> str:
+    teacher = {r["context"]: r for r in results if r["case"] == TEACHER}
+    lines = [SECTION_TITLE, "",
+             f"SmolLM2-135M-Instruct, {args.dtype}, batch 1, median of {args.new_tokens} greedy decode steps after "
+             f"a prefill of the context; {platform.processor() or platform.machine()}, {args.threads} threads, "
+             f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "| model | context | decode tokens/s | vs teacher | cache (MiB) | peak RSS (MiB) | prefill (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        ref = teacher.get(r["context"])
+        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}×" if ref else "–"
+        lines.append(f"| {r['case']} | {r['context']} | {r['decode_tok_s']:.1f} | {ratio} | {r['cache_mib']:.2f} | "
+                     f"{r['peak_rss_mib']:.0f} | {r['prefill_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    for case in dict.fromkeys(r["case"] for r in results):
+        rows = [r for r in results if r["case"] == case]
+        contexts = [r["context"] for r in rows]
+        speed.plot(contexts, [r["decode_tok_s"] for r in rows], marker="o", label=case)
+        memory.plot(contexts, [r["cache_mib"] for r in rows], marker="o", label=case)
+    for ax, label in ((speed, "decode tokens/s"), (memory, "cache after prefill (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    memory.set_yscale("log")
+    speed.legend()
+    fig.suptitle("SmolLM2-135M decode: teacher vs linearized students")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replaces this script's section in `path` (or appends it), leaving other sections alone."""
+    text = path.read_text() if path.exists() else "# Exports\n"
+    start = text.find(SECTION_TITLE)
+    if start >= 0:
+        end = text.find("\n## ", start + len(SECTION_TITLE))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help="one case (teacher or a mechanism) alone in this process (JSON)")
+    parser.add_argument("--context", type=int, help="with --case: its context length")
+    parser.add_argument("--contexts", default=DEFAULT_CONTEXTS, help="comma-separated context lengths")
+    parser.add_argument("--mechanisms", default=DEFAULT_MECHANISMS, help="comma-separated student mechanisms")
+    parser.add_argument("--new-tokens", type=int, default=16, help="timed decode steps per case")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--write", type=Path, help="markdown file to put the table in")
+    parser.add_argument("--png", type=Path, help="where to save the plot")
+    parser.add_argument("--json", type=Path, help="where to save the raw results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.case:
+        print(json.dumps(measure(args.case, args.context, args.new_tokens, args.dtype)))
+        return
+    cases = [TEACHER, *args.mechanisms.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    results = []
+    for case in cases:
+        for context in contexts:
+            results.append(_spawn(case, context, args))
+            print(json.dumps(results[-1]), file=sys.stderr)
+    section = table(results, args)
+    print(section)
+    if args.write:
+        write_section(args.write, section)
+    if args.png:
+        plot(results, args.png)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ from linearize.train.student import attach_adapter, build_student, teacher_view
 STAGE = "evaluate"
 EVAL_FILE = "eval.json"
 RUN_CONFIG = "config.yaml"
+TEACHER_DIR = "teacher"  # the teacher's long-context tables and heatmap, under the stage directory
 
 
 def _eval_tokens(cfg, tokenizer):
@@ -47,7 +48,8 @@ def _position_tokens(cfg, tokenizer):
 
 def evaluate_model(cfg, model, tokenizer, with_teacher: bool, out_dir: Path | None = None) -> dict:
     """Metrics and greedy samples for `model` (a converted model; with_teacher: its teacher view too);
-    with `evaluate.long_context` set, also `long_context` (tables and heatmap written to `out_dir`)."""
+    with `evaluate.long_context` set, also `long_context` (tables and heatmap written to `out_dir`) and,
+    with the teacher, `long_context_teacher`."""
     model.to(default_device())
     view = teacher_view if with_teacher else None
     metrics = compare_on_tokens(model, _eval_tokens(cfg, tokenizer), teacher_view=view)
@@ -57,9 +59,14 @@ def evaluate_model(cfg, model, tokenizer, with_teacher: bool, out_dir: Path | No
         with teacher_view(model):
             samples["teacher"] = greedy_sample(model, tokenizer, prompt, length)
     result = {**metrics, "samples": samples}
-    if long_context_enabled(cfg.evaluate.long_context):
-        result["long_context"] = run_long_context(cfg.evaluate.long_context, model, tokenizer,
-                                                  _position_tokens(cfg, tokenizer), out_dir, cfg.seed)
+    lc = cfg.evaluate.long_context
+    if long_context_enabled(lc):
+        tokens = _position_tokens(cfg, tokenizer)
+        result["long_context"] = run_long_context(lc, model, tokenizer, tokens, out_dir, cfg.seed)
+        if with_teacher:  # the same prompts and keys (same seed) for the teacher, beside the student's
+            with teacher_view(model):
+                result["long_context_teacher"] = run_long_context(
+                    lc, model, tokenizer, tokens, Path(out_dir) / TEACHER_DIR if out_dir else None, cfg.seed)
     return result
 
 

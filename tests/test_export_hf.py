@@ -90,7 +90,13 @@ STANDALONE = textwrap.dedent("""
     with torch.no_grad():
         logits = model(ids).logits
         generated = model.generate(ids, max_new_tokens={new}, do_sample=False, pad_token_id=0)
-    torch.save({{"logits": logits, "generated": generated, "module": type(model).__module__}}, out_file)
+    # The CUDA-only Triton hookup, exercised on CPU: the ops must find the bundled kernels by their names.
+    modeling = sys.modules[type(model).__module__]
+    modeling._expose_bundled_triton()
+    common = sys.modules[modeling.__package__ + ".lz_ops__common"]
+    kernel = common.load_triton_function(modeling.__package__ + ".lz_ops_linear_attn", "chunk_linear_attn_triton")
+    torch.save({{"logits": logits, "generated": generated, "module": type(model).__module__,
+                 "kernel": kernel.__module__}}, out_file)
 """).format(new=NEW_TOKENS)
 
 
@@ -110,6 +116,7 @@ def test_standalone_load_without_linearize(tmp_path, tiny_tokenizer):
     assert result.returncode == 0, result.stderr[-3000:]
     got = torch.load(tmp_path / "result.pt")
     assert got["module"].startswith("transformers_modules.")
+    assert got["kernel"].endswith(".lz_ops_linear_attn_triton")
     loaded, _ = load_export(out)
     with torch.no_grad():
         want_logits = loaded(ids).logits

@@ -119,6 +119,10 @@ def test_evaluate_stage_adds_long_context_only_when_asked(tmp_path, student, tok
     on_cfg = config_from_dict(base, "test", ["evaluate.long_context.passkey_lengths=[128]",
                                              "evaluate.long_context.passkey_trials=1",
                                              "evaluate.long_context.position_seq_len=64"])
-    on = evaluate_model(on_cfg, student, tokenizer, with_teacher=False, out_dir=tmp_path)
+    on = evaluate_model(on_cfg, student, tokenizer, with_teacher=True, out_dir=tmp_path)
     assert on["long_context"]["passkey"]["lengths"] == [128]
     assert on["long_context"]["position_ppl"]["seq_len"] == 64
+    student_ppl = [b["ppl"] for b in on["long_context"]["position_ppl"]["buckets"]]
+    teacher_ppl = [b["ppl"] for b in on["long_context_teacher"]["position_ppl"]["buckets"]]
+    assert student_ppl != teacher_ppl  # the teacher view really ran softmax attention
+    assert (tmp_path / "teacher" / "passkey.png").is_file()

@@ -55,7 +55,8 @@ def _config(root: Path, tokenizer_dir: Path, batch: dict, stages: list[str], **s
     return cfg
 
 
-def _launch(config: dict, path: Path, zero_stage: int, kill_after: int | None = None) -> subprocess.CompletedProcess:
+def _launch(config: dict, path: Path, zero_stage: int, kill_after: int | None = None, ranks: int = RANKS,
+            extra: tuple = ()) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m linearize run CONFIG engine.name=deepspeed ...` on the CPU."""
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k != KILL_AFTER_CHECKPOINT_ENV}
@@ -63,9 +64,9 @@ def _launch(config: dict, path: Path, zero_stage: int, kill_after: int | None = 
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     if kill_after is not None:
         env[KILL_AFTER_CHECKPOINT_ENV] = str(kill_after)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                "-m", "linearize", "run", str(path), "engine.name=deepspeed", f"engine.zero_stage={zero_stage}",
-               "engine.precision=fp32"]
+               "engine.precision=fp32", *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=REPO)
 
 
@@ -161,6 +162,25 @@ def test_two_ranks_killed_mid_stage_resume_with_same_losses(tmp_path, tiny_token
     for stage in stages:
         assert _losses(tmp_path / "killed" / "tiny" / stage) == _losses(tmp_path / "whole" / "tiny" / stage)
     assert len(_losses(lora_dir)) == 5
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_through_a_universal_checkpoint(tmp_path, tiny_tokenizer):
+    """2 ranks × accum 1 write step 2; 1 rank × accum 2 (same global batch, --force for the changed
+    grad_accum) resumes it through ds_to_universal: steps 3-4 need the restored weights and AdamW
+    moments to reproduce the 2-rank losses."""
+    config = _config(tmp_path / "assets", tiny_tokenizer, PER_RANK, ["attention_transfer"], transfer_steps=4)
+    whole, moved = (dict(config, output_dir=str(tmp_path / name)) for name in ("whole", "moved"))
+    done = _launch(whole, tmp_path / "whole.yaml", zero_stage=2)
+    assert done.returncode == 0, done.stderr[-5000:]
+    crash = _launch(moved, tmp_path / "moved.yaml", zero_stage=2, kill_after=2)
+    assert crash.returncode != 0
+    stage_dir = tmp_path / "moved" / "tiny" / "attention_transfer"
+    resumed = _launch(moved, tmp_path / "moved.yaml", zero_stage=2, ranks=1,
+                      extra=("attention_transfer.grad_accum=2", "--force"))
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    _assert_close_losses(_losses(stage_dir), _losses(tmp_path / "whole" / "tiny" / "attention_transfer"))
+    assert (stage_dir / "step_2" / "universal").is_dir()
 
 
 def test_deepspeed_config_from_engine_and_stage():

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +33,7 @@ from .checkpoint import (DEEPSPEED_ENGINE, MANIFEST, TMP_PREFIX, TrainerState, _
                          _prune, _restore_rng, _rng_state, _sha256, verify_checkpoint)
 
 ENGINE_TAG = "engine"
+UNIVERSAL_TAG = "universal"  # `step_<N>/universal/`: the engine files converted for another world size
 UNIVERSAL_CHECKPOINT_VERSION = 0.4
 PRECISIONS = {"fp32": {}, "bf16": {"bf16": {"enabled": True}}, "fp16": {"fp16": {"enabled": True}}}
 ZERO_STAGES = (1, 2, 3)
@@ -283,22 +286,52 @@ def save_engine_checkpoint(engine: DeepSpeedEngine, stage_dir: Path, schedule_st
     return final
 
 
+def _universal_tag(engine: DeepSpeedEngine, path: Path) -> str:
+    """Converts `path/engine` into DeepSpeed's world-size-independent universal format (rank 0, once;
+    later resumes reuse it) and returns its tag. Collective."""
+    target = path / UNIVERSAL_TAG
+    if engine.is_main and not target.is_dir():
+        tmp = path / f".{UNIVERSAL_TAG}-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", str(path / ENGINE_TAG), "--output_folder", str(tmp)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise UserError(f"checkpoint {path}: converting it to a universal checkpoint failed: "
+                            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        os.replace(tmp, target)
+    barrier()
+    return UNIVERSAL_TAG
+
+
+def _load_engine_state(engine: DeepSpeedEngine, path: Path, saved_world: int) -> None:
+    """Same world size: DeepSpeed's own shards. Another world size: through the universal format,
+    which DeepSpeed reads when its (runtime-read) `load_universal_checkpoint` setting is on."""
+    tag = ENGINE_TAG
+    if saved_world != engine.world_size:
+        tag = _universal_tag(engine, path)
+        engine.ds._config.load_universal_checkpoint = True
+    loaded, _ = engine.ds.load_checkpoint(str(path), tag=tag, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    engine.ds._config.load_universal_checkpoint = False
+    if loaded is None:
+        raise UserError(f"checkpoint {path}: DeepSpeed could not load {path / tag}")
+
+
 def load_engine_checkpoint(engine: DeepSpeedEngine, path: Path, schedule) -> TrainerState:
     """Collective: restores weights and ZeRO optimizer shards, schedule, this rank's RNG and the trainer
-    state. The checkpoint must come from a run with the same world size."""
+    state. A checkpoint from another number of ranks is converted to a universal checkpoint first; the
+    data cursor is global, so the stream continues where it stopped (the global batch then follows
+    the new world size)."""
     manifest = verify_checkpoint(path)
-    saved_world = manifest.get("world_size")
     if manifest.get("engine") != DEEPSPEED_ENGINE:
         raise UserError(f"checkpoint {path} was written by the single-process engine; resume it with "
                         "engine.name=single, or start this stage afresh (--force)")
-    if saved_world != engine.world_size:
-        raise UserError(f"checkpoint {path} was written by {saved_world} ranks, this run has "
-                        f"{engine.world_size}; resume with the same number of processes")
-    loaded, _ = engine.ds.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
-    if loaded is None:
-        raise UserError(f"checkpoint {path}: DeepSpeed could not load {path / ENGINE_TAG}")
+    saved_world = manifest["world_size"]
+    _load_engine_state(engine, path, saved_world)
     schedule.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    # A rank the saving run did not have continues from rank 0's RNG stream.
+    rng_path = path / _rng_file(engine.rank if engine.rank < saved_world else 0)
     # Our own file, hash-verified above: the RNG states hold numpy arrays that weights_only rejects.
-    _restore_rng(torch.load(path / _rng_file(engine.rank), weights_only=False))
+    _restore_rng(torch.load(rng_path, weights_only=False))
     return TrainerState(**json.loads((path / "state.json").read_text()))

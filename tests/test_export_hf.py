@@ -61,6 +61,16 @@ def test_load_export_and_auto_classes_give_the_original_logits(tmp_path, tiny_to
     assert loaded.config.linearize["layers"] == model.config.linearize["layers"]
 
 
+def test_a_loaded_export_exports_again(tmp_path, tiny_tokenizer):
+    model, out = _export(tmp_path, tiny_tokenizer, "qwen3", "lawcat")
+    loaded, tokenizer = load_export(out)
+    again, _ = load_export(save_export(loaded, tokenizer, tmp_path / "again"))
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "linearize_qwen3"
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+
+
 def test_bundle_has_only_flat_relative_linearize_imports(tmp_path):
     files = bundle.write_bundle(tmp_path)
     assert bundle.MODELING_FILE in files

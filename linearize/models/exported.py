@@ -87,7 +87,7 @@ def _make_self_loading(config_file: Path) -> None:
     """Rewrites the saved config as the `linearize_<base>` model type, with `auto_map` pointing the
     Auto classes at the bundled modeling file."""
     config = json.loads(config_file.read_text())
-    base = config["model_type"]
+    base = config["model_type"].removeprefix(hf.MODEL_TYPE_PREFIX)  # re-exporting a loaded export
     config_class, model_class = hf.classes_for(base)
     module = bundle.MODELING_MODULE
     config.update(

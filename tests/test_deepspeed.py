@@ -230,3 +230,15 @@ def test_single_engine_refuses_a_deepspeed_checkpoint(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"step": 2, "engine": "deepspeed", "world_size": 2, "files": {}}))
     with pytest.raises(UserError, match="engine.name=deepspeed"):
         load_checkpoint(tmp_path, torch.nn.Linear(2, 2), None, None)
+
+
+def test_each_rank_gets_its_own_triton_cache(monkeypatch, tmp_path):
+    from linearize.train.distributed import TRITON_CACHE_BASE_ENV, TRITON_CACHE_ENV, set_triton_cache_per_rank
+
+    monkeypatch.setenv(TRITON_CACHE_BASE_ENV, "")  # registers it for restoring: the code sets it
+    monkeypatch.delenv(TRITON_CACHE_BASE_ENV)
+    monkeypatch.setenv(TRITON_CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    assert set_triton_cache_per_rank() == tmp_path / "rank1"
+    assert os.environ[TRITON_CACHE_ENV] == str(tmp_path / "rank1")
+    assert set_triton_cache_per_rank() == tmp_path / "rank1"  # a second call does not nest

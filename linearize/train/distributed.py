@@ -38,6 +38,7 @@ UNIVERSAL_CHECKPOINT_VERSION = 0.4
 PRECISIONS = {"fp32": {}, "bf16": {"bf16": {"enabled": True}}, "fp16": {"fp16": {"enabled": True}}}
 ZERO_STAGES = (1, 2, 3)
 TRITON_CACHE_ENV = "TRITON_CACHE_DIR"
+TRITON_CACHE_BASE_ENV = "LINEARIZE_TRITON_CACHE_BASE"
 DEFAULT_TRITON_CACHE = Path.home() / ".triton" / "cache"
 # Launcher variables a single `python` process lacks; without them DeepSpeed goes looking for MPI.
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -65,10 +66,9 @@ def is_main_process() -> bool:
 
 def set_triton_cache_per_rank() -> Path:
     """Points TRITON_CACHE_DIR at `<base>/rank<r>`, so ranks never race on one kernel cache file."""
-    base = Path(os.environ.get(TRITON_CACHE_ENV, DEFAULT_TRITON_CACHE))
-    if base.name.startswith("rank"):
-        return base
-    path = base / f"rank{rank()}"
+    # The user's base is remembered, so a second call (a later stage) does not nest rank dirs.
+    base = os.environ.setdefault(TRITON_CACHE_BASE_ENV, os.environ.get(TRITON_CACHE_ENV, str(DEFAULT_TRITON_CACHE)))
+    path = Path(base) / f"rank{rank()}"
     os.environ[TRITON_CACHE_ENV] = str(path)
     return path
 

@@ -43,6 +43,7 @@ class _Inputs(NamedTuple):
     fk: torch.Tensor  # [B, H, P + T, F]
     kv0: torch.Tensor  # [B, H, F, V + 1]
     gamma: torch.Tensor  # [H, 1, 1]
+    log_gamma: torch.Tensor  # [H, 1, 1, 1]: log sigmoid(window_logit), for the chunk form's exponent
     prefix: int  # P
     k_raw: torch.Tensor  # [B, H_kv, P + T, D]
     v_raw: torch.Tensor  # [B, H_kv, P + T, V]
@@ -110,6 +111,7 @@ def _prepare(q, k, v, fq, fk, window_logit, window_size, scale, initial_state):
         fk=torch.cat([state.fk, fk.float().transpose(1, 2)], dim=2),  # [B, H, P + T, F]
         kv0=state.kv,
         gamma=torch.sigmoid(window_logit.float()).view(heads, 1, 1),  # [H, 1, 1]
+        log_gamma=torch.nn.functional.logsigmoid(window_logit.float()).view(heads, 1, 1, 1),  # [H, 1, 1, 1]
         prefix=state.k.shape[2],
         k_raw=k_all,
         v_raw=v_all,
@@ -161,61 +163,83 @@ def parallel_window_linear_attn(
     return _divide(num_den, v.dtype), final
 
 
-def _chunk_blocks(x, window_size, chunk_size):
-    """Front-pad the keys so every query chunk n sees the key block of padded positions
-    [nC, nC + W + C) (the previous W keys and its own C); return the blocks and the padding."""
-    seq_len = x.q.shape[2]
-    num_chunks = -(-seq_len // chunk_size)
-    front = window_size - x.prefix
-    back = num_chunks * chunk_size - seq_len
-
-    def pad(t):
-        return torch.nn.functional.pad(t, (0, 0, front, back))  # [B, H, W + N·C, ·]
-
-    block = window_size + chunk_size
-
-    def blocks(t):
-        return pad(t).unfold(2, block, chunk_size).transpose(-1, -2)  # [B, H, N, W + C, ·]
-
-    return blocks, pad, front, num_chunks
-
-
-def chunk_window_linear_attn_torch(
-    q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-    output_final_state=False, chunk_size=64,
-):
-    """Chunked form: each query chunk of C tokens scores a `[C, W + C]` key block (the previous W keys
-    and its own), masked into window keys s ∈ (t−W, t] and in-block linear keys s ≤ t−W; keys older than
-    the block reach it through the linear state `kv_n = kv0 + Σ_{m<n} fk_mᵀ [v_m, 1]` (an exclusive
-    cumulative sum over chunks)."""
-    check_chunk_size(chunk_size)
-    x = _prepare(q, k, v, fq, fk, window_logit, window_size, scale, initial_state)
-    seq_len = x.q.shape[2]
-    blocks, pad, front, num_chunks = _chunk_blocks(x, window_size, chunk_size)
-    q_pad = torch.nn.functional.pad(x.q, (0, 0, 0, num_chunks * chunk_size - seq_len))  # [B, H, N·C, D]
-    fq_pad = torch.nn.functional.pad(x.fq, (0, 0, 0, num_chunks * chunk_size - seq_len))  # [B, H, N·C, F]
-    qc = q_pad.unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, D]
-    fqc = fq_pad.unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, F]
-
-    device = x.q.device
+def _window_bias(num_chunks, chunk_size, window_size, front, device):
+    """Additive `[N, C, W + C]` mask (0 or -inf) of the window keys of each query chunk's key block:
+    block key j is a window key of chunk query i when 0 <= W + i - j < W and it is not front padding."""
     query_idx = torch.arange(chunk_size, device=device)
     key_idx = torch.arange(window_size + chunk_size, device=device)
     distance = (window_size + query_idx)[:, None] - key_idx[None, :]  # [C, W + C]
     chunk_start = torch.arange(num_chunks, device=device)[:, None, None] * chunk_size  # [N, 1, 1]
     is_key = chunk_start + key_idx >= front  # [N, 1, W + C]: front padding is not a key
     window = (distance >= 0) & (distance < window_size) & is_key  # [N, C, W + C]
-    linear = distance >= window_size  # [C, W + C]
+    bias = torch.zeros(window.shape, dtype=torch.float32, device=device)
+    return bias.masked_fill_(~window, float("-inf"))
 
+
+def _window_part(x, window_size, chunk_size, num_chunks, pad):
+    """Softmax numerator/normalizer of every query chunk over its window keys → `[B, H, N, C, V + 1]`.
+
+    Each chunk scores a `[C, W + C]` key block (the previous W keys and its own C). log γ joins the
+    exponent, and the mask and exp run in place on fresh tensors (matmul and subtraction keep no output
+    for backward). The row max c_t is part of the math (it scales the softmax part against the linear
+    part), so it keeps its gradient."""
+    block = window_size + chunk_size
+
+    def blocks(t):
+        return pad(t).unfold(2, block, chunk_size).transpose(-1, -2)  # [B, H, N, W + C, ·]
+
+    qc = _chunks(x.q, num_chunks, chunk_size)  # [B, H, N, C, D]
     scores = qc @ blocks(x.k).transpose(-1, -2)  # [B, H, N, C, W + C]
-    fk_pad, v1_pad = pad(x.fk), pad(x.v1)  # [B, H, W + N·C, F / V + 1]
-    chunk_kv = (
-        fk_pad[:, :, : num_chunks * chunk_size].unflatten(2, (num_chunks, chunk_size)).transpose(-1, -2)
-        @ v1_pad[:, :, : num_chunks * chunk_size].unflatten(2, (num_chunks, chunk_size))
-    )  # [B, H, N, F, V + 1]: the keys each block leaves behind
+    front = window_size - x.prefix
+    scores.add_(_window_bias(num_chunks, chunk_size, window_size, front, scores.device))
+    shift = scores.amax(dim=-1, keepdim=True) - x.log_gamma  # [B, H, N, C, 1]; finite: s = t is a key
+    a_sm = (scores - shift).exp_()  # γ · exp(score − c_t)
+    return a_sm @ blocks(x.v1)  # [B, H, N, C, V + 1]
+
+
+def _linear_part(x, chunk_size, num_chunks, pad):
+    """Linear-attention numerator/normalizer of every query chunk → `[B, H, N, C, V + 1]`.
+
+    The linear keys of query i in chunk n are the keys up to W before it: in the key block they are
+    padded chunk n's keys j <= i (a lower triangle, never the rest of the block), and all keys before
+    padded chunk n reach it through the state `kv_n = kv0 + Σ_{m<n} fk_mᵀ [v_m, 1]` (an exclusive
+    cumulative sum over chunks)."""
+    span = num_chunks * chunk_size
+    fk = pad(x.fk)[:, :, :span].unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, F]
+    v1 = pad(x.v1)[:, :, :span].unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, V + 1]
+    fqc = _chunks(x.fq, num_chunks, chunk_size)  # [B, H, N, C, F]
+    a_lin = (fqc @ fk.transpose(-1, -2)).tril_()  # [B, H, N, C, C]
+    chunk_kv = fk.transpose(-1, -2) @ v1  # [B, H, N, F, V + 1]: the keys each padded chunk holds
     kv = x.kv0.unsqueeze(2) + chunk_kv.cumsum(dim=2) - chunk_kv  # [B, H, N, F, V + 1]
-    num_den = _combine(
-        scores, window, linear, fqc, blocks(x.fk), blocks(x.v1), kv, x.gamma.unsqueeze(-1)
-    )  # [B, H, N, C, V + 1]
+    return a_lin @ v1 + fqc @ kv  # [B, H, N, C, V + 1]
+
+
+def _chunks(t, num_chunks, chunk_size):
+    """`[B, H, T, ·]` → `[B, H, N, C, ·]`, zero-padded at the end to N·C tokens."""
+    extra = num_chunks * chunk_size - t.shape[2]
+    if extra:
+        t = torch.nn.functional.pad(t, (0, 0, 0, extra))  # [B, H, N·C, ·]
+    return t.unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, ·]
+
+
+def chunk_window_linear_attn_torch(
+    q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
+    output_final_state=False, chunk_size=64,
+):
+    """Chunked form, never a T×T matrix: each query chunk of C tokens takes its window keys from a
+    `[C, W + C]` key block (the previous W keys and its own) and its linear keys from the padded chunk
+    W tokens earlier (a `[C, C]` triangle) plus the running linear state of everything older."""
+    check_chunk_size(chunk_size)
+    x = _prepare(q, k, v, fq, fk, window_logit, window_size, scale, initial_state)
+    seq_len = x.q.shape[2]
+    num_chunks = -(-seq_len // chunk_size)
+    front, back = window_size - x.prefix, num_chunks * chunk_size - seq_len
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 0, front, back))  # [B, H, W + N·C, ·]
+
+    num_den = _window_part(x, window_size, chunk_size, num_chunks, pad)
+    num_den = num_den + _linear_part(x, chunk_size, num_chunks, pad)  # [B, H, N, C, V + 1]
     num_den = num_den.flatten(2, 3)[:, :, :seq_len]  # [B, H, T, V + 1]
     final = _final_state(x, window_size) if output_final_state else None
     return _divide(num_den, v.dtype), final

@@ -144,6 +144,7 @@ class DeepSpeedEngine:
     zero_stage: int
     rank: int
     world_size: int
+    loss_scaling: bool = False  # engine.precision=fp16: DeepSpeed skips overflowing steps itself
     scaler: None = None
 
     @property
@@ -233,7 +234,7 @@ def build_deepspeed_engine(engine_cfg, model: torch.nn.Module, stage_cfg, loss_f
     config = deepspeed_config(engine_cfg, stage_cfg, world_size())
     ds, _, _, _ = deepspeed.initialize(model=LossModule(model, loss_fn), optimizer=optimizer, config=config)
     return DeepSpeedEngine(ds=ds, model=model, device=device, zero_stage=engine_cfg.zero_stage, rank=rank(),
-                           world_size=world_size())
+                           world_size=world_size(), loss_scaling=engine_cfg.precision == "fp16")
 
 
 def _rng_file(which: int) -> str:

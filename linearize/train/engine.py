@@ -41,6 +41,11 @@ class Engine:
     world_size: int = 1
     is_main: bool = True
 
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 loss scaling: inf grads then skip a step instead of stopping the run."""
+        return self.scaler is not None
+
     def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The stage's loss on a batch `[B, L]` (already on `device`)."""
         return self.loss_fn(self.model, input_ids)

@@ -114,7 +114,7 @@ def _train_step(run: _Run, state: TrainerState, stage_dir: Path) -> dict:
     state.cursor += cfg.micro_batch_size * cfg.grad_accum * engine.world_size
     grad_norm = engine.step(cfg.grad_clip)
     # With fp16 loss scaling, inf grads are expected: the scaler skips the step.
-    if engine.scaler is None and grad_norm is not None:
+    if not engine.loss_scaling and grad_norm is not None:
         _stop_on_nonfinite(grad_norm, step, stage_dir, "grad norm")
     state.step, state.tokens = step, state.tokens + tokens
     elapsed = time.perf_counter() - started

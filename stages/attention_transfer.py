@@ -24,7 +24,7 @@ def make_transfer_loss(collector: PairCollector, stage_cfg):
     def loss_fn(model, input_ids):
         collector.take()
         with linearize.transfer_mode(model, collector):
-            model.get_decoder()(input_ids=input_ids)
+            model.get_decoder()(input_ids=input_ids, use_cache=False)  # no decode state in training
         pairs = collector.take()
         loss = transfer_mse(pairs, stage_cfg.mse_factor)
         if stage_cfg.attn_ce_weight > 0:

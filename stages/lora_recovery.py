@@ -40,11 +40,11 @@ def make_recovery_loss(stage_cfg):
     """loss_fn(model, input_ids [B, L]): next-token CE, plus kl_weight · KL(teacher || student)."""
 
     def loss_fn(model, input_ids):
-        logits = model(input_ids=input_ids).logits  # [B, L, V]
+        logits = model(input_ids=input_ids, use_cache=False).logits  # [B, L, V]: no decode state in training
         loss = next_token_loss(logits, input_ids)
         if stage_cfg.kl_weight > 0:
             with torch.no_grad(), teacher_view(model):
-                teacher_logits = model(input_ids=input_ids).logits  # [B, L, V]
+                teacher_logits = model(input_ids=input_ids, use_cache=False).logits  # [B, L, V]: no decode state in training
             loss = loss + stage_cfg.kl_weight * distill_kl(logits, teacher_logits)
         return loss
 

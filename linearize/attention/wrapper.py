@@ -68,12 +68,17 @@ def teacher_attention(
     """The teacher's causal (optionally sliding-window) softmax attention in fp32 →
     (`[B, T, H, D]`, weights `[B, H, T, T]` or None). SDPA avoids a T×T matrix unless weights are asked for."""
     q = p.q_rope.float().transpose(1, 2)  # [B, H, T, D]
-    k = repeat_heads(p.k_rope, p.group).float().transpose(1, 2)  # [B, H, T, D]
-    v = repeat_heads(p.v, p.group).float().transpose(1, 2)  # [B, H, T, D]
     mask = teacher_mask(q.shape[2], window, q.device)
     if not want_weights:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        # enable_gqa reads kv head h // group in place: no expanded copies of k and v.
+        k = p.k_rope.float().transpose(1, 2)  # [B, H_kv, T, D]
+        v = p.v.float().transpose(1, 2)  # [B, H_kv, T, D]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=p.group > 1
+        )
         return y.transpose(1, 2), None
+    k = repeat_heads(p.k_rope, p.group).float().transpose(1, 2)  # [B, H, T, D]
+    v = repeat_heads(p.v, p.group).float().transpose(1, 2)  # [B, H, T, D]
     if mask is None:
         mask = causal_mask(q.shape[2], q.device)
     scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, T, T]

@@ -49,8 +49,13 @@ class Hedgehog(_PerHeadProjection):
         self.out_dim = 2 * feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.project(x)
-        return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1).clamp(min=HEDGEHOG_MIN)  # [B, T, H, 2f]
+        # One matmul against [W, −W] gives [xW, −xW]; one softmax over each half (viewed [.., 2, f]).
+        # Computed heads-first so the softmax reads contiguous rows; the result is a [B, T, H, 2f] view
+        # of heads-first memory, which the ops' heads-first staging reads back without a copy.
+        weight = self.weight.float()
+        z = x.float().transpose(1, 2) @ torch.cat([weight, -weight], dim=-1)  # [B, H, T, 2f]
+        halves = z.unflatten(-1, (2, -1)).softmax(-1)  # [B, H, T, 2, f]
+        return halves.flatten(-2).clamp(min=HEDGEHOG_MIN).transpose(1, 2)  # [B, T, H, 2f]
 
 
 class HedgehogJoint(_PerHeadProjection):

@@ -37,13 +37,13 @@ def compare_on_tokens(model: torch.nn.Module, tokens: torch.Tensor, batch_size: 
     model.eval()
     for start in tqdm(range(0, len(tokens), batch_size), desc="evaluating", leave=False):
         batch = tokens[start:start + batch_size].to(device)  # [B, L]
-        student = model(input_ids=batch).logits  # [B, L, V]
+        student = model(input_ids=batch, use_cache=False).logits  # [B, L, V]
         nll, count = _nll_sum(student, batch)
         totals["student_nll"] += nll
         totals["predictions"] += count
         if teacher_view is not None:
             with teacher_view(model):
-                teacher = model(input_ids=batch).logits  # [B, L, V]
+                teacher = model(input_ids=batch, use_cache=False).logits  # [B, L, V]
             totals["teacher_nll"] += _nll_sum(teacher, batch)[0]
             kl, agree = _kl_and_agreement(student, teacher)
             totals["kl"] += kl

@@ -197,21 +197,33 @@ def _window_part(x, window_size, chunk_size, num_chunks, pad):
     return a_sm @ blocks(x.v1)  # [B, H, N, C, V + 1]
 
 
-def _linear_part(x, chunk_size, num_chunks, pad):
+def _linear_part(x, front, chunk_size, num_chunks):
     """Linear-attention numerator/normalizer of every query chunk → `[B, H, N, C, V + 1]`.
 
     The linear keys of query i in chunk n are the keys up to W before it: in the key block they are
     padded chunk n's keys j <= i (a lower triangle, never the rest of the block), and all keys before
     padded chunk n reach it through the state `kv_n = kv0 + Σ_{m<n} fk_mᵀ [v_m, 1]` (an exclusive
     cumulative sum over chunks)."""
-    span = num_chunks * chunk_size
-    fk = pad(x.fk)[:, :, :span].unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, F]
-    v1 = pad(x.v1)[:, :, :span].unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, V + 1]
+    fk = _shifted(x.fk, front, num_chunks, chunk_size)  # [B, H, N, C, F]
+    v1 = _shifted(x.v1, front, num_chunks, chunk_size)  # [B, H, N, C, V + 1]
     fqc = _chunks(x.fq, num_chunks, chunk_size)  # [B, H, N, C, F]
     a_lin = (fqc @ fk.transpose(-1, -2)).tril_()  # [B, H, N, C, C]
-    chunk_kv = fk.transpose(-1, -2) @ v1  # [B, H, N, F, V + 1]: the keys each padded chunk holds
-    kv = x.kv0.unsqueeze(2) + chunk_kv.cumsum(dim=2) - chunk_kv  # [B, H, N, F, V + 1]
+    chunk_kv = (fk.transpose(-1, -2) @ v1).flatten(3)  # [B, H, N, F·(V + 1)]: the keys each chunk holds
+    # Exclusive prefix sum over chunks as one small matmul (cheaper than cumsum and its flip-backward).
+    before = torch.ones(num_chunks, num_chunks, device=fk.device).tril_(diagonal=-1)  # [N, N]: m < n
+    kv = x.kv0.unsqueeze(2) + (before @ chunk_kv).unflatten(-1, x.kv0.shape[-2:])  # [B, H, N, F, V + 1]
     return a_lin @ v1 + fqc @ kv  # [B, H, N, C, V + 1]
+
+
+def _shifted(t, front, num_chunks, chunk_size):
+    """`[B, H, P + T, ·]` → `[B, H, N, C, ·]`: the keys moved `front` positions later (zeros before),
+    cut or zero-padded to N·C positions; what `F.pad` of the whole front/back padding then slicing
+    gives, without materializing the padded tail."""
+    span = num_chunks * chunk_size
+    zeros_before = min(front, span)  # a window longer than the whole call shifts every key out
+    kept = min(span - zeros_before, t.shape[2])
+    t = torch.nn.functional.pad(t[:, :, :kept], (0, 0, zeros_before, span - zeros_before - kept))  # [B, H, N·C, ·]
+    return t.unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, ·]
 
 
 def _chunks(t, num_chunks, chunk_size):
@@ -239,7 +251,7 @@ def chunk_window_linear_attn_torch(
         return torch.nn.functional.pad(t, (0, 0, front, back))  # [B, H, W + N·C, ·]
 
     num_den = _window_part(x, window_size, chunk_size, num_chunks, pad)
-    num_den = num_den + _linear_part(x, chunk_size, num_chunks, pad)  # [B, H, N, C, V + 1]
+    num_den = num_den + _linear_part(x, front, chunk_size, num_chunks)  # [B, H, N, C, V + 1]
     num_den = num_den.flatten(2, 3)[:, :, :seq_len]  # [B, H, T, V + 1]
     final = _final_state(x, window_size) if output_final_state else None
     return _divide(num_den, v.dtype), final

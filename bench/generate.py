@@ -1,13 +1,14 @@
 """Decode speed and memory against context length, teacher vs students: prefill a random context of
 each length with a cache, then time greedy decode steps (one token each, the cache carried along).
 
-Each (model, context) case runs alone in its own process, so its peak RSS is its own. Reported: decode
-tokens/s (median step time), the cache's size after prefill (KV cache for the teacher; recurrent state,
-window keys/values and softmax layers' KV for students) and the process's peak RSS (prefill included).
-Run it on an otherwise idle machine: contended timings are meaningless.
+Times: for each context length one process builds every model, prefills each, and times decode steps
+round-robin (one step of each model per round, median over rounds), so load from other processes on a
+shared machine hits all models alike: compare the ratios within one context. Memory: the cache's size
+after prefill (KV cache for the teacher; recurrent state, window keys/values and softmax layers' KV for
+students) and, with `--rss`, each case's peak RSS alone in its own process (weights and prefill included).
 
     python bench/generate.py                                   # 1K–8K, prints a markdown table
-    python bench/generate.py --contexts 1024,2048 --write docs/export.md --png docs/generate.png
+    python bench/generate.py --contexts 1024,2048 --rss --write docs/export.md --png docs/generate.png
 """
 from __future__ import annotations
 
@@ -51,54 +52,83 @@ def build(case: str, dtype: str):
     return model.eval()
 
 
+def _step(model, token: torch.Tensor, cache) -> torch.Tensor:
+    """One greedy decode step: token `[1, 1]` → the next token `[1, 1]`."""
+    return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+
 @torch.no_grad()
-def measure(case: str, context: int, new_tokens: int, dtype: str) -> dict:
+def measure_context(cases: list[str], context: int, new_tokens: int, dtype: str) -> list[dict]:
+    """Prefill every case's model with the same random context, then time decode steps round-robin."""
     from transformers import DynamicCache
 
     from linearize.attention import cache_nbytes
 
+    models = {case: build(case, dtype) for case in cases}
+    vocab = next(iter(models.values())).config.vocab_size
+    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))  # [1, L]
+    runs, results = {}, {}
+    for case, model in models.items():
+        cache = DynamicCache(config=model.config)
+        started = time.perf_counter()
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # [1, L, V]
+        prefill = time.perf_counter() - started
+        results[case] = {"case": case, "context": context, "prefill_s": prefill,
+                         "cache_mib": cache_nbytes(cache) / BYTES_PER_MIB}
+        token = logits[:, -1:].argmax(-1)  # [1, 1]
+        for _ in range(WARMUP_STEPS):
+            token = _step(model, token, cache)
+        runs[case] = [token, cache]
+    steps = {case: [] for case in cases}
+    for _ in range(new_tokens):
+        for case, model in models.items():
+            token, cache = runs[case]
+            started = time.perf_counter()
+            runs[case][0] = _step(model, token, cache)
+            steps[case].append(time.perf_counter() - started)
+    for case in cases:
+        results[case]["decode_tok_s"] = 1.0 / statistics.median(steps[case])
+    return [results[case] for case in cases]
+
+
+@torch.no_grad()
+def peak_rss_case(case: str, context: int, new_tokens: int, dtype: str) -> dict:
+    """Peak RSS of one case alone in this process: load, prefill, `new_tokens` decode steps."""
+    from transformers import DynamicCache
+
     model = build(case, dtype)
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
     cache = DynamicCache(config=model.config)
-    started = time.perf_counter()
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # [1, L, V]
-    prefill = time.perf_counter() - started
-    state_bytes = cache_nbytes(cache)
-    token = logits[:, -1:].argmax(-1)  # [1, 1]
-    for _ in range(WARMUP_STEPS):
-        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # [1, 1]
-    steps = []
+    token = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # [1, 1]
     for _ in range(new_tokens):
-        started = time.perf_counter()
-        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # [1, 1]
-        steps.append(time.perf_counter() - started)
-    return {"case": case, "context": context, "prefill_s": prefill, "decode_tok_s": 1.0 / statistics.median(steps),
-            "cache_mib": state_bytes / BYTES_PER_MIB,
+        token = _step(model, token, cache)
+    return {"case": case, "context": context,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB}
 
 
-def _spawn(case: str, context: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--case", case, "--context", str(context), "--new-tokens", str(args.new_tokens),
-           "--dtype", args.dtype, "--threads", str(args.threads)]
+def _spawn(args, *extra: str) -> list[dict]:
+    cmd = [sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
+           "--threads", str(args.threads), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
-        raise SystemExit(f"case {case} at {context} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(extra)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def table(results: list[dict], args) -> str:
     teacher = {r["context"]: r for r in results if r["case"] == TEACHER}
     lines = [SECTION_TITLE, "",
-             f"SmolLM2-135M-Instruct, {args.dtype}, batch 1, median of {args.new_tokens} greedy decode steps after "
-             f"a prefill of the context; {platform.processor() or platform.machine()}, {args.threads} threads, "
+             f"SmolLM2-135M-Instruct, {args.dtype}, batch 1, untrained student parameters; decode: median of "
+             f"{args.new_tokens} greedy steps after a prefill of the context, models interleaved per step; {platform.processor() or platform.machine()}, {args.threads} threads, "
              f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| model | context | decode tokens/s | vs teacher | cache (MiB) | peak RSS (MiB) | prefill (s) |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         ref = teacher.get(r["context"])
         ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}×" if ref else "–"
+        rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "–"
         lines.append(f"| {r['case']} | {r['context']} | {r['decode_tok_s']:.1f} | {ratio} | {r['cache_mib']:.2f} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['prefill_s']:.1f} |")
+                     f"{rss} | {r['prefill_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,28 +171,36 @@ def write_section(path: Path, section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", help="one case (teacher or a mechanism) alone in this process (JSON)")
-    parser.add_argument("--context", type=int, help="with --case: its context length")
+    parser.add_argument("--case", help="internal: peak RSS of one case alone in this process (JSON)")
+    parser.add_argument("--context", type=int, help="internal: the context of one process's measurement")
+    parser.add_argument("--cases", help="internal: the cases one process times together")
     parser.add_argument("--contexts", default=DEFAULT_CONTEXTS, help="comma-separated context lengths")
     parser.add_argument("--mechanisms", default=DEFAULT_MECHANISMS, help="comma-separated student mechanisms")
-    parser.add_argument("--new-tokens", type=int, default=16, help="timed decode steps per case")
+    parser.add_argument("--new-tokens", type=int, default=16, help="timed decode steps per model")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rss", action="store_true", help="also measure each case's peak RSS alone (slow)")
     parser.add_argument("--write", type=Path, help="markdown file to put the table in")
     parser.add_argument("--png", type=Path, help="where to save the plot")
     parser.add_argument("--json", type=Path, help="where to save the raw results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:
-        print(json.dumps(measure(args.case, args.context, args.new_tokens, args.dtype)))
+        print(json.dumps(peak_rss_case(args.case, args.context, args.new_tokens, args.dtype)))
+        return
+    if args.cases:
+        print(json.dumps(measure_context(args.cases.split(","), args.context, args.new_tokens, args.dtype)))
         return
     cases = [TEACHER, *args.mechanisms.split(",")]
-    contexts = [int(c) for c in args.contexts.split(",")]
     results = []
-    for case in cases:
-        for context in contexts:
-            results.append(_spawn(case, context, args))
-            print(json.dumps(results[-1]), file=sys.stderr)
+    for context in (int(c) for c in args.contexts.split(",")):
+        rows = _spawn(args, "--cases", ",".join(cases), "--context", str(context))
+        if args.rss:
+            for row in rows:
+                row.update(_spawn(args, "--case", row["case"], "--context", str(context)))
+        results += rows
+        print(json.dumps(rows), file=sys.stderr)
+    results.sort(key=lambda r: (cases.index(r["case"]), r["context"]))
     section = table(results, args)
     print(section)
     if args.write:

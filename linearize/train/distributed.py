@@ -176,7 +176,8 @@ class DeepSpeedEngine:
 
     def gather(self, values: list[float]) -> list[float]:
         """Per-micro-batch values of every rank, in global stream order (micro j of rank r at j·world + r)."""
-        local = torch.tensor(values, dtype=torch.float64)  # [grad_accum]
+        # On the engine's device: nccl all-gathers only device tensors (gloo takes CPU ones).
+        local = torch.tensor(values, dtype=torch.float64, device=self.device)  # [grad_accum]
         stacked = [torch.empty_like(local) for _ in range(self.world_size)]
         torch.distributed.all_gather(stacked, local)
         return torch.stack(stacked, dim=1).flatten().tolist()  # [grad_accum · world]
@@ -211,13 +212,10 @@ def gather_full_weights(ds) -> dict[str, torch.Tensor]:
 
 
 def restore_full_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Puts the gathered tensors back as plain parameters and drops ZeRO-3's per-module hooks."""
+    """Puts the gathered tensors back as plain parameters (call after the engine's destroy, which removes
+    ZeRO-3's module hooks)."""
     for name, param in model.named_parameters():
         param.data = full[name]
-    for module in model.modules():
-        module._forward_pre_hooks.clear()
-        module._forward_hooks.clear()
-        module._backward_hooks.clear()
 
 
 def build_deepspeed_engine(engine_cfg, model: torch.nn.Module, stage_cfg, loss_fn: Callable) -> DeepSpeedEngine:

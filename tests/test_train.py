@@ -126,12 +126,6 @@ def test_unknown_scheduler_lists_valid_names():
         build_schedule(tiny_stage_cfg(scheduler="linear"))
 
 
-def test_deepspeed_engine_not_yet_supported(tmp_path):
-    with pytest.raises(UserError, match="not yet supported"):
-        train(tiny_model("llama"), lm_loss, *tiny_tokens(), tiny_stage_cfg(), stage_dir=tmp_path,
-              stage="attention_transfer", seed=0, engine_cfg=EngineConfig(name="deepspeed"), config={})
-
-
 def test_sampler_is_a_function_of_seed_and_cursor():
     whole = sample_indices(0, 30, 12, seed=3)
     parts = torch.cat([sample_indices(c, 5, 12, seed=3) for c in range(0, 30, 5)])

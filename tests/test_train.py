@@ -3,7 +3,6 @@
 `tiny_job` is shared with test_checkpoint.py and test_resume.py (which runs it in a subprocess)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path

@@ -15,12 +15,16 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from .base import Mechanism, Projected, RunOptions, causal_mask, repeat_heads
 from .cache import student_layer
 
 MODES = ("student", "transfer", "teacher")
+# Student mode under autograd recomputes the mechanism in backward (see `run_mechanism`); settable per
+# layer through `LinearizedAttention.recompute`.
+RECOMPUTE_IN_BACKWARD = True
 
 
 @dataclass
@@ -110,6 +114,7 @@ class LinearizedAttention(nn.Module):
         self.window = teacher_window(base_layer)
         self.scaling = getattr(base_layer, "scaling", base_layer.head_dim**-0.5)
         self.collector: Optional[Callable[[TransferPair], None]] = None
+        self.recompute = RECOMPUTE_IN_BACKWARD
 
     def project(self, hidden_states: torch.Tensor, position_embeddings) -> Projected:
         base = self.base_layer
@@ -135,7 +140,7 @@ class LinearizedAttention(nn.Module):
         p = self.project(hidden_states, position_embeddings)
         cache = student_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
         state = cache.state if cache is not None else None
-        y, new_state = self.mechanism(p, state, self.opts, want_state=cache is not None)
+        y, new_state = self.run_mechanism(p, state, want_state=cache is not None)
         if cache is not None:
             cache.advance(new_state, hidden_states.shape[1])
         if self.mode == "transfer":
@@ -143,6 +148,16 @@ class LinearizedAttention(nn.Module):
         b, t = hidden_states.shape[:2]
         out = self.base_layer.o_proj(y.to(hidden_states.dtype).reshape(b, t, -1))  # [B, T, H·D]
         return out, None
+
+    def run_mechanism(self, p: Projected, state, want_state: bool):
+        """The mechanism's (`[B, T, H, D]`, state). When training the whole model through it (student mode
+        with gradients, no cache: LoRA recovery), its intermediates (scores, features, key blocks) are
+        recomputed in backward instead of kept per layer: peak memory falls by most of the student
+        attention's activations for about one more mechanism forward per step."""
+        if not (self.recompute and self.mode == "student" and torch.is_grad_enabled() and state is None
+                and not want_state):
+            return self.mechanism(p, state, self.opts, want_state=want_state)
+        return checkpoint(self.mechanism, p, None, self.opts, False, use_reentrant=False)
 
     def transfer(self, p: Projected, y_student: torch.Tensor) -> torch.Tensor:
         want_weights = bool(getattr(self.collector, "want_weights", False))

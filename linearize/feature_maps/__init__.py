@@ -5,7 +5,7 @@ Hedgehog underflow in bf16). `build_feature_map(name, num_heads, head_dim, featu
 
 | name | φ(x) | params | out_dim |
 |---|---|---|---|
-| hedgehog | [softmax(xW), softmax(−xW)], two softmaxes over f (LoLCATs form) | W [H, d, f] | 2f |
+| hedgehog | [softmax(xW), softmax(−xW)] + 1e-12, two softmaxes over f (LoLCATs form) | W [H, d, f] | 2f |
 | hedgehog_joint | softmax([xW, −xW]), one softmax over 2f | W [H, d, f] | 2f |
 | t2r | relu(xW + b) | W [H, d, f], b [H, f] | f |
 | elu | 1 + elu(x) | none | d |
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Hedgehog clamps its features so a query never sees an exactly-zero normalizer.
+# Added to Hedgehog's features so a query never sees an exactly-zero normalizer (an addition, not a clamp:
+# below fp32 resolution for any feature that matters, and its backward saves nothing).
 HEDGEHOG_MIN = 1e-12
 
 
@@ -55,7 +56,7 @@ class Hedgehog(_PerHeadProjection):
         weight = self.weight.float()
         z = x.float().transpose(1, 2) @ torch.cat([weight, -weight], dim=-1)  # [B, H, T, 2f]
         halves = z.unflatten(-1, (2, -1)).softmax(-1)  # [B, H, T, 2, f]
-        return halves.flatten(-2).clamp(min=HEDGEHOG_MIN).transpose(1, 2)  # [B, T, H, 2f]
+        return (halves.flatten(-2) + HEDGEHOG_MIN).transpose(1, 2)  # [B, T, H, 2f]
 
 
 class HedgehogJoint(_PerHeadProjection):
@@ -65,7 +66,7 @@ class HedgehogJoint(_PerHeadProjection):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.project(x)
-        return torch.cat([z, -z], dim=-1).softmax(-1).clamp(min=HEDGEHOG_MIN)  # [B, T, H, 2f]
+        return torch.cat([z, -z], dim=-1).softmax(-1) + HEDGEHOG_MIN  # [B, T, H, 2f]
 
 
 class T2R(_PerHeadProjection):

@@ -43,7 +43,6 @@ class _Inputs(NamedTuple):
     fk: torch.Tensor  # [B, H, P + T, F]
     kv0: torch.Tensor  # [B, H, F, V + 1]
     gamma: torch.Tensor  # [H, 1, 1]
-    log_gamma: torch.Tensor  # [H, 1, 1, 1]: log sigmoid(window_logit), for the chunk form's exponent
     prefix: int  # P
     k_raw: torch.Tensor  # [B, H_kv, P + T, D]
     v_raw: torch.Tensor  # [B, H_kv, P + T, V]
@@ -95,23 +94,29 @@ def _initial_state(q, k, v, fq, initial_state, window_size):
     return state
 
 
+def _after_prefix(cached, x):
+    """The cached prefix `[B, H_x, P, ·]` followed by x `[B, T, H_x, ·]` → fp32 `[B, H_x, P + T, ·]`
+    (no concatenation copy when nothing is cached)."""
+    x = x.float().transpose(1, 2)  # [B, H_x, T, ·]
+    return torch.cat([cached, x], dim=2) if cached.shape[2] else x
+
+
 def _prepare(q, k, v, fq, fk, window_logit, window_size, scale, initial_state):
     _check_inputs(q, k, v, fq, fk, window_logit, window_size)
     state = _initial_state(q, k, v, fq, initial_state, window_size)
     heads = q.shape[2]
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    k_all = torch.cat([state.k, k.float().transpose(1, 2)], dim=2)  # [B, H_kv, P + T, D]
-    v_all = torch.cat([state.v, v.float().transpose(1, 2)], dim=2)  # [B, H_kv, P + T, V]
+    k_all = _after_prefix(state.k, k)  # [B, H_kv, P + T, D]
+    v_all = _after_prefix(state.v, v)  # [B, H_kv, P + T, V]
     group = heads // k.shape[2]
     return _Inputs(
         q=heads_first_fp32(q, heads) * scale,
         fq=heads_first_fp32(fq, heads),
         k=k_all.repeat_interleave(group, dim=1),  # [B, H, P + T, D]
         v1=append_ones(v_all.repeat_interleave(group, dim=1)),  # [B, H, P + T, V + 1]
-        fk=torch.cat([state.fk, fk.float().transpose(1, 2)], dim=2),  # [B, H, P + T, F]
+        fk=_after_prefix(state.fk, fk),  # [B, H, P + T, F]
         kv0=state.kv,
         gamma=torch.sigmoid(window_logit.float()).view(heads, 1, 1),  # [H, 1, 1]
-        log_gamma=torch.nn.functional.logsigmoid(window_logit.float()).view(heads, 1, 1, 1),  # [H, 1, 1, 1]
         prefix=state.k.shape[2],
         k_raw=k_all,
         v_raw=v_all,
@@ -179,10 +184,9 @@ def _window_bias(num_chunks, chunk_size, window_size, front, device):
 def _window_part(x, window_size, chunk_size, num_chunks, pad):
     """Softmax numerator/normalizer of every query chunk over its window keys → `[B, H, N, C, V + 1]`.
 
-    Each chunk scores a `[C, W + C]` key block (the previous W keys and its own C). log γ joins the
-    exponent, and the mask and exp run in place on fresh tensors (matmul and subtraction keep no output
-    for backward). The row max c_t is part of the math (it scales the softmax part against the linear
-    part), so it keeps its gradient."""
+    Each chunk scores a `[C, W + C]` key block (the previous W keys and its own C). The mask and exp run
+    in place on fresh tensors (matmul and subtraction keep no output for backward). The row max c_t is
+    part of the math (it scales the softmax part against the linear part), so it keeps its gradient."""
     block = window_size + chunk_size
 
     def blocks(t):
@@ -192,9 +196,11 @@ def _window_part(x, window_size, chunk_size, num_chunks, pad):
     scores = qc @ blocks(x.k).transpose(-1, -2)  # [B, H, N, C, W + C]
     front = window_size - x.prefix
     scores.add_(_window_bias(num_chunks, chunk_size, window_size, front, scores.device))
-    shift = scores.amax(dim=-1, keepdim=True) - x.log_gamma  # [B, H, N, C, 1]; finite: s = t is a key
-    a_sm = (scores - shift).exp_()  # γ · exp(score − c_t)
-    return a_sm @ blocks(x.v1)  # [B, H, N, C, V + 1]
+    row_max = scores.amax(dim=-1, keepdim=True)  # [B, H, N, C, 1]: c_t, finite as s = t is a key
+    a_sm = (scores - row_max).exp_()  # exp(score − c_t)
+    # γ scales the product, not the [C, W + C] weights: fewer elements, and when q/k/v need no gradient
+    # (attention transfer) the whole block product stays outside the autograd graph.
+    return (a_sm @ blocks(x.v1)) * x.gamma.unsqueeze(-1)  # [B, H, N, C, V + 1]
 
 
 def _linear_part(x, front, chunk_size, num_chunks):

@@ -31,6 +31,8 @@ from linearize.config.schema import LoraRecoveryConfig, ModelConfig, RunConfig, 
 MODEL = "smollm2-135m-instruct"
 SECTION_TITLE = "## Stage throughput (bench/pipeline.py)"
 KIB_PER_MIB = 1024
+# The memory targets compare every stage's peak with LoRA on the unconverted teacher.
+MEMORY_REFERENCE = "teacher_lora_step"
 
 
 def _batch(seq_len: int, vocab: int) -> torch.Tensor:
@@ -133,7 +135,8 @@ def interleaved_times(seq_len: int, steps: int, dtype: str) -> dict[str, float]:
 
 
 def _spawn(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--case", name, "--seq-len", str(args.seq_len), "--dtype", args.dtype]
+    cmd = [sys.executable, __file__, "--case", name, "--seq-len", str(args.seq_len), "--dtype", args.dtype,
+           "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"case {name} failed:\n{done.stderr[-3000:]}")
@@ -144,7 +147,9 @@ NOTES = [
     "What a step contains: the teacher forward includes the LM head; the transfer step runs teacher and",
     "student attention in every layer with the per-layer MSE and backpropagates into the student parameters",
     "only (no LM head); both LoRA steps are forward + backward + AdamW with next-token cross-entropy",
-    "(rank 8 on q/k/v/o). Peak RSS is the maximum of a process running that case alone, model loading",
+    "(rank 8 on q/k/v/o); in stage 2 the student attention is recomputed in backward",
+    "(`LinearizedAttention.recompute`, on by default) to keep peak memory down. Peak RSS is the maximum of a",
+    "process running that case alone, model loading",
     "included. Times are interleaved round-robin in one process; the machine is shared and noisy: compare",
     "the ratios within one table, not absolute numbers across tables.",
 ]
@@ -158,12 +163,15 @@ def table(results: list[dict], args) -> str:
              f"({RunConfig().attention.mechanism}, {RunConfig().attention.feature_map}); "
              f"median of {args.steps} interleaved rounds; {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.", "",
-             "| case | s/step | tokens/s | peak RSS (MiB) | vs |", "|---|---|---|---|---|"]
+             "| case | s/step | tokens/s | peak RSS (MiB) | time vs | peak RSS vs teacher LoRA |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         ref = reference.get(r["case"])
         ratio = f"{r['seconds'] / base[ref]['seconds']:.2f}× the time of {ref}" if ref in base else "–"
+        ref_rss = base[MEMORY_REFERENCE]["peak_rss_mib"] if MEMORY_REFERENCE in base else None
+        memory = f"{r['peak_rss_mib'] / ref_rss:.2f}×" if ref_rss else "–"
         lines.append(f"| {CASES[r['case']][0]} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_rss_mib']:.0f} | {ratio} |")
+                     f"{r['peak_rss_mib']:.0f} | {ratio} | {memory} |")
     return "\n".join(lines + [""] + NOTES) + "\n"
 
 
@@ -185,8 +193,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (each times one step of every case)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 keeps timings comparable on a shared machine)")
     parser.add_argument("--write", type=Path, help="markdown file to put the table in")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.case:
         print(json.dumps(peak_rss_case(args.case, args.seq_len, args.dtype)))
         return

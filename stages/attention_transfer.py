@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import linearize
-from linearize.data import build_datasets
+from linearize.data import build_datasets, in_stage_eval
 from linearize.losses import PairCollector, attention_ce, transfer_mse
 from linearize.train import config_to_dict, mark_done, seed_everything, train
 from linearize.train.student import STUDENT_FILE, load_converted, save_student
@@ -41,6 +41,7 @@ def run(cfg, run_dir: Path, force: bool = False) -> dict:
     model, tokenizer = load_converted(cfg)
     linearize.freeze_for_transfer(model)
     train_tokens, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
+    eval_tokens = in_stage_eval(eval_tokens, cfg.attention_transfer)
     collector = PairCollector(want_weights=cfg.attention_transfer.attn_ce_weight > 0)
     config = config_to_dict(cfg)
     result = train(model, make_transfer_loss(collector, cfg.attention_transfer), train_tokens, eval_tokens,

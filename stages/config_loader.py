@@ -94,7 +94,8 @@ POSITIVE = (
 NON_NEGATIVE = (
     "evaluate.sample_tokens", "attention.liger_alpha", "attention.liger_beta", "lora_recovery.dropout",
     "lora_recovery.kl_weight", "attention_transfer.mse_factor", "attention_transfer.attn_ce_weight",
-    *(f"{s}.{k}" for s in _TRAIN_SECTIONS for k in ("max_steps", "lr", "weight_decay", "warmup_steps", "min_lr", "grad_clip")),
+    *(f"{s}.{k}" for s in _TRAIN_SECTIONS for k in ("max_steps", "lr", "weight_decay", "warmup_steps", "min_lr", "grad_clip",
+                                                           "eval_sequences")),
 )
 # Half-open [0, 1): a fraction of the data that must leave something to train on.
 FRACTIONS = ("data.eval_fraction",)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import linearize
-from linearize.data import build_datasets
+from linearize.data import build_datasets, in_stage_eval
 from linearize.losses import distill_kl
 from linearize.train import config_to_dict, mark_done, seed_everything, train
 from linearize.train.student import (ADAPTER_DIR, STUDENT_FILE, build_student, next_token_loss, save_student,
@@ -58,6 +58,7 @@ def run(cfg, run_dir: Path, force: bool = False) -> dict:
     model, tokenizer, source = build_student(cfg, run_dir, sources=("attention_transfer",))
     peft_model = wrap_with_lora(model, cfg.lora_recovery)
     train_tokens, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
+    eval_tokens = in_stage_eval(eval_tokens, cfg.lora_recovery)
     config = config_to_dict(cfg)
     result = train(peft_model, make_recovery_loss(cfg.lora_recovery), train_tokens, eval_tokens,
                    cfg.lora_recovery, stage_dir=stage_dir, stage=STAGE, seed=cfg.seed, engine_cfg=cfg.engine,

@@ -129,6 +129,7 @@ def test_range_and_consistency_checks(tmp_path):
     path = write(tmp_path / "ok.yaml", "seed: 1\n")
     assert "> 0" in load_error(path, ["data.seq_len=0"])
     assert "[0, 1)" in load_error(path, ["data.eval_fraction=1.5"])
+    assert "lora_recovery.eval_sequences" in load_error(path, ["lora_recovery.eval_sequences=-1"])
     assert "parallel" in load_error(path, ["attention_transfer.attn_ce_weight=1"])
     load_config(path, ["attention_transfer.attn_ce_weight=1", "attention.form=parallel"])
 

@@ -211,3 +211,14 @@ def test_build_datasets_holds_out_a_fraction(tmp_path, tiny_tokenizer):
     assert train.shape[0] + evaluation.shape[0] == total and evaluation.shape[0] >= 1
     with pytest.raises(UserError, match="no evaluation data"):
         build_datasets(DataConfig(train=cfg.train, eval="", seq_len=8), tok, seed=0)
+
+
+def test_in_stage_eval_takes_the_first_rows_or_all():
+    from types import SimpleNamespace
+
+    from linearize.data import in_stage_eval
+
+    rows = torch.arange(12).view(6, 2)  # [6 sequences, 2 tokens]
+    assert torch.equal(in_stage_eval(rows, SimpleNamespace(eval_sequences=2)), rows[:2])
+    assert torch.equal(in_stage_eval(rows, SimpleNamespace(eval_sequences=0)), rows)
+    assert torch.equal(in_stage_eval(rows, SimpleNamespace(eval_sequences=99)), rows)

@@ -54,6 +54,7 @@ class TransferConfig:
     max_steps: int = 100
     save_every: int = 50
     eval_every: int = 50
+    eval_sequences: int = 0  # held-out sequences for the in-stage eval; 0 = all data.max_eval_sequences
     keep_last: int = 2
     lr: float = 1e-2
     weight_decay: float = 0.0
@@ -75,6 +76,7 @@ class LoraRecoveryConfig:
     max_steps: int = 100
     save_every: int = 50
     eval_every: int = 50
+    eval_sequences: int = 0  # held-out sequences for the in-stage eval; 0 = all data.max_eval_sequences
     keep_last: int = 2
     lr: float = 1e-4
     weight_decay: float = 0.0

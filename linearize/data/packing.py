@@ -89,3 +89,9 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> tuple[torch.Tensor, torch.
     if data_cfg.shuffle:
         train = shuffle_sequences(train, seed)
     return train, evaluation[: data_cfg.max_eval_sequences]
+
+
+def in_stage_eval(evaluation: torch.Tensor, stage_cfg) -> torch.Tensor:
+    """The first `stage_cfg.eval_sequences` held-out rows (0 = all): the periodic in-stage eval can be
+    cheaper than the final evaluation stage, which always uses every held-out row."""
+    return evaluation[: stage_cfg.eval_sequences] if stage_cfg.eval_sequences > 0 else evaluation

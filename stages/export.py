@@ -1,5 +1,6 @@
 """Stage 4, export: the run's final student (LoRA merged unless export.merge_lora=false) as a
-self-describing Hugging Face directory `<run>/export/model/` that `load_export` rebuilds alone."""
+self-describing Hugging Face directory `<run>/export/` that `load_export` (or plain transformers with
+trust_remote_code) rebuilds alone; the stage's DONE record sits beside the model files."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,12 +11,11 @@ from linearize.train import config_to_dict, mark_done
 from linearize.train.student import ADAPTER_DIR, attach_adapter, build_student, merge_lora
 
 STAGE = "export"
-MODEL_DIR = "model"
 RUN_CONFIG = "config.yaml"
 
 
 def export_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / STAGE / MODEL_DIR
+    return Path(run_dir) / STAGE
 
 
 def export_run(run_dir: Path, out_dir: Path, cfg=None) -> Path:

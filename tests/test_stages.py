@@ -84,8 +84,8 @@ def test_every_stage_then_load_export_and_generate(tiny_run):
 
     from linearize.models.exported import load_export
 
-    model, tokenizer = load_export(run_dir / "export" / "model")
-    section = json.loads((run_dir / "export" / "model" / "config.json").read_text())["linearize"]
+    model, tokenizer = load_export(run_dir / "export")
+    section = json.loads((run_dir / "export" / "config.json").read_text())["linearize"]
     assert section["attention"]["mechanism"] == "window_linear" and len(section["layers"]) == 2
     assert len(greedy_sample(model, tokenizer, "The quick", 4)) > 0
     _check_export_matches_run(cfg, run_dir, model)
@@ -150,7 +150,7 @@ def test_evaluate_target_on_run_and_export_dirs(tiny_run, tmp_path):
     other_eval = tmp_path / "other.txt"
     shutil.copy(cfg.data.train, other_eval)
     on_run = evaluate_target(run_dir, [f"data.eval={other_eval}"])
-    export = shutil.copytree(run_dir / "export" / "model", tmp_path / "export")
+    export = shutil.copytree(run_dir / "export", tmp_path / "export")
     recorded = json.loads((export / "linearize_run.json").read_text())
     recorded["data"]["train"] = str(tmp_path / "absent.txt")  # an export is evaluated without the run's data
     (export / "linearize_run.json").write_text(json.dumps(recorded))

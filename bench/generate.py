@@ -57,8 +57,16 @@ def _step(model, token: torch.Tensor, cache) -> torch.Tensor:
     return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
 
+def widen(cache, token: torch.Tensor, batch: int) -> torch.Tensor:
+    """Repeats a batch-1 prefill `batch` times in place (every row then holds the same context): one
+    prefill instead of `batch`; returns the next tokens `[batch, 1]`."""
+    if batch > 1:
+        cache.batch_repeat_interleave(batch)
+    return token.expand(batch, 1).contiguous()  # [batch, 1]
+
+
 @torch.no_grad()
-def measure_context(cases: list[str], context: int, new_tokens: int, dtype: str) -> list[dict]:
+def measure_context(cases: list[str], context: int, new_tokens: int, dtype: str, batch: int = 1) -> list[dict]:
     """Prefill every case's model with the same random context, then time decode steps round-robin."""
     from transformers import DynamicCache
 
@@ -73,9 +81,9 @@ def measure_context(cases: list[str], context: int, new_tokens: int, dtype: str)
         started = time.perf_counter()
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # [1, L, V]
         prefill = time.perf_counter() - started
-        results[case] = {"case": case, "context": context, "prefill_s": prefill,
+        token = widen(cache, logits[:, -1:].argmax(-1), batch)  # [batch, 1]
+        results[case] = {"case": case, "context": context, "batch": batch, "prefill_s": prefill,
                          "cache_mib": cache_nbytes(cache) / BYTES_PER_MIB}
-        token = logits[:, -1:].argmax(-1)  # [1, 1]
         for _ in range(WARMUP_STEPS):
             token = _step(model, token, cache)
         runs[case] = [token, cache]
@@ -87,12 +95,12 @@ def measure_context(cases: list[str], context: int, new_tokens: int, dtype: str)
             runs[case][0] = _step(model, token, cache)
             steps[case].append(time.perf_counter() - started)
     for case in cases:
-        results[case]["decode_tok_s"] = 1.0 / statistics.median(steps[case])
+        results[case]["decode_tok_s"] = batch / statistics.median(steps[case])  # tokens of all rows
     return [results[case] for case in cases]
 
 
 @torch.no_grad()
-def peak_rss_case(case: str, context: int, new_tokens: int, dtype: str) -> dict:
+def peak_rss_case(case: str, context: int, new_tokens: int, dtype: str, batch: int = 1) -> dict:
     """Peak RSS of one case alone in this process: load, prefill, `new_tokens` decode steps."""
     from transformers import DynamicCache
 
@@ -100,6 +108,7 @@ def peak_rss_case(case: str, context: int, new_tokens: int, dtype: str) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
     cache = DynamicCache(config=model.config)
     token = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # [1, 1]
+    token = widen(cache, token, batch)  # [batch, 1]
     for _ in range(new_tokens):
         token = _step(model, token, cache)
     return {"case": case, "context": context,
@@ -108,7 +117,7 @@ def peak_rss_case(case: str, context: int, new_tokens: int, dtype: str) -> dict:
 
 def _spawn(args, *extra: str) -> list[dict]:
     cmd = [sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
-           "--threads", str(args.threads), *extra]
+           "--threads", str(args.threads), "--batch", str(args.batch), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(extra)} failed:\n{done.stderr[-3000:]}")
@@ -118,7 +127,7 @@ def _spawn(args, *extra: str) -> list[dict]:
 def table(results: list[dict], args) -> str:
     teacher = {r["context"]: r for r in results if r["case"] == TEACHER}
     lines = [SECTION_TITLE, "",
-             f"SmolLM2-135M-Instruct, {args.dtype}, batch 1, untrained student parameters; decode: median of "
+             f"SmolLM2-135M-Instruct, {args.dtype}, batch {args.batch} (one prefill repeated per row), untrained student parameters; decode: median of "
              f"{args.new_tokens} greedy steps after a prefill of the context, models interleaved per step; {platform.processor() or platform.machine()}, {args.threads} threads, "
              f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| model | context | decode tokens/s | vs teacher | cache (MiB) | peak RSS (MiB) | prefill (s) |",
@@ -178,6 +187,8 @@ def main() -> None:
     parser.add_argument("--mechanisms", default=DEFAULT_MECHANISMS, help="comma-separated student mechanisms")
     parser.add_argument("--new-tokens", type=int, default=16, help="timed decode steps per model")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="rows decoded together; tokens/s counts every row (serving throughput)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rss", action="store_true", help="also measure each case's peak RSS alone (slow)")
     parser.add_argument("--write", type=Path, help="markdown file to put the table in")
@@ -186,10 +197,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:
-        print(json.dumps(peak_rss_case(args.case, args.context, args.new_tokens, args.dtype)))
+        print(json.dumps(peak_rss_case(args.case, args.context, args.new_tokens, args.dtype, args.batch)))
         return
     if args.cases:
-        print(json.dumps(measure_context(args.cases.split(","), args.context, args.new_tokens, args.dtype)))
+        print(json.dumps(measure_context(args.cases.split(","), args.context, args.new_tokens, args.dtype, args.batch)))
         return
     cases = [TEACHER, *args.mechanisms.split(",")]
     results = []

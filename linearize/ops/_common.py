@@ -2,7 +2,8 @@
 `backend=` / `form=` dispatch of the public functions.
 
 Triton kernels live in `linearize/ops/<op>/triton.py` and are imported lazily, only when a call asks
-for them, so importing `linearize.ops` never imports triton."""
+for them, so importing `linearize.ops` never imports triton. The optional fla backend (`_fla.py`, for the
+ops whose semantics fla covers) is imported the same way."""
 from __future__ import annotations
 
 import importlib
@@ -14,7 +15,10 @@ import torch
 # Added to the normalizer of normalized linear attention so an all-zero feature row cannot divide by 0.
 NORMALIZE_EPS = 1e-6
 
+# Backends every op accepts (also the model-level `attention.backend` choices). FLA_BACKENDS adds "fla"
+# for the ops whose semantics fla's kernels cover (linear and gated linear attention); "auto" never picks it.
 BACKENDS = ("auto", "torch", "triton")
+FLA_BACKENDS = (*BACKENDS, "fla")
 FORM_NAMES = ("chunk", "parallel", "recurrent")
 
 
@@ -65,14 +69,20 @@ def check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def check_form(form: str, backend: str) -> None:
-    """Raise on an unknown form/backend, or on a Triton request for a form only torch implements."""
+def check_backend(backend: str, valid: tuple[str, ...] = BACKENDS) -> None:
+    """Raise unless `backend` is one of `valid` (the backends of the calling op)."""
+    if backend not in valid:
+        raise ValueError(f"unknown backend {backend!r} for this op; valid backends: {', '.join(valid)}")
+
+
+def check_form(form: str, backend: str, backends: tuple[str, ...] = BACKENDS) -> None:
+    """Raise on an unknown form, a backend outside `backends`, or a Triton/fla request for a form only
+    torch implements."""
     if form not in FORM_NAMES:
         raise ValueError(f"unknown form {form!r}; valid forms: {', '.join(FORM_NAMES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
-    if backend == "triton" and form != "chunk":
-        raise ValueError(f"backend='triton' implements only form='chunk', not form={form!r}")
+    check_backend(backend, backends)
+    if backend in ("triton", "fla") and form != "chunk":
+        raise ValueError(f"backend={backend!r} implements only form='chunk', not form={form!r}")
 
 
 def load_triton_function(op_package: str, function_name: str) -> Callable:
@@ -89,12 +99,19 @@ def load_triton_function(op_package: str, function_name: str) -> Callable:
 
 
 def resolve_chunk_backend(
-    backend: str, op_package: str, triton_name: str, torch_fn: Callable, sample: torch.Tensor
+    backend: str,
+    op_package: str,
+    triton_name: str,
+    torch_fn: Callable,
+    sample: torch.Tensor,
+    fla_fn: Callable | None = None,
 ) -> Callable:
     """The chunk implementation for `backend`: "torch" → `torch_fn`; "triton" → the Triton function
-    (ImportError if missing); "auto" → Triton for CUDA tensors when importable, else `torch_fn`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    (ImportError if missing); "fla" → `fla_fn` (only ops that pass one accept it; the adapter imports fla
+    itself); "auto" → Triton for CUDA tensors when importable, else `torch_fn` (never fla)."""
+    check_backend(backend, BACKENDS if fla_fn is None else FLA_BACKENDS)
+    if backend == "fla":
+        return fla_fn
     if backend == "torch":
         return torch_fn
     if backend == "triton":

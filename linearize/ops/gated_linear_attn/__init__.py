@@ -9,7 +9,9 @@ output_final_state=False, chunk_size=64, backend="auto", form="chunk") -> (o, fi
   name to its pure-PyTorch function, all with the same arguments. For forms other than "chunk",
   `chunk_size` is ignored and `backend` must be "auto" or "torch".
 - `backend`: "auto" uses `triton.chunk_gated_linear_attn_triton` for CUDA tensors when that module
-  imports, else torch; "triton" forces it (ImportError if unavailable); "torch" forces the torch chunk form.
+  imports, else torch; "triton" forces it (ImportError if unavailable); "torch" forces the torch chunk form;
+  "fla" runs fla's `chunk_gla` (optional extra `linearize[fla]`, CUDA tensors only, never picked by
+  "auto"; same results and state layout, see `.._fla`).
 
 `fused_recurrent_gated_linear_attn(...)`: the decoding step (any T, cheap at T = 1), same arguments
 and defaults as the chunk form; pure PyTorch for now.
@@ -18,7 +20,8 @@ Math, shapes and state layout: see `naive.py`.
 """
 from __future__ import annotations
 
-from .._common import check_form, resolve_chunk_backend
+from .._common import FLA_BACKENDS, check_form, resolve_chunk_backend
+from .._fla import chunk_gated_linear_attn_fla
 from .naive import chunk_gated_linear_attn_torch, parallel_gated_linear_attn, recurrent_gated_linear_attn
 
 FORMS = {
@@ -45,13 +48,15 @@ def chunk_gated_linear_attn(
 ):
     """Gated linear attention; q `[B, T, H, K]`, k and g `[B, T, H_kv, K]`, v `[B, T, H_kv, V]` →
     (o `[B, T, H, V]`, state `[B, H, K, V(+1)]` or None)."""
-    check_form(form, backend)
+    check_form(form, backend, FLA_BACKENDS)
     kwargs = dict(
         scale=scale, normalize=normalize, initial_state=initial_state, output_final_state=output_final_state
     )
     if form != "chunk":
         return FORMS[form](q, k, v, g, **kwargs)
-    impl = resolve_chunk_backend(backend, __name__, TRITON_FUNCTION, chunk_gated_linear_attn_torch, q)
+    impl = resolve_chunk_backend(
+        backend, __name__, TRITON_FUNCTION, chunk_gated_linear_attn_torch, q, fla_fn=chunk_gated_linear_attn_fla
+    )
     return impl(q, k, v, g, chunk_size=chunk_size, **kwargs)
 
 

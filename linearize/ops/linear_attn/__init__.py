@@ -8,7 +8,9 @@ chunk_size=64, backend="auto", form="chunk") -> (o, final_state)`
   to its pure-PyTorch function, all with the same arguments. For forms other than "chunk",
   `chunk_size` is ignored and `backend` must be "auto" or "torch".
 - `backend`: "auto" uses `triton.chunk_linear_attn_triton` for CUDA tensors when that module imports,
-  else torch; "triton" forces it (ImportError if unavailable); "torch" forces the torch chunk form.
+  else torch; "triton" forces it (ImportError if unavailable); "torch" forces the torch chunk form;
+  "fla" runs fla's `chunk_linear_attn` (optional extra `linearize[fla]`, CUDA tensors only, never picked
+  by "auto"; same results and state layout, see `.._fla`).
 
 `fused_recurrent_linear_attn(...)`: the decoding step (any T, cheap at T = 1), same arguments and
 defaults as the chunk form (normalize=True, unlike fla's fused recurrent op); pure PyTorch for now.
@@ -17,7 +19,8 @@ Math, shapes and state layout: see `naive.py`.
 """
 from __future__ import annotations
 
-from .._common import check_form, resolve_chunk_backend
+from .._common import FLA_BACKENDS, check_form, resolve_chunk_backend
+from .._fla import chunk_linear_attn_fla
 from .naive import chunk_linear_attn_torch, parallel_linear_attn, recurrent_linear_attn
 
 FORMS = {
@@ -43,13 +46,15 @@ def chunk_linear_attn(
 ):
     """Causal linear attention; q `[B, T, H, K]`, k `[B, T, H_kv, K]`, v `[B, T, H_kv, V]` →
     (o `[B, T, H, V]`, state `[B, H, K, V(+1)]` or None)."""
-    check_form(form, backend)
+    check_form(form, backend, FLA_BACKENDS)
     kwargs = dict(
         scale=scale, normalize=normalize, initial_state=initial_state, output_final_state=output_final_state
     )
     if form != "chunk":
         return FORMS[form](q, k, v, **kwargs)
-    impl = resolve_chunk_backend(backend, __name__, TRITON_FUNCTION, chunk_linear_attn_torch, q)
+    impl = resolve_chunk_backend(
+        backend, __name__, TRITON_FUNCTION, chunk_linear_attn_torch, q, fla_fn=chunk_linear_attn_fla
+    )
     return impl(q, k, v, chunk_size=chunk_size, **kwargs)
 
 

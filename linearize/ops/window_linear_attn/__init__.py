@@ -12,6 +12,7 @@ output_final_state=False, chunk_size=64, backend="auto", form="chunk") -> (o, Wi
   `chunk_size` is ignored and `backend` must be "auto" or "torch".
 - `backend`: "auto" uses `triton.window_linear_attn_triton` for CUDA tensors when that module imports,
   else torch; "triton" forces it (ImportError if unavailable); "torch" forces the torch chunk form.
+  There is no "fla" backend here: fla has no sliding-window + linear hybrid op.
 
 `fused_recurrent_window_linear_attn(...)`: the decoding step (any T, cheap at T = 1), same arguments;
 pure PyTorch for now.
@@ -20,7 +21,7 @@ Math, shapes and the state layout: see `naive.py`.
 """
 from __future__ import annotations
 
-from .._common import check_form, resolve_chunk_backend
+from .._common import BACKENDS, check_form, resolve_chunk_backend
 from .naive import (
     WindowLinearState,
     chunk_window_linear_attn_torch,
@@ -53,6 +54,11 @@ def window_linear_attn(
     form="chunk",
 ):
     """Hybrid window + linear attention → (o `[B, T, H, V]`, `WindowLinearState` or None)."""
+    if backend == "fla":
+        raise ValueError(
+            "backend='fla' is not available for window_linear_attn (fla has no sliding-window + linear "
+            f"hybrid op); valid backends: {', '.join(BACKENDS)}"
+        )
     check_form(form, backend)
     kwargs = dict(
         window_size=window_size, scale=scale, initial_state=initial_state, output_final_state=output_final_state

@@ -27,6 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._docs import write_section  # noqa: E402
+
 MODEL = "smollm2-135m-instruct"
 TEACHER = "teacher"
 DEFAULT_CONTEXTS = "1024,2048,4096,8192"
@@ -166,16 +168,6 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces this script's section in `path` (or appends it), leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Exports\n"
-    start = text.find(SECTION_TITLE)
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION_TITLE))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -215,7 +207,7 @@ def main() -> None:
     section = table(results, args)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, SECTION_TITLE, section, "# Exports\n")
     if args.png:
         plot(results, args.png)
     if args.json:

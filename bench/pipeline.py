@@ -26,6 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._docs import write_section  # noqa: E402
+
 from linearize.config.schema import LoraRecoveryConfig, ModelConfig, RunConfig, TransferConfig  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -175,16 +177,6 @@ def table(results: list[dict], args) -> str:
     return "\n".join(lines + [""] + NOTES) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces this script's section in `path` (or appends it), leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    start = text.find(SECTION_TITLE)
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION_TITLE))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -208,7 +200,7 @@ def main() -> None:
     section = table(results, args)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, SECTION_TITLE, section, "# Performance\n")
 
 
 if __name__ == "__main__":

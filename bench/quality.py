@@ -22,6 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._docs import write_section  # noqa: E402
+
 PRESETS = ["lolcats", "hedgehog_linear", "lawcat", "liger", "liger_window", "baseline_window_only",
            "baseline_no_transfer"]
 SECTION_TITLE = "## Quality at a fixed budget (bench/quality.py)"
@@ -67,7 +71,6 @@ def run_preset(args, preset: str) -> dict:
 
 
 def stages_of(preset: str) -> list[str]:
-    sys.path.insert(0, str(REPO))
     from stages.config_loader import load_config
 
     return list(load_config(REPO / "configs" / f"{preset}.yaml").stages)
@@ -95,18 +98,6 @@ def table(results: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replaces this script's section in `path` (or appends it), leaving the rest of the file alone."""
-    old = path.read_text() if path.exists() else "# Quality\n\n"
-    start = old.find(SECTION_TITLE)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION_TITLE))
-        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
 
 
 def main() -> None:
@@ -129,7 +120,7 @@ def main() -> None:
     text = table(results, args)
     print(text)
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, SECTION_TITLE, text, "# Quality\n\n")
 
 
 if __name__ == "__main__":

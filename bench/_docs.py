@@ -1,0 +1,19 @@
+"""Writing a benchmark's markdown table into a docs/ file, shared by the bench scripts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_section(path: Path, title: str, section: str, header: str) -> None:
+    """Replaces the section that starts with `title` in `path` (up to the next `## ` heading), or appends
+    it; other sections stay. A missing file starts with `header`. Written atomically (temp + rename)."""
+    text = path.read_text() if path.exists() else header
+    start = text.find(title)
+    if start >= 0:
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

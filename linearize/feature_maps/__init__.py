@@ -44,19 +44,44 @@ class _PerHeadProjection(nn.Module):
         return torch.einsum("bthd,hdf->bthf", x.float(), self.weight.float())  # [B, T, H, f]
 
 
+class _HedgehogFunction(torch.autograd.Function):
+    """`[softmax(xW), softmax(−xW)] + HEDGEHOG_MIN` with a hand-written backward. Autograd of the same
+    math needs xW and −xW as one `[d, 2f]` matmul each way, an extra pass for the eps and several saved
+    tensors; here one `[d, f]` matmul each way, and only x and the output are kept. Attention transfer
+    runs this twice per layer and step, so it shows in stage throughput."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        z = x @ weight  # [B, H, T, f]
+        signs = torch.tensor([1.0, -1.0], dtype=z.dtype, device=z.device).view(2, 1)
+        y = (z.unsqueeze(-2) * signs).softmax(-1)  # [B, H, T, 2, f]: both signs' softmax in one pass
+        y.add_(HEDGEHOG_MIN)
+        ctx.save_for_backward(x, weight, y)
+        return y.flatten(-2)  # [B, H, T, 2f]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, y = ctx.saved_tensors
+        # Softmax backward of each half, y·(g − Σ g·y), as aten's fused kernel (autograd's own). y carries
+        # the +1e-12, which moves the result by about 1e-12 relative: far below fp32 resolution.
+        g = grad.unflatten(-1, y.shape[-2:])  # [B, H, T, 2, f]
+        dz = torch.ops.aten._softmax_backward_data(g, y, -1, y.dtype)  # [B, H, T, 2, f]
+        dz = dz[..., 0, :] - dz[..., 1, :]  # [B, H, T, f]: the second half saw −xW
+        dx = dz @ weight.transpose(-1, -2) if ctx.needs_input_grad[0] else None  # [B, H, T, d]
+        dw = torch.einsum("bhtd,bhtf->hdf", x, dz) if ctx.needs_input_grad[1] else None  # [H, d, f]
+        return dx, dw
+
+
 class Hedgehog(_PerHeadProjection):
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int = 64):
         super().__init__(num_heads, head_dim, feature_dim)
         self.out_dim = 2 * feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One matmul against [W, −W] gives [xW, −xW]; one softmax over each half (viewed [.., 2, f]).
-        # Computed heads-first so the softmax reads contiguous rows; the result is a [B, T, H, 2f] view
-        # of heads-first memory, which the ops' heads-first staging reads back without a copy.
-        weight = self.weight.float()
-        z = x.float().transpose(1, 2) @ torch.cat([weight, -weight], dim=-1)  # [B, H, T, 2f]
-        halves = z.unflatten(-1, (2, -1)).softmax(-1)  # [B, H, T, 2, f]
-        return (halves.flatten(-2) + HEDGEHOG_MIN).transpose(1, 2)  # [B, T, H, 2f]
+        # Computed heads-first so the softmax reads contiguous rows; the result is a [B, T, H, 2f] view of
+        # heads-first memory, which the ops' heads-first staging reads back without a copy.
+        y = _HedgehogFunction.apply(x.float().transpose(1, 2), self.weight.float())  # [B, H, T, 2f]
+        return y.transpose(1, 2)  # [B, T, H, 2f]
 
 
 class HedgehogJoint(_PerHeadProjection):

@@ -46,6 +46,7 @@ class _Inputs(NamedTuple):
     prefix: int  # P
     k_raw: torch.Tensor  # [B, H_kv, P + T, D]
     v_raw: torch.Tensor  # [B, H_kv, P + T, V]
+    has_state: bool  # False: kv0 is the zero state of a fresh sequence
 
 
 def _check_inputs(q, k, v, fq, fk, window_logit, window_size):
@@ -120,6 +121,7 @@ def _prepare(q, k, v, fq, fk, window_logit, window_size, scale, initial_state):
         prefix=state.k.shape[2],
         k_raw=k_all,
         v_raw=v_all,
+        has_state=initial_state is not None,
     )
 
 
@@ -217,7 +219,9 @@ def _linear_part(x, front, chunk_size, num_chunks):
     chunk_kv = (fk.transpose(-1, -2) @ v1).flatten(3)  # [B, H, N, F·(V + 1)]: the keys each chunk holds
     # Exclusive prefix sum over chunks as one small matmul (cheaper than cumsum and its flip-backward).
     before = torch.ones(num_chunks, num_chunks, device=fk.device).tril_(diagonal=-1)  # [N, N]: m < n
-    kv = x.kv0.unsqueeze(2) + (before @ chunk_kv).unflatten(-1, x.kv0.shape[-2:])  # [B, H, N, F, V + 1]
+    kv = (before @ chunk_kv).unflatten(-1, x.kv0.shape[-2:])  # [B, H, N, F, V + 1]
+    if x.has_state:  # a fresh sequence's kv0 is zeros: adding it would be a full pass over every state
+        kv = x.kv0.unsqueeze(2) + kv
     return a_lin @ v1 + fqc @ kv  # [B, H, N, C, V + 1]
 
 

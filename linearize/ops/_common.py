@@ -15,6 +15,24 @@ import torch
 # Added to the normalizer of normalized linear attention so an all-zero feature row cannot divide by 0.
 NORMALIZE_EPS = 1e-6
 
+# torch's vectorized CPU exp is about 10-50× slower on inputs whose result underflows fp32 (below about
+# −87.3, and −inf): measured in docs/performance.md. Masked and strongly decayed exponents are floored
+# here first: exp(−87) ≈ 1.6e-38 is already invisible next to any O(1) term, and masks then set exact zeros.
+EXP_FLOOR = -87.0
+
+
+def floored_exp(x: torch.Tensor) -> torch.Tensor:
+    """exp(max(x, EXP_FLOOR)) as a new tensor (x is left untouched)."""
+    return x.clamp(min=EXP_FLOOR).exp_()
+
+
+def masked_exp(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """exp(x) where `keep` (bool, broadcastable), exactly 0 elsewhere, never exponentiating below EXP_FLOOR;
+    what `x.masked_fill(~keep, -inf).exp()` computes, without the slow underflow path. Masked entries are
+    replaced before the exp: they may be huge and positive (a decay difference read backwards)."""
+    return floored_exp(x.masked_fill(~keep, EXP_FLOOR)) * keep
+
+
 # Backends every op accepts (also the model-level `attention.backend` choices). FLA_BACKENDS adds "fla"
 # for the ops whose semantics fla's kernels cover (linear and gated linear attention); "auto" never picks it.
 BACKENDS = ("auto", "torch", "triton")

@@ -11,13 +11,14 @@ per-key-dimension log-decay (≤ 0). Returns `(o [B, T, H, V] in v.dtype, final_
   state `[B, H, K, V + 1]` (last column z).
 
 Stability: decays are only ever exponentiated as exp(G_a − G_b) with a later than b (a cumulative
-log-decay difference ≤ 0), masked before the exp, so nothing overflows however strong the decay.
+log-decay difference ≤ 0), masked before the exp, so nothing overflows however strong the decay; and
+floored at EXP_FLOOR (`floored_exp`), so nothing takes CPU exp's slow underflow path either.
 """
 from __future__ import annotations
 
 import torch
 
-from .._common import check_chunk_size, check_same_tokens, heads_first_fp32, pad_time
+from .._common import check_chunk_size, check_same_tokens, floored_exp, heads_first_fp32, masked_exp, pad_time
 from ..linear_attn.naive import finish_linear_output, prepare_linear_inputs
 
 # Largest sub-chunk inside a chunk: the diagonal blocks materialize [sub, sub, K] decay tensors.
@@ -36,7 +37,7 @@ def _prepare_gated(q, k, v, g, scale, normalize, initial_state):
 def _decay_matrix(g_cum_q, g_cum_k, causal):
     """exp(G_t − G_s) for s ≤ t else 0: `[..., Tq, K]`, `[..., Tk, K]` → `[..., Tq, Tk, K]`."""
     diff = g_cum_q.unsqueeze(-2) - g_cum_k.unsqueeze(-3)  # [..., Tq, Tk, K]
-    return diff.masked_fill(~causal.unsqueeze(-1), float("-inf")).exp()
+    return masked_exp(diff, causal.unsqueeze(-1))
 
 
 def _gated_scores(qh, kh, g_cum, causal):
@@ -55,12 +56,12 @@ def parallel_gated_linear_attn(
     g_cum = gh.cumsum(dim=2)  # [B, H, T, K]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=qh.device).tril()
     scores = _gated_scores(qh, kh, g_cum, causal)  # [B, H, T, T]
-    out = scores @ vh + (qh * g_cum.exp()) @ s0  # [B, H, T, V(+1)]
+    out = scores @ vh + (qh * floored_exp(g_cum)) @ s0  # [B, H, T, V(+1)]
     final = None
     if output_final_state:
         g_total = g_cum[:, :, -1:]  # [B, H, 1, K]
-        k_to_end = kh * (g_total - g_cum).exp()  # [B, H, T, K]
-        final = g_total.transpose(-1, -2).exp() * s0 + k_to_end.transpose(-1, -2) @ vh  # [B, H, K, V(+1)]
+        k_to_end = kh * floored_exp(g_total - g_cum)  # [B, H, T, K]
+        final = floored_exp(g_total.transpose(-1, -2)) * s0 + k_to_end.transpose(-1, -2) @ vh  # [B, H, K, V(+1)]
     return finish_linear_output(out, normalize, v.dtype), final
 
 
@@ -87,11 +88,10 @@ def _intra_chunk(qc, kc, vc, g_cum):
     out = _gated_scores(qs, ks, gs, diag_causal) @ vs  # [B, H, N, m, c, V]
     if num_sub > 1:
         ref = torch.cat([torch.zeros_like(gs[..., :1, -1, :]), gs[..., :-1, -1, :]], dim=-2)  # [B, H, N, m, K]
-        q_rel = qs * (gs - ref.unsqueeze(-2)).exp()  # [B, H, N, m, c, K]
+        q_rel = qs * floored_exp(gs - ref.unsqueeze(-2))  # [B, H, N, m, c, K]
         earlier = torch.ones(num_sub, num_sub, dtype=torch.bool, device=qc.device).tril(-1)  # [m(i), m(j)]
         k_log = ref[..., :, None, None, :] - gs[..., None, :, :, :]  # [B, H, N, m(i), m(j), c, K]
-        k_log = k_log.masked_fill(~earlier[:, :, None, None], float("-inf"))
-        k_rel = ks.unsqueeze(-4) * k_log.exp()  # [B, H, N, m(i), m(j), c, K]
+        k_rel = ks.unsqueeze(-4) * masked_exp(k_log, earlier[:, :, None, None])  # [B, H, N, m(i), m(j), c, K]
         scores = torch.einsum("...itk,...ijsk->...ijts", q_rel, k_rel)  # [B, H, N, m(i), m(j), c, c]
         out = out + torch.einsum("...ijts,...jsv->...itv", scores, vs)  # [B, H, N, m, c, V]
     return out.flatten(-3, -2)  # [B, H, N, C, V]
@@ -112,10 +112,10 @@ def chunk_gated_linear_attn_torch(
     vc = pad_time(vh, chunk_size).unflatten(2, (-1, chunk_size))  # [B, H, N, C, V(+1)]
     g_cum = pad_time(gh, chunk_size).unflatten(2, (-1, chunk_size)).cumsum(dim=3)  # [B, H, N, C, K]
     g_last = g_cum[:, :, :, -1]  # [B, H, N, K]
-    q_decayed = qc * g_cum.exp()  # [B, H, N, C, K]
-    k_to_end = kc * (g_last.unsqueeze(-2) - g_cum).exp()  # [B, H, N, C, K]
+    q_decayed = qc * floored_exp(g_cum)  # [B, H, N, C, K]
+    k_to_end = kc * floored_exp(g_last.unsqueeze(-2) - g_cum)  # [B, H, N, C, K]
     chunk_kv = k_to_end.transpose(-1, -2) @ vc  # [B, H, N, K, V(+1)]
-    chunk_decay = g_last.exp().unsqueeze(-1)  # [B, H, N, K, 1]
+    chunk_decay = floored_exp(g_last).unsqueeze(-1)  # [B, H, N, K, 1]
     states = []
     for n in range(qc.shape[2]):
         states.append(state)
@@ -132,7 +132,7 @@ def recurrent_gated_linear_attn(
     qh, kh, vh, gh, state = _prepare_gated(q, k, v, g, scale, normalize, initial_state)
     outputs = []
     for t in range(qh.shape[2]):
-        decay = gh[:, :, t].exp().unsqueeze(-1)  # [B, H, K, 1]
+        decay = floored_exp(gh[:, :, t]).unsqueeze(-1)  # [B, H, K, 1]
         state = decay * state + kh[:, :, t, :, None] * vh[:, :, t, None, :]  # [B, H, K, V(+1)]
         outputs.append((qh[:, :, t, None, :] @ state).squeeze(-2))  # [B, H, V(+1)]
     out = torch.stack(outputs, dim=2)  # [B, H, T, V(+1)]

@@ -18,7 +18,10 @@ from typing import NamedTuple
 
 import torch
 
-from .._common import append_ones, check_chunk_size, check_heads, check_same_tokens, heads_first_fp32
+from .._common import (
+    append_ones, check_chunk_size, check_heads, check_same_tokens, floored_exp, heads_first_fp32,
+    masked_exp,
+)
 
 
 class WindowLinearState(NamedTuple):
@@ -142,7 +145,7 @@ def _combine(scores, window, linear, fq, fk, v1, kv, gamma):
     the window / linear key masks `[..., Tq, Tk]` and the linear state `kv` of the older keys."""
     scores = scores.masked_fill(~window, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)  # c_t, finite: every row's window holds s = t
-    a_sm = gamma * (scores - row_max).exp()  # [..., Tq, Tk]
+    a_sm = gamma * masked_exp(scores - row_max, window)  # [..., Tq, Tk]
     a_lin = (fq @ fk.transpose(-1, -2)) * linear  # [..., Tq, Tk]
     return (a_sm + a_lin) @ v1 + fq @ kv
 
@@ -170,24 +173,22 @@ def parallel_window_linear_attn(
     return _divide(num_den, v.dtype), final
 
 
-def _window_bias(num_chunks, chunk_size, window_size, front, device):
-    """Additive `[N, C, W + C]` mask (0 or -inf) of the window keys of each query chunk's key block:
-    block key j is a window key of chunk query i when 0 <= W + i - j < W and it is not front padding."""
+def _window_keys(num_chunks, chunk_size, window_size, front, device):
+    """`[N, C, W + C]` bool mask of the window keys of each query chunk's key block: block key j is a
+    window key of chunk query i when 0 <= W + i - j < W and it is not front padding."""
     query_idx = torch.arange(chunk_size, device=device)
     key_idx = torch.arange(window_size + chunk_size, device=device)
     distance = (window_size + query_idx)[:, None] - key_idx[None, :]  # [C, W + C]
     chunk_start = torch.arange(num_chunks, device=device)[:, None, None] * chunk_size  # [N, 1, 1]
     is_key = chunk_start + key_idx >= front  # [N, 1, W + C]: front padding is not a key
-    window = (distance >= 0) & (distance < window_size) & is_key  # [N, C, W + C]
-    bias = torch.zeros(window.shape, dtype=torch.float32, device=device)
-    return bias.masked_fill_(~window, float("-inf"))
+    return (distance >= 0) & (distance < window_size) & is_key  # [N, C, W + C]
 
 
 def _window_part(x, window_size, chunk_size, num_chunks, pad):
     """Softmax numerator/normalizer of every query chunk over its window keys → `[B, H, N, C, V + 1]`.
 
-    Each chunk scores a `[C, W + C]` key block (the previous W keys and its own C). The mask and exp run
-    in place on fresh tensors (matmul and subtraction keep no output for backward). The row max c_t is
+    Each chunk scores a `[C, W + C]` key block (the previous W keys and its own C). The mask runs in
+    place on the fresh scores (a matmul keeps no output for backward); the exp is floored (`masked_exp`). The row max c_t is
     part of the math (it scales the softmax part against the linear part), so it keeps its gradient."""
     block = window_size + chunk_size
 
@@ -196,10 +197,12 @@ def _window_part(x, window_size, chunk_size, num_chunks, pad):
 
     qc = _chunks(x.q, num_chunks, chunk_size)  # [B, H, N, C, D]
     scores = qc @ blocks(x.k).transpose(-1, -2)  # [B, H, N, C, W + C]
-    front = window_size - x.prefix
-    scores.add_(_window_bias(num_chunks, chunk_size, window_size, front, scores.device))
+    window = _window_keys(num_chunks, chunk_size, window_size, window_size - x.prefix, scores.device)
+    scores.masked_fill_(~window, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)  # [B, H, N, C, 1]: c_t, finite as s = t is a key
-    a_sm = (scores - row_max).exp_()  # exp(score − c_t)
+    # exp(score − c_t) on window keys, 0 elsewhere. Masked scores are already −inf (never +inf), so the
+    # floor alone keeps them off the slow exp path and the window mask then zeroes them.
+    a_sm = floored_exp(scores - row_max) * window  # [B, H, N, C, W + C]
     # γ scales the product, not the [C, W + C] weights: fewer elements, and when q/k/v need no gradient
     # (attention transfer) the whole block product stays outside the autograd graph.
     return (a_sm @ blocks(x.v1)) * x.gamma.unsqueeze(-1)  # [B, H, N, C, V + 1]
@@ -283,7 +286,7 @@ def recurrent_window_linear_attn(
         state = _push_key(state, k[:, t], v[:, t], fk[:, t], window_size, group)
         q_t = q[:, t].float() * scale  # [B, H, D]
         scores = (state.k.repeat_interleave(group, dim=1) @ q_t.unsqueeze(-1)).squeeze(-1)  # [B, H, W']
-        a_sm = gamma * (scores - scores.amax(dim=-1, keepdim=True)).exp()  # [B, H, W']
+        a_sm = gamma * floored_exp(scores - scores.amax(dim=-1, keepdim=True))  # [B, H, W']
         v1 = append_ones(state.v.repeat_interleave(group, dim=1))  # [B, H, W', V + 1]
         fq_t = fq[:, t].float().unsqueeze(-2)  # [B, H, 1, F]
         outputs.append((a_sm.unsqueeze(-2) @ v1 + fq_t @ state.kv).squeeze(-2))  # [B, H, V + 1]

@@ -15,22 +15,56 @@ import torch
 # Added to the normalizer of normalized linear attention so an all-zero feature row cannot divide by 0.
 NORMALIZE_EPS = 1e-6
 
-# torch's vectorized CPU exp is about 10-50× slower on inputs whose result underflows fp32 (below about
-# −87.3, and −inf): measured in docs/performance.md. Masked and strongly decayed exponents are floored
-# here first: exp(−87) ≈ 1.6e-38 is already invisible next to any O(1) term, and masks then set exact zeros.
+# torch's vectorized CPU exp is about 4-50× slower on inputs whose result underflows fp32 (below about
+# −87.3, and −inf): bench/cpu_exp.py. Masked and strongly decayed exponents are floored here first:
+# exp(−87) ≈ 1.6e-38 is invisible next to any O(1) term, and masks then set exact zeros.
 EXP_FLOOR = -87.0
+
+
+class _FlooredExp(torch.autograd.Function):
+    """exp(max(x, EXP_FLOOR)), backward `grad · y`. Autograd of clamp-then-exp would add two passes
+    (a mask and a select) over the input in backward; here the floor counts as the identity, which moves
+    the gradient of floored entries from 0 to at most 1.6e-38 · grad."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clamp(min=EXP_FLOOR).exp_()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * y
+
+
+class _MaskedExp(torch.autograd.Function):
+    """exp(x) where `keep`, exactly 0 elsewhere, floored like `_FlooredExp`; backward `grad · y`, which is
+    0 at masked entries because y is."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        # Masked entries are replaced before the exp: they may be huge and positive (a decay difference
+        # read backwards), and inf · 0 would be NaN.
+        y = x.masked_fill(~keep, EXP_FLOOR).clamp_(min=EXP_FLOOR).exp_().mul_(keep)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * y, None
 
 
 def floored_exp(x: torch.Tensor) -> torch.Tensor:
     """exp(max(x, EXP_FLOOR)) as a new tensor (x is left untouched)."""
-    return x.clamp(min=EXP_FLOOR).exp_()
+    return _FlooredExp.apply(x)
 
 
 def masked_exp(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """exp(x) where `keep` (bool, broadcastable), exactly 0 elsewhere, never exponentiating below EXP_FLOOR;
-    what `x.masked_fill(~keep, -inf).exp()` computes, without the slow underflow path. Masked entries are
-    replaced before the exp: they may be huge and positive (a decay difference read backwards)."""
-    return floored_exp(x.masked_fill(~keep, EXP_FLOOR)) * keep
+    """exp(x) where `keep` (bool, broadcastable to x), exactly 0 elsewhere, never exponentiating below
+    EXP_FLOOR: what `x.masked_fill(~keep, -inf).exp()` computes, without the slow underflow path."""
+    return _MaskedExp.apply(x, keep)
 
 
 # Backends every op accepts (also the model-level `attention.backend` choices). FLA_BACKENDS adds "fla"

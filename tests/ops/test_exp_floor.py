@@ -27,3 +27,12 @@ def test_masked_exp_matches_masked_fill_exp_with_exact_zeros():
     assert torch.equal(y.detach()[~keep], torch.zeros(int((~keep).sum())))
     y.sum().backward()
     torch.testing.assert_close(x.grad, ref, rtol=0, atol=0)  # d exp(x)/dx = exp(x) kept, 0 masked
+
+
+def test_exp_functions_pass_gradcheck():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    keep = torch.rand(4, 5, generator=gen) > 0.3
+    # float64 finite differences, inputs far above the floor: the default tolerances apply.
+    assert torch.autograd.gradcheck(floored_exp, (x,))
+    assert torch.autograd.gradcheck(lambda t: masked_exp(t, keep), (x,))

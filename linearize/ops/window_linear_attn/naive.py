@@ -200,9 +200,7 @@ def _window_part(x, window_size, chunk_size, num_chunks, pad):
     window = _window_keys(num_chunks, chunk_size, window_size, window_size - x.prefix, scores.device)
     scores.masked_fill_(~window, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)  # [B, H, N, C, 1]: c_t, finite as s = t is a key
-    # exp(score − c_t) on window keys, 0 elsewhere. Masked scores are already −inf (never +inf), so the
-    # floor alone keeps them off the slow exp path and the window mask then zeroes them.
-    a_sm = floored_exp(scores - row_max) * window  # [B, H, N, C, W + C]
+    a_sm = masked_exp(scores - row_max, window)  # exp(score − c_t) on window keys, 0 elsewhere
     # γ scales the product, not the [C, W + C] weights: fewer elements, and when q/k/v need no gradient
     # (attention transfer) the whole block product stays outside the autograd graph.
     return (a_sm @ blocks(x.v1)) * x.gamma.unsqueeze(-1)  # [B, H, N, C, V + 1]

@@ -41,7 +41,6 @@ class _Inputs(NamedTuple):
 
     q: torch.Tensor  # [B, H, T, D], already scaled
     fq: torch.Tensor  # [B, H, T, F]
-    k: torch.Tensor  # [B, H, P + T, D]
     v1: torch.Tensor  # [B, H, P + T, V + 1]
     fk: torch.Tensor  # [B, H, P + T, F]
     kv0: torch.Tensor  # [B, H, F, V + 1]
@@ -116,7 +115,6 @@ def _prepare(q, k, v, fq, fk, window_logit, window_size, scale, initial_state):
     return _Inputs(
         q=heads_first_fp32(q, heads) * scale,
         fq=heads_first_fp32(fq, heads),
-        k=k_all.repeat_interleave(group, dim=1),  # [B, H, P + T, D]
         v1=append_ones(v_all.repeat_interleave(group, dim=1)),  # [B, H, P + T, V + 1]
         fk=_after_prefix(state.fk, fk),  # [B, H, P + T, F]
         kv0=state.kv,
@@ -167,7 +165,8 @@ def parallel_window_linear_attn(
     distance = query_pos[:, None] - key_pos[None, :]  # [T, P + T]
     window = (distance >= 0) & (distance < window_size)
     linear = distance >= window_size
-    scores = x.q @ x.k.transpose(-1, -2)  # [B, H, T, P + T]
+    k = x.k_raw.repeat_interleave(x.q.shape[1] // x.k_raw.shape[1], dim=1)  # [B, H, P + T, D]
+    scores = x.q @ k.transpose(-1, -2)  # [B, H, T, P + T]
     num_den = _combine(scores, window, linear, x.fq, x.fk, x.v1, x.kv0, x.gamma)
     final = _final_state(x, window_size) if output_final_state else None
     return _divide(num_den, v.dtype), final
@@ -187,23 +186,34 @@ def _window_keys(num_chunks, chunk_size, window_size, front, device):
 def _window_part(x, window_size, chunk_size, num_chunks, pad):
     """Softmax numerator/normalizer of every query chunk over its window keys → `[B, H, N, C, V + 1]`.
 
-    Each chunk scores a `[C, W + C]` key block (the previous W keys and its own C). The mask runs in
-    place on the fresh scores (a matmul keeps no output for backward); the exp is floored (`masked_exp`). The row max c_t is
-    part of the math (it scales the softmax part against the linear part), so it keeps its gradient."""
+    Each chunk scores a `[C, W + C]` key block (the previous W keys and its own C). With GQA the G query
+    heads of one kv head are stacked in the rows of one matmul: each kv head's key and value blocks are
+    gathered once, not once per query head, and the matmuls are G times taller. The mask runs in place
+    on the fresh scores (a matmul keeps no output for backward); the exp is floored (`masked_exp`). The
+    row max c_t is part of the math (it scales the softmax part against the linear part), so it keeps
+    its gradient."""
     block = window_size + chunk_size
+    kv_heads = x.k_raw.shape[1]
+    group = x.q.shape[1] // kv_heads
 
     def blocks(t):
-        return pad(t).unfold(2, block, chunk_size).transpose(-1, -2)  # [B, H, N, W + C, ·]
+        return pad(t).unfold(2, block, chunk_size).transpose(-1, -2)  # [B, H_kv, N, W + C, ·]
 
-    qc = _chunks(x.q, num_chunks, chunk_size)  # [B, H, N, C, D]
-    scores = qc @ blocks(x.k).transpose(-1, -2)  # [B, H, N, C, W + C]
+    qc = _chunks(x.q, num_chunks, chunk_size).unflatten(1, (kv_heads, group))  # [B, H_kv, G, N, C, D]
+    q_rows = qc.transpose(2, 3).flatten(3, 4)  # [B, H_kv, N, G·C, D]: a group's rows stacked (a copy)
+    scores = q_rows @ blocks(x.k_raw).transpose(-1, -2)  # [B, H_kv, N, G·C, W + C]
+    scores = scores.unflatten(3, (group, chunk_size))  # [B, H_kv, N, G, C, W + C]
     window = _window_keys(num_chunks, chunk_size, window_size, window_size - x.prefix, scores.device)
+    window = window.unsqueeze(1)  # [N, 1, C, W + C]: the same keys for every head of the group
     scores.masked_fill_(~window, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)  # [B, H, N, C, 1]: c_t, finite as s = t is a key
+    row_max = scores.amax(dim=-1, keepdim=True)  # [B, H_kv, N, G, C, 1]: c_t, finite as s = t is a key
     a_sm = masked_exp(scores - row_max, window)  # exp(score − c_t) on window keys, 0 elsewhere
+    num_den = a_sm.flatten(3, 4) @ blocks(append_ones(x.v_raw))  # [B, H_kv, N, G·C, V + 1]
     # γ scales the product, not the [C, W + C] weights: fewer elements, and when q/k/v need no gradient
     # (attention transfer) the whole block product stays outside the autograd graph.
-    return (a_sm @ blocks(x.v1)) * x.gamma.unsqueeze(-1)  # [B, H, N, C, V + 1]
+    gamma = x.gamma.view(kv_heads, 1, group, 1, 1)  # [H_kv, 1, G, 1, 1]
+    num_den = num_den.unflatten(3, (group, chunk_size)) * gamma  # [B, H_kv, N, G, C, V + 1]
+    return num_den.transpose(2, 3).flatten(1, 2)  # [B, H, N, C, V + 1]
 
 
 def _linear_part(x, front, chunk_size, num_chunks):

@@ -46,7 +46,7 @@ class _MaskedExp(torch.autograd.Function):
     def forward(ctx, x, keep):
         # Masked entries are replaced before the exp: they may be huge and positive (a decay difference
         # read backwards), and inf · 0 would be NaN.
-        y = x.masked_fill(~keep, EXP_FLOOR).clamp_(min=EXP_FLOOR).exp_().mul_(keep)
+        y = torch.where(keep, x, EXP_FLOOR).clamp_(min=EXP_FLOOR).exp_().mul_(keep)
         ctx.save_for_backward(y)
         return y
 

@@ -83,10 +83,10 @@ def case_transfer_step(cfg):
     return model, _training_step(model, make_transfer_loss(PairCollector(), stage_cfg), stage_cfg)
 
 
-def _lora_step(model):
+def _lora_step(model, **stage_overrides):
     from stages.lora_recovery import make_recovery_loss, wrap_with_lora
 
-    stage_cfg = LoraRecoveryConfig()
+    stage_cfg = LoraRecoveryConfig(**stage_overrides)
     peft_model = wrap_with_lora(model, stage_cfg)
     return peft_model, _training_step(peft_model, make_recovery_loss(stage_cfg), stage_cfg)
 
@@ -103,11 +103,18 @@ def case_student_lora_step(cfg):
     return _lora_step(load_converted(cfg)[0])
 
 
+def case_student_lora_step_kept(cfg):
+    from linearize.train.student import load_converted
+
+    return _lora_step(load_converted(cfg)[0], recompute_attention=False)
+
+
 CASES = {
     "teacher_forward": ("teacher forward (no grad)", case_teacher_forward),
     "transfer_step": ("stage 1: attention-transfer step", case_transfer_step),
     "teacher_lora_step": ("LoRA step on the unconverted teacher", case_teacher_lora_step),
     "student_lora_step": ("stage 2: LoRA step on the converted model", case_student_lora_step),
+    "student_lora_step_kept": ("stage 2, `lora_recovery.recompute_attention=false`", case_student_lora_step_kept),
 }
 
 
@@ -148,10 +155,10 @@ def _spawn(name: str, args) -> dict:
 NOTES = [
     "What a step contains: the teacher forward includes the LM head; the transfer step runs teacher and",
     "student attention in every layer with the per-layer MSE and backpropagates into the student parameters",
-    "only (no LM head); both LoRA steps are forward + backward + AdamW with next-token cross-entropy",
-    "(rank 8 on q/k/v/o); in stage 2 the student attention is recomputed in backward",
-    "(`LinearizedAttention.recompute`, on by default) to keep peak memory down. Peak RSS is the maximum of a",
-    "process running that case alone, model loading",
+    "only (no LM head); the LoRA steps are forward + backward + AdamW with next-token cross-entropy",
+    "(rank 8 on q/k/v/o); in stage 2 the student attention is recomputed in backward by default",
+    "(`lora_recovery.recompute_attention`) to keep peak memory down; the `=false` row keeps its",
+    "intermediates instead. Peak RSS is the maximum of a process running that case alone, model loading",
     "included. Times are interleaved round-robin in one process; the machine is shared and noisy: compare",
     "the ratios within one table, not absolute numbers across tables.",
 ]
@@ -159,7 +166,8 @@ NOTES = [
 
 def table(results: list[dict], args) -> str:
     base = {r["case"]: r for r in results}
-    reference = {"transfer_step": "teacher_forward", "student_lora_step": "teacher_lora_step"}
+    reference = {"transfer_step": "teacher_forward", "student_lora_step": "teacher_lora_step",
+                 "student_lora_step_kept": "teacher_lora_step"}
     lines = [SECTION_TITLE, "",
              f"SmolLM2-135M-Instruct, {args.dtype}, 1 × {args.seq_len} tokens, default attention config "
              f"({RunConfig().attention.mechanism}, {RunConfig().attention.feature_map}); "

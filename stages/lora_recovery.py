@@ -13,6 +13,7 @@ import torch
 import linearize
 from linearize.data import build_datasets, in_stage_eval
 from linearize.losses import distill_kl
+from linearize.surgery import wrapped_attentions
 from linearize.train import config_to_dict, mark_done, seed_everything, train
 from linearize.train.student import (ADAPTER_DIR, STUDENT_FILE, build_student, next_token_loss, save_student,
                                      teacher_view, unwrap)
@@ -22,10 +23,13 @@ STAGE = "lora_recovery"
 
 def wrap_with_lora(model: torch.nn.Module, stage_cfg):
     """A PeftModel with LoRA on `stage_cfg.targets`; only the adapters (and, with train_student, the
-    student parameters) train."""
+    student parameters) train. Converted layers recompute their mechanism in backward unless
+    `recompute_attention` is off."""
     from peft import LoraConfig, get_peft_model
 
     model.requires_grad_(False)
+    for layer in wrapped_attentions(model):
+        layer.recompute = stage_cfg.recompute_attention
     lora = LoraConfig(r=stage_cfg.rank, lora_alpha=stage_cfg.alpha, lora_dropout=stage_cfg.dropout,
                       target_modules=list(stage_cfg.targets), task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)

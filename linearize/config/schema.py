@@ -92,6 +92,7 @@ class LoraRecoveryConfig:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     kl_weight: float = 0.0  # >0 adds KL(teacher || student) on logits
     train_student: bool = False  # keep feature maps / gates trainable during LoRA
+    recompute_attention: bool = True  # recompute student attention in backward: less memory, ~1 more mechanism forward per step
     autocast: str = "none"
 
 

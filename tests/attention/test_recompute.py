@@ -53,3 +53,14 @@ def test_recompute_saves_less_for_backward(make_tiny_model):
     model.train()
     x = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
     assert saved_bytes(model, True, x) < saved_bytes(model, False, x)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_lora_stage_sets_recompute_from_config(make_tiny_model, recompute):
+    from linearize.config.schema import LoraRecoveryConfig
+    from stages.lora_recovery import wrap_with_lora
+
+    model = converted(make_tiny_model, "window_linear")
+    peft_model = wrap_with_lora(model, LoraRecoveryConfig(recompute_attention=recompute))
+    layers = list(wrapped_attentions(peft_model))
+    assert layers and all(layer.recompute is recompute for layer in layers)

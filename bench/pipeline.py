@@ -103,6 +103,18 @@ def case_student_lora_step(cfg):
     return _lora_step(load_converted(cfg)[0])
 
 
+def _compiled(cfg):
+    return replace(cfg, attention=replace(cfg.attention, compile=True))
+
+
+def case_transfer_step_compiled(cfg):
+    return case_transfer_step(_compiled(cfg))
+
+
+def case_student_lora_step_compiled(cfg):
+    return case_student_lora_step(_compiled(cfg))
+
+
 def case_student_lora_step_kept(cfg):
     from linearize.train.student import load_converted
 
@@ -112,9 +124,11 @@ def case_student_lora_step_kept(cfg):
 CASES = {
     "teacher_forward": ("teacher forward (no grad)", case_teacher_forward),
     "transfer_step": ("stage 1: attention-transfer step", case_transfer_step),
+    "transfer_step_compiled": ("stage 1, `attention.compile=true`", case_transfer_step_compiled),
     "teacher_lora_step": ("LoRA step on the unconverted teacher", case_teacher_lora_step),
     "student_lora_step": ("stage 2: LoRA step on the converted model", case_student_lora_step),
     "student_lora_step_kept": ("stage 2, `lora_recovery.recompute_attention=false`", case_student_lora_step_kept),
+    "student_lora_step_compiled": ("stage 2, `attention.compile=true`", case_student_lora_step_compiled),
 }
 
 
@@ -158,7 +172,8 @@ NOTES = [
     "only (no LM head); the LoRA steps are forward + backward + AdamW with next-token cross-entropy",
     "(rank 8 on q/k/v/o); in stage 2 the student attention is recomputed in backward by default",
     "(`lora_recovery.recompute_attention`) to keep peak memory down; the `=false` row keeps its",
-    "intermediates instead. Peak RSS is the maximum of a process running that case alone, model loading",
+    "intermediates instead; the `attention.compile=true` rows run the student under torch.compile (compiled",
+    "in the warm-up step, outside the timing; the compiler's own memory counts in their peak RSS). Peak RSS is the maximum of a process running that case alone, model loading",
     "included. Times are interleaved round-robin in one process; the machine is shared and noisy: compare",
     "the ratios within one table, not absolute numbers across tables.",
 ]
@@ -167,7 +182,8 @@ NOTES = [
 def table(results: list[dict], args) -> str:
     base = {r["case"]: r for r in results}
     reference = {"transfer_step": "teacher_forward", "student_lora_step": "teacher_lora_step",
-                 "student_lora_step_kept": "teacher_lora_step"}
+                 "student_lora_step_kept": "teacher_lora_step", "transfer_step_compiled": "teacher_forward",
+                 "student_lora_step_compiled": "teacher_lora_step"}
     lines = [SECTION_TITLE, "",
              f"SmolLM2-135M-Instruct, {args.dtype}, 1 × {args.seq_len} tokens, default attention config "
              f"({RunConfig().attention.mechanism}, {RunConfig().attention.feature_map}); "

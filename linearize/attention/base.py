@@ -43,6 +43,7 @@ class RunOptions:
     form: str = "chunk"
     chunk_size: int = 64
     backend: str = "auto"
+    compile: bool = False  # torch.compile the mechanism for training calls (see LinearizedAttention)
 
     def op_kwargs(self, state: Any, num_tokens: int) -> dict:
         """The ops' keyword arguments for a call of `num_tokens` tokens continuing `state` (None: a fresh

@@ -36,6 +36,7 @@ class AttentionConfig:
     form: str = "chunk"  # chunk | parallel | recurrent: how the student computes a full sequence
     chunk_size: int = 64
     backend: str = "auto"  # auto | torch | triton
+    compile: bool = False  # torch.compile the student attention for training calls (not decoding)
 
 
 @dataclass

@@ -85,7 +85,7 @@ def linearize_model(model: nn.Module, attention_config: Any) -> nn.Module:
     if any(isinstance(getattr(layer, layout.attention), LinearizedAttention) for layer in layers):
         raise UserError("this model is already linearized; call unlinearize_model first")
     text_cfg = model.config.get_text_config(decoder=True)
-    opts = RunOptions(form=cfg.form, chunk_size=cfg.chunk_size, backend=cfg.backend)
+    opts = RunOptions(form=cfg.form, chunk_size=cfg.chunk_size, backend=cfg.backend, compile=cfg.compile)
     converted = selected_layers(cfg, len(layers))
     for idx in converted:
         base = getattr(layers[idx], layout.attention)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 
 def write_section(path: Path, title: str, section: str, header: str) -> None:
@@ -17,3 +18,10 @@ def write_section(path: Path, title: str, section: str, header: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def publish(section: str, path: Optional[Path], title: str, header: str) -> None:
+    """Prints a bench's markdown section and, when `path` is given (`--write`), puts it in that file."""
+    print(section)
+    if path:
+        write_section(path, title, section, header)

@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._docs import write_section  # noqa: E402
+from bench._docs import publish  # noqa: E402
 from linearize.ops._common import floored_exp  # noqa: E402
 
 SECTION_TITLE = "## CPU exp and underflow (bench/cpu_exp.py)"
@@ -69,9 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     text = table(args.repeats)
-    print(text)
-    if args.write:
-        write_section(args.write, SECTION_TITLE, text, "# Performance\n")
+    publish(text, args.write, SECTION_TITLE, "# Performance\n")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._docs import write_section  # noqa: E402
+from bench._docs import publish  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 TEACHER = "teacher"
@@ -205,9 +205,7 @@ def main() -> None:
         print(json.dumps(rows), file=sys.stderr)
     results.sort(key=lambda r: (cases.index(r["case"]), r["context"]))
     section = table(results, args)
-    print(section)
-    if args.write:
-        write_section(args.write, SECTION_TITLE, section, "# Exports\n")
+    publish(section, args.write, SECTION_TITLE, "# Exports\n")
     if args.png:
         plot(results, args.png)
     if args.json:

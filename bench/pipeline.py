@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._docs import write_section  # noqa: E402
+from bench._docs import publish  # noqa: E402
 
 from linearize.config.schema import LoraRecoveryConfig, ModelConfig, RunConfig, TransferConfig  # noqa: E402
 
@@ -222,9 +222,7 @@ def main() -> None:
     for result in results:
         result.update(seconds=seconds[result["case"]], tokens_per_s=args.seq_len / seconds[result["case"]])
     section = table(results, args)
-    print(section)
-    if args.write:
-        write_section(args.write, SECTION_TITLE, section, "# Performance\n")
+    publish(section, args.write, SECTION_TITLE, "# Performance\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._docs import write_section  # noqa: E402
+from bench._docs import publish  # noqa: E402
 
 PRESETS = ["lolcats", "hedgehog_linear", "lawcat", "liger", "liger_window", "baseline_window_only",
            "baseline_no_transfer"]
@@ -118,9 +118,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda p: run_preset(args, p), args.presets))
     text = table(results, args)
-    print(text)
-    if args.write:
-        write_section(args.write, SECTION_TITLE, text, "# Quality\n\n")
+    publish(text, args.write, SECTION_TITLE, "# Quality\n\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`attention.compile`: training calls run a torch.compile'd mechanism with the eager results, and
 evaluation stays eager."""
-import pytest
+import dataclasses
+
 import torch
 
 import linearize
@@ -10,6 +11,11 @@ from linearize.surgery import wrapped_attentions
 
 # inductor reorders and fuses fp32 reductions: agreement to ~1e-6 observed, checked at 1e-4.
 COMPILE_TOL = 1e-4
+
+
+def set_compile(model, flag: bool) -> None:
+    for layer in wrapped_attentions(model):
+        layer.opts = dataclasses.replace(layer.opts, compile=flag)
 
 
 def transfer_loss_and_grads(model, x):
@@ -22,17 +28,14 @@ def transfer_loss_and_grads(model, x):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mechanism", ["window_linear"])
-def test_compiled_transfer_matches_eager(make_tiny_model, mechanism):
-    model = converted(make_tiny_model, mechanism, compile=True)
+def test_compiled_transfer_matches_eager(make_tiny_model):
+    model = converted(make_tiny_model, "window_linear", compile=True)
     linearize.freeze_for_transfer(model)
     layers = list(wrapped_attentions(model))
     x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
-    for layer in layers:
-        layer.opts = layer.opts.__class__(**{**layer.opts.__dict__, "compile": False})
+    set_compile(model, False)
     loss_eager, grads_eager = transfer_loss_and_grads(model, x)
-    for layer in layers:
-        layer.opts = layer.opts.__class__(**{**layer.opts.__dict__, "compile": True})
+    set_compile(model, True)
     loss_compiled, grads_compiled = transfer_loss_and_grads(model, x)
     assert all(layer._compiled is not None for layer in layers)  # the compiled path really ran
     assert abs(loss_compiled.item() - loss_eager.item()) <= COMPILE_TOL * loss_eager.item()
@@ -55,8 +58,7 @@ def test_compiled_lora_style_training_matches_eager(make_tiny_model):
     x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     results = []
     for use_compile in (False, True):
-        for layer in wrapped_attentions(model):
-            layer.opts = layer.opts.__class__(**{**layer.opts.__dict__, "compile": use_compile})
+        set_compile(model, use_compile)
         model.zero_grad()
         loss = model(input_ids=x, use_cache=False).logits.square().mean()
         loss.backward()

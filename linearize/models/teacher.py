@@ -26,6 +26,10 @@ CACHE_DTYPE = torch.float32
 HUB_MODEL_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Every from_pretrained here passes trust_remote_code=False: transformers then never asks a [y/N]
+# question and never runs code shipped beside a model; a model that needs such code (auto_map) fails
+# with an error that names the argument, which is how `_load_error` recognises it.
+REMOTE_CODE_MARK = "trust_remote_code"
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,14 @@ REGISTERED_MODELS: dict[str, RegisteredModel] = {
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+def _load_error(what: str, exc: Exception) -> UserError:
+    """The one-line error for a failed from_pretrained; a model that needs its own code gets its own."""
+    if REMOTE_CODE_MARK in str(exc):
+        return UserError(f"{what} needs the custom code it ships (auto_map), and linearize never runs code "
+                         "from a model folder: use a model whose architecture transformers supports")
+    return UserError(f"cannot load {what}: {_one_line(exc)}")
 
 
 def _hub_offline() -> bool:
@@ -65,10 +77,11 @@ def load_gguf(gguf: Path, dtype: torch.dtype = CACHE_DTYPE):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
-                                                     attn_implementation=TEACHER_ATTN_IMPLEMENTATION)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                                                     attn_implementation=TEACHER_ATTN_IMPLEMENTATION,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     except (ValueError, OSError) as exc:  # unsupported gguf architecture or a damaged file
-        raise UserError(f"cannot load gguf {gguf}: {_one_line(exc)}") from None
+        raise _load_error(f"gguf {gguf}", exc) from None
     _make_serializable(model)
     return model.eval(), tokenizer
 
@@ -130,10 +143,11 @@ def load_tokenizer(spec: str, key: str = "model.tokenizer"):
     """A tokenizer with a pad token (eos when it has none, so batches can be padded)."""
     from transformers import AutoTokenizer
 
+    location = resolve_model_path(spec, key)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec, key))
-    except OSError as exc:
-        raise UserError(f"cannot load the tokenizer of {key} {spec!r}: {_one_line(exc)}") from None
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
+    except (OSError, ValueError) as exc:  # missing files, an unknown tokenizer class, custom code
+        raise _load_error(f"the tokenizer of {key} {spec!r}", exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -153,7 +167,8 @@ def load_teacher(model_cfg):
     location = resolve_model_path(model_cfg.path)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[model_cfg.dtype],
-                                                     attn_implementation=TEACHER_ATTN_IMPLEMENTATION)
-    except (OSError, ValueError) as exc:  # missing weights, unknown model type, hub errors
-        raise UserError(f"cannot load model.path {model_cfg.path!r}: {_one_line(exc)}") from None
+                                                     attn_implementation=TEACHER_ATTN_IMPLEMENTATION,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError) as exc:  # missing weights, unknown model type, hub errors, custom code
+        raise _load_error(f"model.path {model_cfg.path!r}", exc) from None
     return model.eval(), load_model_tokenizer(model_cfg)

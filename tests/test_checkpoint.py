@@ -1,5 +1,5 @@
 """Checkpoints: manifest verification (corrupt / truncated / missing files refused by name), config
-change refusal naming the keys, --force, partial-save cleanup."""
+change refusal naming the keys, accept_changes, partial-save cleanup."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +11,8 @@ from linearize.errors import UserError
 from linearize.train import changed_keys, config_to_dict, latest_checkpoint, stage_view, verify_checkpoint
 from test_train import read_metrics, tiny_job, tiny_stage_cfg
 
-EXPECTED_FILES = {"trainable.safetensors", "optimizer.pt", "scheduler.json", "rng.pt", "state.json",
-                  "config.json", "manifest.json"}
+EXPECTED_FILES = {"trainable.safetensors", "optimizer.safetensors", "scheduler.json", "rng.safetensors",
+                  "state.json", "data.json", "config.json", "manifest.json"}
 
 
 @pytest.fixture
@@ -39,25 +39,25 @@ def test_corrupt_checkpoint_is_refused_by_name(finished):
 
 def test_truncated_and_missing_files_are_refused(finished):
     ckpt = latest_checkpoint(finished)
-    optimizer = ckpt / "optimizer.pt"
+    optimizer = ckpt / "optimizer.safetensors"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
-    with pytest.raises(UserError, match="optimizer.pt does not match"):
+    with pytest.raises(UserError, match="optimizer.safetensors does not match"):
         verify_checkpoint(ckpt)
-    (ckpt / "rng.pt").unlink()
-    with pytest.raises(UserError, match="step_2 is corrupt: rng.pt is missing"):
+    (ckpt / "rng.safetensors").unlink()
+    with pytest.raises(UserError, match="step_2 is corrupt: rng.safetensors is missing"):
         verify_checkpoint(ckpt)
     (ckpt / "manifest.json").unlink()
     with pytest.raises(UserError, match="unreadable manifest.json"):
         verify_checkpoint(ckpt)
 
 
-def test_changed_config_is_refused_naming_keys_unless_forced(finished):
+def test_changed_config_is_refused_naming_keys_unless_accepted(finished):
     cfg = RunConfig()
     changed = dataclasses.replace(cfg, attention_transfer=TransferConfig(lr=0.5, mse_factor=1.0))
     more_steps = tiny_stage_cfg(max_steps=3, save_every=1, eval_every=0)
     with pytest.raises(UserError, match=r"attention_transfer.lr, attention_transfer.mse_factor"):
         tiny_job(finished, more_steps, config=config_to_dict(changed))
-    result = tiny_job(finished, more_steps, config=config_to_dict(changed), force=True)
+    result = tiny_job(finished, more_steps, config=config_to_dict(changed), accept_changes=True)
     assert result.resumed_from == 2 and result.step == 3
     assert [r["step"] for r in read_metrics(finished)] == [1, 2, 3]
 

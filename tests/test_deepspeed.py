@@ -23,7 +23,6 @@ import torch
 import yaml
 
 from linearize.errors import UserError
-from linearize.train.checkpoint import KILL_AFTER_CHECKPOINT_ENV
 
 # find_spec, not import: the test process itself never loads DeepSpeed, only the launched ranks do.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
@@ -59,13 +58,12 @@ def _launch(config: dict, path: Path, zero_stage: int, kill_after: int | None = 
             extra: tuple = ()) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m linearize run CONFIG engine.name=deepspeed ...` on the CPU."""
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k != KILL_AFTER_CHECKPOINT_ENV}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    if kill_after is not None:
-        env[KILL_AFTER_CHECKPOINT_ENV] = str(kill_after)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    # tests/faults.py runs the same CLI, SIGKILLing every rank right after the step's checkpoint.
+    entry = ["-m", "linearize"] if kill_after is None else [str(REPO / "tests" / "faults.py"), str(kill_after)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "linearize", "run", str(path), "engine.name=deepspeed", f"engine.zero_stage={zero_stage}",
+               *entry, "run", str(path), "engine.name=deepspeed", f"engine.zero_stage={zero_stage}",
                "engine.precision=fp32", *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=REPO)
 
@@ -166,7 +164,7 @@ def test_two_ranks_killed_mid_stage_resume_with_same_losses(tmp_path, tiny_token
 
 @pytest.mark.slow
 def test_resume_on_another_world_size_through_a_universal_checkpoint(tmp_path, tiny_tokenizer):
-    """2 ranks × accum 1 write step 2; 1 rank × accum 2 (same global batch, --force for the changed
+    """2 ranks × accum 1 write step 2; 1 rank × accum 2 (same global batch, --accept-changes for the changed
     grad_accum) resumes it through ds_to_universal: steps 3-4 need the restored weights and AdamW
     moments to reproduce the 2-rank losses."""
     config = _config(tmp_path / "assets", tiny_tokenizer, PER_RANK, ["attention_transfer"], transfer_steps=4)
@@ -177,7 +175,7 @@ def test_resume_on_another_world_size_through_a_universal_checkpoint(tmp_path, t
     assert crash.returncode != 0
     stage_dir = tmp_path / "moved" / "tiny" / "attention_transfer"
     resumed = _launch(moved, tmp_path / "moved.yaml", zero_stage=2, ranks=1,
-                      extra=("attention_transfer.grad_accum=2", "--force"))
+                      extra=("attention_transfer.grad_accum=2", "--accept-changes"))
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     _assert_close_losses(_losses(stage_dir), _losses(tmp_path / "whole" / "tiny" / "attention_transfer"))
     assert (stage_dir / "step_2" / "universal").is_dir()

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from linearize.train.checkpoint import KILL_AFTER_CHECKPOINT_ENV
-
 TESTS_DIR = Path(__file__).parent
 REPO = TESTS_DIR.parent
 # One thread in every subprocess: CPU reduction order then cannot depend on the thread pool.
@@ -19,17 +17,17 @@ JOB = """
 import sys, torch
 torch.set_num_threads(1)
 sys.path[:0] = [{tests!r}, {repo!r}]
+from faults import kill_after_checkpoint
 from test_train import tiny_job, tiny_stage_cfg
+if {kill_after!r} is not None:
+    kill_after_checkpoint({kill_after!r})
 tiny_job({stage_dir!r}, tiny_stage_cfg(max_steps=8, save_every=3, eval_every=2, keep_last=2))
 """
 
 
 def _run_job(stage_dir: Path, kill_after: int | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != KILL_AFTER_CHECKPOINT_ENV}
-    if kill_after is not None:
-        env[KILL_AFTER_CHECKPOINT_ENV] = str(kill_after)
-    code = JOB.format(tests=str(TESTS_DIR), repo=str(REPO), stage_dir=str(stage_dir))
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    code = JOB.format(tests=str(TESTS_DIR), repo=str(REPO), stage_dir=str(stage_dir), kill_after=kill_after)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
 def _losses(stage_dir: Path) -> list[tuple]:
@@ -55,19 +53,19 @@ def test_killed_and_resumed_job_matches_uninterrupted(tmp_path):
 STAGE_JOB = """
 import json, sys, torch
 torch.set_num_threads(1)
-sys.path[:0] = [{repo!r}]
+sys.path[:0] = [{tests!r}, {repo!r}]
+from faults import kill_after_checkpoint
 from stages.config_loader import config_from_dict
 from stages.pipeline import run_stages
+if {kill_after!r} is not None:
+    kill_after_checkpoint({kill_after!r})
 run_stages(config_from_dict(json.loads({config!r}), "resume-test"))
 """
 
 
 def _run_stages_job(config: dict, kill_after: int | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != KILL_AFTER_CHECKPOINT_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if kill_after is not None:
-        env[KILL_AFTER_CHECKPOINT_ENV] = str(kill_after)
-    code = STAGE_JOB.format(repo=str(REPO), config=json.dumps(config))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    code = STAGE_JOB.format(tests=str(TESTS_DIR), repo=str(REPO), config=json.dumps(config), kill_after=kill_after)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -38,17 +38,18 @@ def tiny_stage_cfg(**overrides) -> TransferConfig:
     return TransferConfig(**base)
 
 
-def tiny_job(stage_dir, stage_cfg=None, config=None, loss_fn=lm_loss, force=False, dropout=0.1):
+def tiny_job(stage_dir, stage_cfg=None, config=None, loss_fn=lm_loss, accept_changes=False, dropout=0.1,
+             data_seed=0, **model_overrides):
     """A tiny llama (with attention dropout, so RNG restore matters) training its last layer + head."""
     torch.manual_seed(0)
-    model = tiny_model("llama", attention_dropout=dropout)
+    model = tiny_model("llama", attention_dropout=dropout, **model_overrides)
     model.requires_grad_(False)
     for module in (model.model.layers[-1], model.lm_head):
         module.requires_grad_(True)
-    train_tokens, eval_tokens = tiny_tokens()
+    train_tokens, eval_tokens = tiny_tokens(data_seed)
     return train(model, loss_fn, train_tokens, eval_tokens, stage_cfg or tiny_stage_cfg(),
                  stage_dir=Path(stage_dir), stage="attention_transfer", seed=0, engine_cfg=EngineConfig(),
-                 config=config or config_to_dict(RunConfig()), force=force)
+                 config=config or config_to_dict(RunConfig()), accept_changes=accept_changes)
 
 
 def read_metrics(stage_dir) -> list[dict]:

@@ -13,12 +13,17 @@ single process with grad_accum × world micro-steps reads, in the same order.
 
 Checkpoints: `<stage_dir>/step_<N>/` holds DeepSpeed's own files under `engine/` (model + ZeRO
 optimizer shards, with `universal_checkpoint_info` so `ds_to_universal` can convert them), one RNG
-file per rank, our scheduler/state/config JSON and a manifest with the sha256 of every file. Rank 0
-writes everything that is not per rank; the directory is renamed into place only when complete."""
+file per rank (safetensors), our scheduler/state/data/config JSON and a manifest with the sha256 of
+every file. Rank 0 writes everything that is not per rank; the directory is renamed into place only
+when complete.
+
+Trust: linearize's own files hold no pickles, but DeepSpeed's `engine/` files are written with
+torch.save and unpickled by DeepSpeed on resume, so loading them can run code. The manifest catches
+corruption, not tampering: resume a DeepSpeed run directory only if you trust whoever wrote it."""
 from __future__ import annotations
 
-import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -29,8 +34,10 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from .checkpoint import (DEEPSPEED_ENGINE, MANIFEST, TMP_PREFIX, TrainerState, _fsync_path, _maybe_inject_kill,
-                         _prune, _restore_rng, _rng_state, _sha256, verify_checkpoint)
+from .checkpoint import (ADVICE, CONFIG_FILE, DATA_FILE, DEEPSPEED_ENGINE, MANIFEST, SCHEDULER_FILE, STATE_FILE,
+                         TMP_PREFIX, TrainerState, install_checkpoint, load_schedule, prune, read_trainer_state,
+                         require_files, restore_rng, verify_checkpoint, write_fault, write_manifest,
+                         write_rng, write_run_files)
 
 ENGINE_TAG = "engine"
 UNIVERSAL_TAG = "universal"  # `step_<N>/universal/`: the engine files converted for another world size
@@ -43,6 +50,9 @@ DEFAULT_TRITON_CACHE = Path.home() / ".triton" / "cache"
 # Launcher variables a single `python` process lacks; without them DeepSpeed goes looking for MPI.
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": "29511"}
+# Part of every error about a DeepSpeed checkpoint that DeepSpeed itself reads.
+TRUST_NOTE = ("DeepSpeed unpickles the engine/ files of its checkpoints, which can run code: resume only run "
+              "directories you trust")
 # DeepSpeed's own log lines (config dumps, timers) drown the progress bar; warnings still show.
 DEEPSPEED_LOG_LEVEL = "WARNING"
 
@@ -185,8 +195,9 @@ class DeepSpeedEngine:
     def barrier(self) -> None:
         barrier()
 
-    def save(self, stage_dir: Path, schedule_state: dict, state: TrainerState, config: dict, keep_last: int) -> Path:
-        return save_engine_checkpoint(self, Path(stage_dir), schedule_state, state, config, keep_last)
+    def save(self, stage_dir: Path, schedule_state: dict, state: TrainerState, config: dict, keep_last: int,
+             data: dict) -> Path:
+        return save_engine_checkpoint(self, Path(stage_dir), schedule_state, state, config, keep_last, data)
 
     def load(self, path: Path, schedule) -> TrainerState:
         return load_engine_checkpoint(self, Path(path), schedule)
@@ -236,52 +247,65 @@ def build_deepspeed_engine(engine_cfg, model: torch.nn.Module, stage_cfg, loss_f
 
 
 def _rng_file(which: int) -> str:
-    return f"rng_rank{which}.pt"
+    return f"rng_rank{which}.safetensors"
 
 
-def _write_shared_files(tmp: Path, schedule_state: dict, state: TrainerState, config: dict) -> None:
-    (tmp / "scheduler.json").write_text(json.dumps(schedule_state))
-    (tmp / "state.json").write_text(json.dumps(asdict(state)))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+def _all_ok(engine: DeepSpeedEngine, ok: bool) -> bool:
+    """Collective: True when `ok` holds on every rank, so all ranks stop together after a fault on one
+    (a rank that raised alone would leave the others waiting in the next barrier)."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=engine.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
 
 
-def _write_manifest(tmp: Path, step: int, world: int) -> None:
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    manifest = {"step": step, "engine": DEEPSPEED_ENGINE, "world_size": world,
-                "files": {name: _sha256(tmp / name) for name in files}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    for name in files + [MANIFEST]:
-        _fsync_path(tmp / name)
-    for folder in {tmp / name for name in files} | {tmp}:
-        _fsync_path(folder if folder.is_dir() else folder.parent)
+def _write_step(engine: DeepSpeedEngine, stage_dir: Path, tmp: Path, final: Path, write: Callable) -> None:
+    """Runs this rank's part of a checkpoint write; if any rank hit an OSError (disk full, quota,
+    read-only), rank 0 removes the temp dir and every rank raises the same kind of UserError."""
+    fault = None
+    try:
+        write()
+    except OSError as err:
+        fault = err
+    if _all_ok(engine, fault is None):
+        return
+    if engine.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if fault is None:
+        fault = OSError(f"rank {engine.rank}: another rank failed to write its part")
+    raise write_fault(final, fault, stage_dir)
+
+
+def _start_tmp(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
 
 
 def save_engine_checkpoint(engine: DeepSpeedEngine, stage_dir: Path, schedule_state: dict, state: TrainerState,
-                           config: dict, keep_last: int) -> Path:
+                           config: dict, keep_last: int, data: dict) -> Path:
     """Collective: writes `step_<N>` (DeepSpeed shards + our files + manifest), renamed into place by rank
-    0 once every rank has written; then prunes to `keep_last`."""
+    0 once every rank has written; then prunes to `keep_last`. A write fault on any rank removes the
+    temp dir and raises UserError on every rank."""
     final = stage_dir / f"step_{state.step}"
     tmp = stage_dir / f"{TMP_PREFIX}{state.step}-deepspeed"
-    if engine.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
+    _write_step(engine, stage_dir, tmp, final, lambda: _start_tmp(tmp) if engine.is_main else None)
     client_state = {"universal_checkpoint_info": {"universal_checkpoint_version": UNIVERSAL_CHECKPOINT_VERSION},
                     "linearize": asdict(state)}
-    engine.ds.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state=client_state, save_latest=False,
-                              exclude_frozen_parameters=True)
-    torch.save(_rng_state(), tmp / _rng_file(engine.rank))
-    barrier()
-    if engine.is_main:
-        _write_shared_files(tmp, schedule_state, state, config)
-        _write_manifest(tmp, state.step, engine.world_size)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_path(stage_dir)
-        _prune(stage_dir, keep_last)
-    barrier()
-    _maybe_inject_kill(state.step)
+
+    def write_rank_files():
+        engine.ds.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state=client_state, save_latest=False,
+                                  exclude_frozen_parameters=True)
+        write_rng(tmp / _rng_file(engine.rank))
+
+    _write_step(engine, stage_dir, tmp, final, write_rank_files)
+
+    def finish():
+        if engine.is_main:
+            write_run_files(tmp, schedule_state, state, config, data)
+            write_manifest(tmp, {"step": state.step, "engine": DEEPSPEED_ENGINE, "world_size": engine.world_size})
+            install_checkpoint(tmp, final)
+            prune(stage_dir, keep_last)
+
+    _write_step(engine, stage_dir, tmp, final, finish)
     return final
 
 
@@ -310,27 +334,34 @@ def _load_engine_state(engine: DeepSpeedEngine, path: Path, saved_world: int) ->
     if saved_world != engine.world_size:
         tag = _universal_tag(engine, path)
         engine.ds._config.load_universal_checkpoint = True
-    loaded, _ = engine.ds.load_checkpoint(str(path), tag=tag, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    try:
+        loaded, _ = engine.ds.load_checkpoint(str(path), tag=tag, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        loaded, reason = None, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    else:
+        reason = "it found no checkpoint there"
     engine.ds._config.load_universal_checkpoint = False
     if loaded is None:
-        raise UserError(f"checkpoint {path}: DeepSpeed could not load {path / tag}")
+        raise UserError(f"checkpoint {path}: DeepSpeed could not load {path / tag} ({reason}); {TRUST_NOTE}")
 
 
 def load_engine_checkpoint(engine: DeepSpeedEngine, path: Path, schedule) -> TrainerState:
     """Collective: restores weights and ZeRO optimizer shards, schedule, this rank's RNG and the trainer
     state. A checkpoint from another number of ranks is converted to a universal checkpoint first; the
     data cursor is global, so the stream continues where it stopped (the global batch then follows
-    the new world size)."""
+    the new world size). DeepSpeed unpickles its own `engine/` files: see the module docstring."""
     manifest = verify_checkpoint(path)
     if manifest.get("engine") != DEEPSPEED_ENGINE:
         raise UserError(f"checkpoint {path} was written by the single-process engine; resume it with "
                         "engine.name=single, or start this stage afresh (--force)")
-    saved_world = manifest["world_size"]
-    _load_engine_state(engine, path, saved_world)
-    schedule.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    saved_world = manifest.get("world_size")
+    if not isinstance(saved_world, int) or isinstance(saved_world, bool) or saved_world < 1:
+        raise UserError(f"checkpoint {path} is malformed: {MANIFEST} has no positive world_size; {ADVICE}")
     # A rank the saving run did not have continues from rank 0's RNG stream.
-    rng_path = path / _rng_file(engine.rank if engine.rank < saved_world else 0)
-    # Our own file, hash-verified above: the RNG states hold numpy arrays that weights_only rejects.
-    _restore_rng(torch.load(rng_path, weights_only=False))
-    return TrainerState(**json.loads((path / "state.json").read_text()))
+    rng_name = _rng_file(engine.rank if engine.rank < saved_world else 0)
+    require_files(path, manifest, (SCHEDULER_FILE, STATE_FILE, DATA_FILE, CONFIG_FILE, rng_name))
+    _load_engine_state(engine, path, saved_world)
+    load_schedule(path, schedule)
+    restore_rng(path, rng_name)
+    return read_trainer_state(path)

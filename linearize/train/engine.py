@@ -74,9 +74,14 @@ class Engine:
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
 
-    def load_extras(self, state: dict) -> None:
-        if self.scaler and state.get("scaler"):
+    def load_extras(self, state: dict, path: Path) -> None:
+        """Restores the fp16 grad-scaler state saved beside the optimizer's (`path`: for messages)."""
+        if not (self.scaler and state.get("scaler")):
+            return
+        try:
             self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, AttributeError, RuntimeError) as err:
+            raise UserError(f"checkpoint {path} is malformed: its grad-scaler state does not load ({err!r})") from None
 
     def gather(self, values: list[float]) -> list[float]:
         """Per-micro-batch values of all ranks in stream order: one process holds them all."""
@@ -85,16 +90,17 @@ class Engine:
     def barrier(self) -> None:
         """Nothing to wait for in one process."""
 
-    def save(self, stage_dir: Path, schedule_state: dict, state, config: dict, keep_last: int) -> Path:
+    def save(self, stage_dir: Path, schedule_state: dict, state, config: dict, keep_last: int, data: dict) -> Path:
         from .checkpoint import save_checkpoint
 
-        return save_checkpoint(stage_dir, self.model, self.state_dict(), schedule_state, state, config, keep_last)
+        return save_checkpoint(stage_dir, self.model, self.state_dict(), schedule_state, state, config, keep_last,
+                               data=data)
 
     def load(self, path: Path, schedule):
         from .checkpoint import load_checkpoint
 
         state, extras = load_checkpoint(path, self.model, self.optimizer, schedule)
-        self.load_extras(extras)
+        self.load_extras(extras, path)
         return state
 
     def finish(self) -> None:

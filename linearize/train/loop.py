@@ -6,6 +6,7 @@ eval every `eval_every` → checkpoint every `save_every` and at the end. A stag
 (trainable parameters already chosen) and `loss_fn(model, input_ids [B, L]) -> scalar loss`."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -16,13 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .checkpoint import (TrainerState, latest_checkpoint, read_checkpoint_config, remove_partial_checkpoints,
-                         verify_checkpoint)
+from .checkpoint import (TrainerState, data_fingerprint, latest_checkpoint, read_checkpoint_config,
+                         read_checkpoint_data, remove_partial_checkpoints, verify_checkpoint, write_fault)
 from .engine import Engine, autocast_context, build_engine
 from .metrics import MetricsLog, plot_metrics
 from .sampler import sample_indices
 from .schedule import build_schedule
-from .state import check_same_config
+from .state import ACCEPT_HINT, RESTART_HINT, check_same_config
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 METRICS_FILE = "metrics.jsonl"
@@ -124,8 +125,29 @@ def _train_step(run: _Run, state: TrainerState, stage_dir: Path) -> dict:
             "tokens": state.tokens, "tokens_per_s": tokens / max(elapsed, MIN_ELAPSED_S)}
 
 
-def _resume(engine: Engine, schedule, stage_dir: Path, config: dict, stage: str, force: bool):
-    """Restores the newest checkpoint (verified, same config unless force); None when there is none."""
+def _short(fingerprint) -> str:
+    """`sha256 1a2b3c4d… [N, L] int64` for messages (anything malformed is shown as it is)."""
+    if not isinstance(fingerprint, dict):
+        return repr(fingerprint)
+    return f"sha256 {str(fingerprint.get('sha256'))[:12]}… {fingerprint.get('shape')} {fingerprint.get('dtype')}"
+
+
+def check_same_data(saved: dict, current: dict, stage: str, where: Path, accept_changes: bool) -> list[str]:
+    """Refuses (UserError naming the stream and both fingerprints) to continue `stage` from `where` on
+    other data than it was trained on, unless accept_changes. Returns the changed stream names."""
+    changed = [name for name in current if saved.get(name) != current[name]]
+    if changed and not accept_changes:
+        what = "; ".join(f"{name.replace('_tokens', '')} data {_short(saved.get(name))} -> {_short(current[name])}"
+                         for name in changed)
+        raise UserError(f"{stage}: the data changed since {where} was written ({what}); "
+                        f"use a new run_name, {RESTART_HINT}, or {ACCEPT_HINT}")
+    return changed
+
+
+def _resume(engine: Engine, schedule, stage_dir: Path, config: dict, data: dict, stage: str,
+            accept_changes: bool):
+    """Restores the newest checkpoint (verified; same config and data unless accept_changes); None when
+    there is none."""
     if engine.is_main:
         remove_partial_checkpoints(stage_dir)
     engine.barrier()
@@ -133,25 +155,40 @@ def _resume(engine: Engine, schedule, stage_dir: Path, config: dict, stage: str,
     if path is None:
         return None, None
     verify_checkpoint(path)
-    check_same_config(read_checkpoint_config(path), config, stage, path, force)
+    check_same_config(read_checkpoint_config(path), config, stage, path, accept_changes)
+    check_same_data(read_checkpoint_data(path), data, stage, path, accept_changes)
     return engine.load(path, schedule), path
+
+
+@contextlib.contextmanager
+def _writing(target: Path, stage_dir: Path):
+    """An OSError (disk full, quota, read-only) while writing `target` becomes a one-line UserError
+    naming it and the last good checkpoint."""
+    try:
+        yield
+    except OSError as err:
+        raise write_fault(target, err, stage_dir) from None
 
 
 def train(model: torch.nn.Module, loss_fn: LossFn, train_tokens: torch.Tensor, eval_tokens: torch.Tensor,
           stage_cfg, *, stage_dir: Path, stage: str, seed: int, engine_cfg, config: dict,
-          shuffle: bool = True, force: bool = False) -> TrainResult:
+          shuffle: bool = True, accept_changes: bool = False) -> TrainResult:
     """Trains `model`'s trainable parameters with `loss_fn` to `stage_cfg.max_steps`, resuming from the
     newest checkpoint in `stage_dir` if there is one. `config` is the full resolved run config (dict),
-    stored in every checkpoint and compared on resume. train/eval tokens: `[N, L]` / `[M, L]`."""
+    stored in every checkpoint and compared on resume, as are fingerprints of the token streams;
+    `accept_changes` resumes despite a changed config or changed data. train/eval tokens: `[N, L]` /
+    `[M, L]`."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     engine = build_engine(engine_cfg, model, stage_cfg, loss_fn)
     schedule = build_schedule(stage_cfg)
-    state, resumed = _resume(engine, schedule, stage_dir, config, stage, force)
+    data = data_fingerprint(train_tokens, eval_tokens)
+    state, resumed = _resume(engine, schedule, stage_dir, config, data, stage, accept_changes)
     state = state or TrainerState()
     metrics = MetricsLog(stage_dir / METRICS_FILE)
     if engine.is_main:
-        metrics.truncate_after(state.step)
+        with _writing(metrics.path, stage_dir):
+            metrics.truncate_after(state.step)
     run = _Run(engine, schedule, loss_fn, stage_cfg, train_tokens, eval_tokens, seed, shuffle)
     checkpoint = resumed
     with tqdm(total=stage_cfg.max_steps, initial=state.step, desc=stage, dynamic_ncols=True,
@@ -167,9 +204,11 @@ def train(model: torch.nn.Module, loss_fn: LossFn, train_tokens: torch.Tensor, e
                     _stop_on_nonfinite(eval_loss, state.step, stage_dir, "eval loss")
                     schedule.on_eval(eval_loss)
             if engine.is_main:
-                metrics.append(record)
+                with _writing(metrics.path, stage_dir):
+                    metrics.append(record)
             if _due(state.step, stage_cfg.save_every, stage_cfg.max_steps):
-                checkpoint = engine.save(stage_dir, schedule.state_dict(), state, config, stage_cfg.keep_last)
+                checkpoint = engine.save(stage_dir, schedule.state_dict(), state, config, stage_cfg.keep_last,
+                                         data)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
     engine.finish()
@@ -177,7 +216,8 @@ def train(model: torch.nn.Module, loss_fn: LossFn, train_tokens: torch.Tensor, e
     records = metrics.read()
     plot = stage_dir / PLOT_FILE
     if engine.is_main:
-        plot_metrics(records, plot, stage)
+        with _writing(plot, stage_dir):
+            plot_metrics(records, plot, stage)
     final = records[-1] if records else {}
     last_eval = next((r["eval_loss"] for r in reversed(records) if r.get("eval_loss") is not None), None)
     return TrainResult(step=state.step, loss=final.get("loss"), eval_loss=last_eval, tokens=state.tokens,

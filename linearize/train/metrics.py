@@ -6,35 +6,78 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import UserError
+
+
+# How much of the log's end `append` reads to find the last step written: many records' worth.
+TAIL_BYTES = 1 << 16
+
+
+def _record(line) -> dict | None:
+    """A metrics record (a JSON object with an integer step), or None for anything else."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
+    return record if ok else None
+
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per optimizer step (step, loss, lr, tokens, tokens_per_s, …)."""
+    """`metrics.jsonl`: one JSON object per optimizer step (step, loss, lr, tokens, tokens_per_s, …),
+    exactly one per step, in step order."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def read(self) -> list[dict]:
-        """All complete records; a half-written last line (killed process) is dropped."""
+        """All complete records; a half-written last line (killed process) and anything after a line
+        that is not a record are dropped."""
         if not self.path.exists():
             return []
         records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+        for line in self.path.read_text(errors="replace").splitlines():
+            record = _record(line)
+            if record is None:
                 break
+            records.append(record)
         return records
 
     def truncate_after(self, step: int) -> None:
-        """Keeps records with step ≤ `step`: a resumed run then appends exactly what an
-        uninterrupted run would have written after that step."""
-        kept = [r for r in self.read() if r["step"] <= step]
+        """Keeps one record per step ≤ `step` (the last written, should two runs ever have appended the
+        same step), in step order: a resumed run then appends exactly what an uninterrupted run would
+        have written after that step. Atomic: temp file + fsync + rename."""
+        by_step = {r["step"]: r for r in self.read() if r["step"] <= step}
+        kept = [by_step[s] for s in sorted(by_step)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as handle:
+                handle.write("".join(json.dumps(r) + "\n" for r in kept))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def last_step(self):
+        """The step of the last complete record on disk (None if there is none), read from the tail."""
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(max(0, handle.seek(0, os.SEEK_END) - TAIL_BYTES))
+                lines = handle.read().decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return None
+        records = [r for r in map(_record, lines) if r is not None]
+        return records[-1]["step"] if records else None
 
     def append(self, record: dict) -> None:
+        """Appends one step's record; refuses a step the log already holds (another process writing the
+        same stage directory) instead of logging it twice."""
+        last = self.last_step()
+        if last is not None and record["step"] <= last:
+            raise UserError(f"{self.path} already holds step {last}, this run is at step {record['step']}: "
+                            "another run is writing to the same stage directory")
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -60,5 +103,11 @@ def plot_metrics(records: list[dict], png_path: Path, title: str) -> Path:
     lr_axis.set_xlabel("step")
     lr_axis.set_ylabel("lr")
     figure.tight_layout()
-    figure.savefig(png_path)
-    return Path(png_path)
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}")
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, png_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return png_path

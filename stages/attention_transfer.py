@@ -34,7 +34,7 @@ def make_transfer_loss(collector: PairCollector, stage_cfg):
     return loss_fn
 
 
-def run(cfg, run_dir: Path, force: bool = False) -> dict:
+def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Trains the student parameters of every linearized layer; returns the final metrics."""
     stage_dir = Path(run_dir) / STAGE
     seed_everything(cfg.seed)
@@ -46,7 +46,7 @@ def run(cfg, run_dir: Path, force: bool = False) -> dict:
     config = config_to_dict(cfg)
     result = train(model, make_transfer_loss(collector, cfg.attention_transfer), train_tokens, eval_tokens,
                    cfg.attention_transfer, stage_dir=stage_dir, stage=STAGE, seed=cfg.seed,
-                   engine_cfg=cfg.engine, config=config, shuffle=cfg.data.shuffle, force=force)
+                   engine_cfg=cfg.engine, config=config, shuffle=cfg.data.shuffle, accept_changes=accept_changes)
     save_student(model, stage_dir / STUDENT_FILE)
     metrics = {"step": result.step, "loss": result.loss, "eval_loss": result.eval_loss, "tokens": result.tokens,
                "plot": result.plot.name}

@@ -1,20 +1,23 @@
 """The `linearize` command line (also `python -m linearize`).
 
-    linearize run [CONFIG] [key=value ...] [--force]      every stage in the config's `stages`
-    linearize stage NAME CONFIG [key=value ...] [--force]  one stage
+    linearize run [CONFIG] [key=value ...] [--force | --accept-changes]      every stage in `stages`
+    linearize stage NAME CONFIG [key=value ...] [--force | --accept-changes]  one stage
     linearize eval TARGET [key=value ...]                  evaluate a run, an export, or a config
-    linearize export RUN_DIR OUT_DIR                       write a self-describing HF model folder
+    linearize export RUN_DIR OUT_DIR [--overwrite]         write a self-describing HF model folder
     linearize generate MODEL_DIR "prompt"                   load an export and generate
     linearize config CONFIG [key=value ...]                print the resolved config
     linearize check CONFIG [key=value ...]                 load model tokenizer and data, report sizes
 
-A user mistake (`linearize.UserError`, a missing file) prints one line `linearize: error: ...` on stderr
-and exits with status 2; `--traceback` shows the full trace instead. Ctrl-C exits with status 130.
+A user mistake (`linearize.UserError`, a missing file) or an expected fault (disk full, no permission)
+prints one line `linearize: error: ...` on stderr and exits with status 2; `--traceback` shows the full
+trace instead. Ctrl-C exits with status 130.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,11 +30,16 @@ DEFAULT_CONFIG = CONFIGS_DIR / "demo.yaml"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# OS faults a user fixes outside linearize (free space, permissions, a read-only mount): one line, no trace.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 DEFAULT_NEW_TOKENS = 48
 
 OVERRIDES_HELP = ("config overrides as dotted key=value, applied after the yaml files, e.g. "
                   "data.seq_len=256 attention.window_size=32 stages=[evaluate] (see docs/configs.md)")
-FORCE_HELP = "discard the existing outputs of the stages that run (default: resume from their last checkpoint)"
+FORCE_HELP = ("re-run the stages that run from scratch: discard their previous outputs and checkpoints, and "
+              "the later stages built on them (default: skip finished stages, resume interrupted ones)")
+ACCEPT_HELP = ("continue a stage whose config or training data changed from its last checkpoint, with the "
+               "new values (default: refuse, naming the changed keys)")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -53,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(path, overrides)
     from .pipeline import run_stages
 
-    run_stages(cfg, list(cfg.stages), force=args.force)
+    run_stages(cfg, list(cfg.stages), force=args.force, accept_changes=args.accept_changes)
     return 0
 
 
@@ -61,7 +69,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from .pipeline import run_stages
 
-    run_stages(cfg, [args.name], force=args.force)
+    run_stages(cfg, [args.name], force=args.force, accept_changes=args.accept_changes)
     return 0
 
 
@@ -80,20 +88,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"run directory not found: {args.run_dir}")
     from .export import export_run
 
-    export_run(args.run_dir, args.out_dir)
+    export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
     print(f"exported {args.run_dir} to {args.out_dir}")
     return 0
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool):
     if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("--chat needs a chat template, and this model's tokenizer has none; "
+                            "drop --chat to continue the prompt as plain text")
         messages = [{"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False)
     return tokenizer(prompt, return_tensors="pt")
 
 
+def _check_generate_args(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise UserError("PROMPT is empty: give some text to continue")
+    if args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_generate_args(args)
     if not Path(args.model_dir).is_dir():
         raise UserError(f"model directory not found: {args.model_dir}")
     import torch
@@ -103,6 +124,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_export(args.model_dir)
     inputs = _prompt_ids(tokenizer, args.prompt, args.chat)
+    if inputs["input_ids"].shape[-1] == 0:  # e.g. only characters the tokenizer drops
+        raise UserError(f"PROMPT {args.prompt!r} tokenizes to no tokens")
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     print(args.prompt, end="" if not args.chat else "\n", flush=True)
     with torch.no_grad():
@@ -148,13 +171,19 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
         "run", parents=[common], help="run every stage listed in the config",
         description="Run the stages listed in the config's `stages` key, in order (attention_transfer, "
                     "lora_recovery, evaluate, export). A stage that finished is skipped; an interrupted "
-                    "one resumes from its last checkpoint unless --force is given. Outputs go to "
+                    "one resumes from its last checkpoint; --force re-runs them from scratch. Outputs go to "
                     "<output_dir>/<run_name>/.")
     parser.add_argument("config", nargs="?", metavar="CONFIG",
                         help=f"yaml config (default: {DEFAULT_CONFIG.relative_to(CONFIGS_DIR.parent)})")
     _add_overrides(parser)
-    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
+    _add_restart_flags(parser)
     parser.set_defaults(handler=cmd_run)
+
+
+def _add_restart_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--force", action="store_true", help=FORCE_HELP)
+    group.add_argument("--accept-changes", action="store_true", help=ACCEPT_HELP)
 
 
 def _add_stage(sub, common: argparse.ArgumentParser) -> None:
@@ -165,7 +194,7 @@ def _add_stage(sub, common: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=STAGE_NAMES, metavar="NAME", help=f"one of: {', '.join(STAGE_NAMES)}")
     parser.add_argument("config", metavar="CONFIG", help="yaml config")
     _add_overrides(parser)
-    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
+    _add_restart_flags(parser)
     parser.set_defaults(handler=cmd_stage)
 
 
@@ -186,7 +215,11 @@ def _add_export(sub, common: argparse.ArgumentParser) -> None:
                     "Hugging Face model folder that `linearize generate` and "
                     "`linearize.models.load_export` load without the original config.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (<output_dir>/<run_name>)")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created)")
+    parser.add_argument("out_dir", metavar="OUT_DIR",
+                        help="folder to write (created; an earlier export there is replaced)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR even if it holds something other than an export (never the run "
+                             "itself, the working directory, or a folder containing them)")
     parser.set_defaults(handler=cmd_export)
 
 
@@ -283,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.traceback:
             raise
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if args.traceback or exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{PROG}: error: {exc.strerror or exc}{where}; files finished before this point "
+              "(checkpoints, earlier stages) are intact", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

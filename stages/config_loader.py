@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -99,6 +100,12 @@ NON_NEGATIVE = (
 )
 # Half-open [0, 1): a fraction of the data that must leave something to train on.
 FRACTIONS = ("data.eval_fraction",)
+# run_name becomes one folder under output_dir: a single path component, so a run can never reach (and
+# later delete stale stages in) a folder outside output_dir.
+RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+# `${resolver:...}` calls a function while resolving (oc.env reads the environment, oc.create builds
+# nodes); plain `${key}` references to other keys stay allowed.
+RESOLVER_CALL = re.compile(r"\$\{\s*[\w.]+\s*:")
 
 
 def _one_line(text: str) -> str:
@@ -210,7 +217,22 @@ def _dotted_keys(data: Mapping, prefix: str = "") -> list[str]:
     return keys
 
 
+def _check_no_resolvers(data: Any, source: str, key: str = "") -> None:
+    """Refuses values that call an OmegaConf resolver: a config must not read environment variables
+    (or anything else outside itself) when it is resolved."""
+    if isinstance(data, Mapping):
+        for child, value in data.items():
+            _check_no_resolvers(value, source, f"{key}.{child}" if key else str(child))
+    elif isinstance(data, (list, tuple)):
+        for value in data:
+            _check_no_resolvers(value, source, key)
+    elif isinstance(data, str) and RESOLVER_CALL.search(data):
+        raise _error(source, key, f"{data!r} calls a resolver; config values cannot read environment "
+                                  "variables or run resolvers: write the value itself")
+
+
 def _merge(cfg: DictConfig, data: Mapping, source: str, provenance: dict[str, str]) -> DictConfig:
+    _check_no_resolvers(data, source)
     _check_keys(cfg, data, source)
     try:
         merged = OmegaConf.merge(cfg, data)
@@ -259,6 +281,9 @@ def _range_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
 
 
 def _consistency_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
+    if not RUN_NAME.match(cfg.run_name) or cfg.run_name in (".", ".."):
+        yield "run_name", (f"{cfg.run_name!r} is not a folder name: use letters, digits, '.', '_' and '-' "
+                           "(one path component, not '.' or '..')")
     # Attention weights [B, H, T, T] exist only in the quadratic form.
     if cfg.attention_transfer.attn_ce_weight > 0 and cfg.attention.form != "parallel":
         yield "attention_transfer.attn_ce_weight", "> 0 needs attention.form=parallel (attention weights)"

@@ -77,7 +77,7 @@ def evaluate_run(cfg, run_dir: Path) -> dict:
                           out_dir=Path(run_dir) / STAGE)
 
 
-def run(cfg, run_dir: Path, force: bool = False) -> dict:
+def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Writes `<run>/evaluate/eval.json` (teacher_ppl, student_ppl, kl, top1_agreement, samples)."""
     stage_dir = Path(run_dir) / STAGE
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -98,5 +98,9 @@ def evaluate_target(target, overrides=()) -> dict:
         model, tokenizer = load_export(target)
         return evaluate_model(cfg, model, tokenizer, with_teacher=False, out_dir=target / STAGE)
     if (target / RUN_CONFIG).is_file():
-        return evaluate_run(load_config(target / RUN_CONFIG, overrides), target)
+        from stages.rundir import run_lock
+
+        cfg = load_config(target / RUN_CONFIG, overrides)
+        with run_lock(target):  # writes long-context tables under <run>/evaluate/
+            return evaluate_run(cfg, target)
     raise UserError(f"{target} is neither a run directory (no {RUN_CONFIG}) nor an export (no linearize config.json)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from linearize.errors import UserError
 from linearize.models.exported import save_export
 from linearize.train import config_to_dict, mark_done
-from linearize.train.student import ADAPTER_DIR, attach_adapter, build_student, merge_lora
+from linearize.train.student import adapter_dir, attach_adapter, build_student, merge_lora
 
 STAGE = "export"
 RUN_CONFIG = "config.yaml"
@@ -18,9 +18,27 @@ def export_dir(run_dir: Path) -> Path:
     return Path(run_dir) / STAGE
 
 
-def export_run(run_dir: Path, out_dir: Path, cfg=None) -> Path:
-    """Exports the run in `run_dir` (its config.yaml unless `cfg` is given) to `out_dir`."""
+def _within(path: Path, folder: Path) -> bool:
+    """True if `path` is `folder` or inside it (both resolved, so `..` and symlinks cannot hide it)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_destination(run_dir: Path, out_dir: Path) -> None:
+    """An export replaces OUT as a whole: refuse an OUT that is the run, the working directory, or a
+    folder holding either (even with --overwrite: that would delete them)."""
+    for name, folder in (("the run directory", Path(run_dir)), ("the working directory", Path.cwd())):
+        if _within(folder, Path(out_dir)):
+            what = "is" if Path(out_dir).resolve() == folder.resolve() else "contains"
+            raise UserError(f"export destination {out_dir} {what} {name} ({folder}); choose a new folder")
+
+
+def export_run(run_dir: Path, out_dir: Path, cfg=None, overwrite: bool = False) -> dict:
+    """Exports the run in `run_dir` (its config.yaml unless `cfg` is given) to `out_dir`; returns what
+    was written: path, dtype, merged_lora (an adapter was merged into the weights), adapter_shipped
+    (an unmerged adapter sits beside them). overwrite: replace an `out_dir` that is not an export."""
     run_dir = Path(run_dir)
+    check_destination(run_dir, out_dir)
     if cfg is None:
         from stages.config_loader import load_config
 
@@ -28,17 +46,20 @@ def export_run(run_dir: Path, out_dir: Path, cfg=None) -> Path:
             raise UserError(f"{run_dir} is not a run directory (no {RUN_CONFIG})")
         cfg = load_config(run_dir / RUN_CONFIG)
     model, tokenizer, _ = build_student(cfg, run_dir)
-    adapter = run_dir / "lora_recovery" / ADAPTER_DIR
-    if cfg.export.merge_lora:
+    adapter = adapter_dir(run_dir)
+    merged = bool(cfg.export.merge_lora and adapter is not None)
+    if merged:
         model = merge_lora(attach_adapter(model, run_dir))
     dtype = cfg.export.dtype or cfg.model.dtype
-    return save_export(model, tokenizer, out_dir, dtype=dtype, run_config=config_to_dict(cfg),
-                       adapter_dir=adapter if adapter.is_dir() and not cfg.export.merge_lora else None)
+    shipped = adapter if adapter is not None and not merged else None
+    path = save_export(model, tokenizer, out_dir, dtype=dtype, run_config=config_to_dict(cfg),
+                       adapter_dir=shipped, overwrite=overwrite)
+    return {"path": str(path), "dtype": dtype, "merged_lora": merged, "adapter_shipped": shipped is not None}
 
 
-def run(cfg, run_dir: Path, force: bool = False) -> dict:
-    """Writes the export and returns where it went."""
-    out = export_run(run_dir, export_dir(run_dir), cfg)
-    metrics = {"path": str(out), "dtype": cfg.export.dtype or cfg.model.dtype, "merged_lora": cfg.export.merge_lora}
+def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
+    """Writes the export and returns what it holds. The stage owns `<run>/export/` (it carries the stage
+    marker), so it replaces it."""
+    metrics = export_run(run_dir, export_dir(run_dir), cfg, overwrite=True)
     mark_done(Path(run_dir) / STAGE, metrics, config_to_dict(cfg))
     return metrics

@@ -55,7 +55,7 @@ def make_recovery_loss(stage_cfg):
     return loss_fn
 
 
-def run(cfg, run_dir: Path, force: bool = False) -> dict:
+def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Trains LoRA adapters on the converted model; returns the final metrics."""
     stage_dir = Path(run_dir) / STAGE
     seed_everything(cfg.seed)
@@ -66,7 +66,7 @@ def run(cfg, run_dir: Path, force: bool = False) -> dict:
     config = config_to_dict(cfg)
     result = train(peft_model, make_recovery_loss(cfg.lora_recovery), train_tokens, eval_tokens,
                    cfg.lora_recovery, stage_dir=stage_dir, stage=STAGE, seed=cfg.seed, engine_cfg=cfg.engine,
-                   config=config, shuffle=cfg.data.shuffle, force=force)
+                   config=config, shuffle=cfg.data.shuffle, accept_changes=accept_changes)
     peft_model.save_pretrained(stage_dir / ADAPTER_DIR)
     save_student(unwrap(peft_model), stage_dir / STUDENT_FILE)
     metrics = {"step": result.step, "loss": result.loss, "eval_loss": result.eval_loss, "tokens": result.tokens,

@@ -3,15 +3,18 @@
 closing summary (teacher and student perplexity, a generation from the export)."""
 from __future__ import annotations
 
-import shutil
+import contextlib
 from pathlib import Path
 
 from linearize.train import distributed
 from linearize.train import (check_same_config, clear_done, config_to_dict, latest_checkpoint, read_done,
                              verify_checkpoint)
 from linearize.train.checkpoint import read_checkpoint_config
+from linearize.errors import UserError
 from linearize.train.report import write_report
+from linearize.train.state import DONE_FILE, RESTART_HINT
 from stages import attention_transfer, evaluate, export, lora_recovery
+from stages.rundir import check_owned, discard_stage, mark_stage, remove_discard_leftovers, run_lock
 
 STAGES = {
     "attention_transfer": attention_transfer.run,
@@ -24,6 +27,8 @@ SKIP, RUN = "skip", "run"
 # Stages every rank runs together under engine.name=deepspeed; the others run on rank 0 while the
 # rest wait, since they neither train nor need more than one process.
 DISTRIBUTED_STAGES = ("attention_transfer", "lora_recovery")
+# Stages that train from checkpoints (--accept-changes continues them; the others simply re-run).
+TRAINING_STAGES = DISTRIBUTED_STAGES
 
 
 def run_dir_of(cfg) -> Path:
@@ -33,21 +38,38 @@ def run_dir_of(cfg) -> Path:
 def _check_names(names) -> None:
     unknown = [name for name in names if name not in STAGES]
     if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; valid: {', '.join(STAGES)}")
+        raise UserError(f"unknown stage(s) {', '.join(unknown)}; valid: {', '.join(STAGES)}")
 
 
-def _plan(stage_dir: Path, stage: str, config: dict, force: bool) -> str:
+def _plan(stage_dir: Path, stage: str, config: dict, force: bool, accept_changes: bool) -> str:
     """SKIP a finished stage whose config is unchanged; RUN otherwise. Refuses (UserError naming the
-    keys) a changed config against a finished stage or a checkpoint, unless force."""
+    keys) a changed config against a finished stage or a checkpoint, unless accept_changes; then a
+    finished training stage continues only if its new max_steps leaves steps to train. force: RUN."""
+    check_owned(stage_dir)
+    if force:
+        return RUN
     done = read_done(stage_dir)
     if done is not None:
-        changed = check_same_config(done["config"], config, stage, stage_dir / "DONE", force)
+        changed = check_same_config(done["config"], config, stage, stage_dir / DONE_FILE, accept_changes)
+        if changed and stage in TRAINING_STAGES:
+            _check_steps_left(stage_dir, stage, config)
         return RUN if changed else SKIP
     checkpoint = latest_checkpoint(stage_dir)
     if checkpoint is not None:
         verify_checkpoint(checkpoint)
-        check_same_config(read_checkpoint_config(checkpoint), config, stage, checkpoint, force)
+        check_same_config(read_checkpoint_config(checkpoint), config, stage, checkpoint, accept_changes)
     return RUN
+
+
+def _check_steps_left(stage_dir: Path, stage: str, config: dict) -> None:
+    """--accept-changes continues a finished training stage from its last checkpoint; with no step left
+    that would re-record the stage under values it never trained with."""
+    checkpoint = latest_checkpoint(stage_dir)
+    steps = int(checkpoint.name.split("_")[1]) if checkpoint is not None else 0
+    if checkpoint is None or steps >= config[stage]["max_steps"]:
+        raise UserError(f"{stage} is finished ({steps} steps, {stage}.max_steps={config[stage]['max_steps']}): "
+                        f"--accept-changes has no step left to train with the new values; raise "
+                        f"{stage}.max_steps to continue it, or use {RESTART_HINT}")
 
 
 def _discard_later_stages(run_dir: Path, stage: str) -> None:
@@ -57,7 +79,7 @@ def _discard_later_stages(run_dir: Path, stage: str) -> None:
     for later in order[order.index(stage) + 1:]:
         if (run_dir / later).exists():
             print(f"{later}: {stage} re-ran, so its previous results are stale; discarding them")
-            shutil.rmtree(run_dir / later)
+            discard_stage(run_dir / later)
 
 
 def _status(stage_dir: Path) -> str:
@@ -90,22 +112,33 @@ def _runs_here(name: str, distributed_run: bool) -> bool:
     return not distributed_run or name in DISTRIBUTED_STAGES or distributed.is_main_process()
 
 
-def run_stages(cfg, stage_names=None, force: bool = False) -> dict:
+def run_stages(cfg, stage_names=None, force: bool = False, accept_changes: bool = False) -> dict:
     """Runs `stage_names` (default cfg.stages) in order for `cfg`; returns stage → final metrics.
-    Under engine.name=deepspeed every launched rank calls this: training stages run on all ranks, the
-    rest (and every shared file: config, report, summary) on rank 0 only."""
-    from stages.config_loader import save_resolved
 
+    force: every stage in `stage_names` is discarded and run from scratch. accept_changes: a stage whose
+    config (or training data) changed continues from its last checkpoint instead of being refused.
+    One process per run directory (a lock; under deepspeed, rank 0 holds it for the launch). Under
+    engine.name=deepspeed every launched rank calls this: training stages run on all ranks, the rest
+    (and every shared file: config, report, summary) on rank 0 only."""
     names = list(stage_names or cfg.stages)
     _check_names(names)
-    distributed_run = cfg.engine.name == "deepspeed"
-    if distributed_run:
+    if cfg.engine.name == "deepspeed":
         distributed.init()
-    main = distributed.is_main_process()
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_lock(run_dir) if distributed.is_main_process() else contextlib.nullcontext()
+    with lock:
+        return _run_locked(cfg, run_dir, names, force, accept_changes)
+
+
+def _run_locked(cfg, run_dir: Path, names: list[str], force: bool, accept_changes: bool) -> dict:
+    from stages.config_loader import save_resolved
+
+    distributed_run = cfg.engine.name == "deepspeed"
+    main = distributed.is_main_process()
+    if main:
+        remove_discard_leftovers(run_dir)
     config = config_to_dict(cfg)
-    plan = {name: _plan(run_dir / name, name, config, force) for name in names}
+    plan = {name: _plan(run_dir / name, name, config, force, accept_changes) for name in names}
     if main:
         save_resolved(cfg, run_dir / RUN_CONFIG)
     results, statuses = {}, {}
@@ -116,14 +149,19 @@ def run_stages(cfg, stage_names=None, force: bool = False) -> dict:
                 print(f"{name}: done, skipping")
             results[name], statuses[name] = read_done(stage_dir)["metrics"], "skipped (done)"
             continue
-        statuses[name] = _status(stage_dir)
         distributed.barrier()  # every rank has planned before rank 0 clears the DONE marker
         if main:
+            if force and discard_stage(stage_dir):
+                print(f"{name}: --force, discarded its previous outputs")
             clear_done(stage_dir)
+            mark_stage(stage_dir, name)
+        distributed.barrier()  # rank 0 has discarded before any rank looks for a checkpoint
+        statuses[name] = _status(stage_dir)
         if _runs_here(name, distributed_run):
-            results[name] = STAGES[name](cfg, run_dir, force=force)
+            results[name] = STAGES[name](cfg, run_dir, accept_changes=accept_changes)
         distributed.barrier()  # the stage's files are complete before anyone reads or discards them
         if main:
+            mark_stage(stage_dir, name)  # again: the export stage replaces its whole folder
             _discard_later_stages(run_dir, name)
     if not main:
         return results

@@ -100,22 +100,31 @@ def fake_stages(monkeypatch):
             setattr(module, attr, fn)
         monkeypatch.setitem(sys.modules, f"stages.{name}", module)
 
-    fake("pipeline", run_stages=lambda cfg, names, force=False: calls.append(("run", cfg, list(names), force)))
+    fake("pipeline", run_stages=lambda cfg, names, force=False, accept_changes=False:
+         calls.append(("run", cfg, list(names), (force, accept_changes))))
     fake("evaluate", evaluate_target=lambda target, overrides: calls.append(("eval", target, overrides)) or {"ppl": 1.5})
-    fake("export", export_run=lambda run_dir, out_dir: calls.append(("export", run_dir, out_dir)))
+    fake("export", export_run=lambda run_dir, out_dir, overwrite=False: calls.append(("export", run_dir, out_dir, overwrite)))
     return calls
 
 
 def test_run_passes_the_configs_stages(fake_stages):
     assert cli.main(["run", DEMO, "--force", "seed=7", "stages=[evaluate,export]"]) == 0
-    (_, cfg, names, force), = fake_stages
-    assert (cfg.seed, names, force) == (7, ["evaluate", "export"], True)
+    (_, cfg, names, flags), = fake_stages
+    assert (cfg.seed, names, flags) == (7, ["evaluate", "export"], (True, False))
+
+
+def test_force_and_accept_changes_are_two_exclusive_flags(fake_stages, capsys):
+    assert cli.main(["stage", "attention_transfer", DEMO, "--accept-changes"]) == 0
+    assert fake_stages[-1][3] == (False, True)
+    with pytest.raises(SystemExit):
+        cli.main(["run", DEMO, "--force", "--accept-changes"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_run_defaults_to_the_demo_config(fake_stages):
     assert cli.main(["run", "seed=3"]) == 0
-    (_, cfg, names, force), = fake_stages
-    assert (cfg.run_name, cfg.seed, names, force) == ("demo", 3, list(STAGE_NAMES), False)
+    (_, cfg, names, flags), = fake_stages
+    assert (cfg.run_name, cfg.seed, names, flags) == ("demo", 3, list(STAGE_NAMES), (False, False))
 
 
 def test_stage_runs_one_stage(fake_stages):
@@ -128,13 +137,15 @@ def test_eval_and_export_dispatch(fake_stages, tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path), "data.eval=x.txt"]) == 0
     assert '"ppl": 1.5' in capsys.readouterr().out
     assert cli.main(["export", str(tmp_path), str(tmp_path / "out")]) == 0
+    assert cli.main(["export", str(tmp_path), str(tmp_path / "out"), "--overwrite"]) == 0
     assert fake_stages == [("eval", str(tmp_path), ["data.eval=x.txt"]),
-                           ("export", str(tmp_path), str(tmp_path / "out"))]
+                           ("export", str(tmp_path), str(tmp_path / "out"), False),
+                           ("export", str(tmp_path), str(tmp_path / "out"), True)]
     assert cli.main(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == cli.EXIT_USER_ERROR
 
 
 def test_interrupt_exits_130(monkeypatch, capsys):
-    def interrupted(cfg, names, force=False):
+    def interrupted(cfg, names, force=False, accept_changes=False):
         raise KeyboardInterrupt
 
     module = types.ModuleType("stages.pipeline")
@@ -171,3 +182,59 @@ def test_generate_streams_a_greedy_continuation(monkeypatch, tmp_path, capsys, m
     cli.main(["generate", str(tmp_path), "The quick brown fox", "--max-new-tokens", "5"])
     assert capsys.readouterr().out == first  # greedy: the same continuation every time
     assert cli.main(["generate", str(tmp_path / "nope"), "x"]) == cli.EXIT_USER_ERROR
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["   "], "PROMPT is empty"),
+    (["hi", "--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
+    (["hi", "--max-new-tokens", "-3"], "--max-new-tokens must be > 0"),
+    (["hi", "--temperature", "-0.5"], "--temperature must be"),
+    (["hi", "--temperature", "nan"], "--temperature must be"),
+])
+def test_generate_refuses_bad_arguments_in_one_line(args, fragment, tmp_path, capsys):
+    assert cli.main(["generate", str(tmp_path), *args]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"linearize: error: {fragment}") and len(err.splitlines()) == 1, err
+
+
+def test_generate_chat_without_a_template_is_one_line(monkeypatch, tmp_path, capsys, make_tiny_model, tiny_tokenizer):
+    import linearize.models.exported as exported
+
+    model, tokenizer = make_tiny_model("llama"), AutoTokenizer.from_pretrained(tiny_tokenizer)
+    assert not tokenizer.chat_template  # the tiny tokenizer has none
+    monkeypatch.setattr(exported, "load_export", lambda path: (model, tokenizer))
+    assert cli.main(["generate", str(tmp_path), "hi", "--chat"]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("linearize: error: --chat needs a chat template") and len(err.splitlines()) == 1
+
+
+def test_disk_full_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    def full(cfg, names, force=False, accept_changes=False):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/demo/evaluate/eval.json")
+
+    module = types.ModuleType("stages.pipeline")
+    module.run_stages = full
+    monkeypatch.setitem(sys.modules, "stages.pipeline", module)
+    assert cli.main(["run", DEMO]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("linearize: error: No space left on device: /runs/demo/evaluate/eval.json")
+    assert "intact" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "", ".", "..", "a/b", "sp ace"])
+def test_run_name_must_be_one_folder_name(name, capsys):
+    assert cli.main(["config", DEMO, f"run_name={name}"]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "run_name" in err and "not a folder name" in err and len(err.splitlines()) == 1, err
+
+
+def test_config_values_cannot_read_the_environment(tmp_path):
+    bad = tmp_path / "env.yaml"
+    bad.write_text("includes: [model/smollm2.yaml]\ndata:\n  train: ${oc.env:HOME}/secret.txt\n")
+    assert_one_line_error(run_cli("config", str(bad)), str(bad), "data.train", "environment")
+    assert_one_line_error(run_cli("config", DEMO, "evaluate.sample_prompt=${oc.env:HOME}"),
+                          "command line", "evaluate.sample_prompt", "environment")
+    plain = run_cli("config", DEMO, "run_name=r1", "evaluate.sample_prompt=${run_name}")  # a key reference is fine
+    assert plain.returncode == 0 and "sample_prompt: r1" in plain.stdout, plain.stderr

@@ -120,8 +120,94 @@ def test_rerun_skips_done_stages_and_refuses_changed_config(tiny_run, tmp_path, 
     forced = run_stages(changed, force=True)
     printed = capsys.readouterr().out
     assert "done, skipping" not in printed and printed.count("results are stale") == 3
-    assert forced["attention_transfer"]["step"] == 4  # resumed at its last step: nothing left to train
+    assert "attention_transfer: --force, discarded its previous outputs" in printed
+    metrics = (run_dir / "attention_transfer" / "metrics.jsonl").read_text().splitlines()
+    assert forced["attention_transfer"]["step"] == 4 and len(metrics) == 4  # all 4 steps trained again
+    first = json.loads(metrics[0])
+    assert first["step"] == 1 and first["lr"] > 0.1  # from step 1, on the new lr=0.5 schedule (old: 0.01)
     assert json.loads((run_dir / "attention_transfer" / "DONE").read_text())["config"]["seed"] == 3
+
+
+def test_accept_changes_continues_from_the_last_checkpoint(tiny_run, tmp_path, capsys):
+    from stages.config_loader import config_from_dict, config_to_dict
+    from stages.pipeline import run_stages
+
+    cfg, run_dir = copy_run(*tiny_run[:2], tmp_path)
+    changed = config_from_dict(config_to_dict(cfg), "test", ["attention_transfer.lr=0.02"])
+    with pytest.raises(UserError, match=r"no step left .*raise attention_transfer.max_steps"):
+        run_stages(changed, ["attention_transfer"], accept_changes=True)
+    longer = config_from_dict(config_to_dict(changed), "test", ["attention_transfer.max_steps=6"])
+    result = run_stages(longer, ["attention_transfer"], accept_changes=True)["attention_transfer"]
+    metrics = [json.loads(line) for line in (run_dir / "attention_transfer" / "metrics.jsonl").read_text().splitlines()]
+    assert result["step"] == 6 and [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]  # steps 5-6 added
+    assert "results are stale" in capsys.readouterr().out  # later stages were built on the old student
+    assert not (run_dir / "lora_recovery").exists()
+
+
+def test_missing_outputs_of_a_finished_stage_are_errors_naming_the_file(tiny_run, tmp_path):
+    from stages.evaluate import evaluate_target
+    from stages.export import export_run
+
+    cfg, run_dir = copy_run(*tiny_run[:2], tmp_path)
+    (run_dir / "lora_recovery" / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"lora_recovery finished but its output .*adapter_model.safetensors is missing"):
+        export_run(run_dir, tmp_path / "out")
+    (run_dir / "lora_recovery" / "student.safetensors").unlink()
+    with pytest.raises(UserError, match=r"lora_recovery finished but its output .*student.safetensors is missing"):
+        evaluate_target(run_dir)
+    shutil.rmtree(run_dir / "lora_recovery")
+    (run_dir / "attention_transfer" / "student.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match=r"student.safetensors is damaged"):
+        export_run(run_dir, tmp_path / "out")
+    (run_dir / "attention_transfer" / "DONE").unlink()  # started, never finished
+    with pytest.raises(UserError, match="attention_transfer in .* has not finished"):
+        export_run(run_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_records_only_what_it_merged(tiny_run, tmp_path):
+    from stages.export import export_run
+
+    cfg, run_dir = copy_run(*tiny_run[:2], tmp_path)
+    assert tiny_run[2]["export"]["merged_lora"] is True
+    shutil.rmtree(run_dir / "lora_recovery")  # a run without LoRA: nothing to merge
+    written = export_run(run_dir, tmp_path / "out", cfg)
+    assert (written["merged_lora"], written["adapter_shipped"]) == (False, False)
+
+
+@pytest.mark.parametrize("where", ["run", "parent", "cwd"])
+def test_export_never_replaces_the_run_or_the_working_directory(tiny_run, tmp_path, monkeypatch, where):
+    from stages.export import export_run
+
+    _, run_dir = copy_run(*tiny_run[:2], tmp_path)
+    monkeypatch.chdir(tmp_path / "tiny" / "evaluate")
+    out = {"run": run_dir, "parent": run_dir / "..", "cwd": tmp_path / "tiny" / "evaluate"}[where]
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(UserError, match="export destination .* (is|contains) the (run|working) directory"):
+        export_run(run_dir, out, overwrite=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_export_into_a_users_folder_needs_overwrite(tiny_run, tmp_path):
+    from stages.export import export_run
+
+    _, run_dir = copy_run(*tiny_run[:2], tmp_path)
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="mine"):
+        export_run(run_dir, users)
+    assert (users / "thesis.tex").read_text() == "precious"
+    export_run(run_dir, users, overwrite=True)
+    assert (users / "config.json").is_file() and not (users / "thesis.tex").exists()
+
+
+def test_generate_chat_on_an_export_without_template(tiny_run, capsys):
+    from stages import cli
+
+    _, run_dir, _, _ = tiny_run
+    assert cli.main(["generate", str(run_dir / "export"), "hi", "--chat"]) == cli.EXIT_USER_ERROR
+    assert "--chat needs a chat template" in capsys.readouterr().err
 
 
 def test_no_transfer_baseline_and_unknown_stage(tmp_path, tiny_tokenizer):
@@ -139,7 +225,7 @@ def test_no_transfer_baseline_and_unknown_stage(tmp_path, tiny_tokenizer):
     assert sum(not name.startswith("base_model.model.") for name in trained) == 0  # peft prefixes all
     assert {f"base_model.model.{name}" for name in student} <= trained.keys()  # train_student: they trained
     assert results["evaluate"]["student_ppl"] > 1.0
-    with pytest.raises(ValueError, match="valid: attention_transfer, lora_recovery, evaluate, export"):
+    with pytest.raises(UserError, match="valid: attention_transfer, lora_recovery, evaluate, export"):
         run_stages(cfg, ["distill"])
 
 

@@ -45,6 +45,7 @@ class DataConfig:
     eval: str = "demo-news"
     text_field: str = "text"  # column for jsonl/parquet/hub datasets
     seq_len: int = 512
+    allow_beyond_context: bool = False  # allow seq_len > the model's max_position_embeddings
     eval_fraction: float = 0.0  # >0: hold out this fraction of data.train when data.eval is empty
     max_eval_sequences: int = 80
     shuffle: bool = True

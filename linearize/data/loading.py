@@ -25,9 +25,19 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+# Real text keeps a few stray bytes (a Latin-1 name, a cut multibyte character); binary files (archives,
+# model weights, images) decode to mostly U+FFFD and NULs. A fifth of the characters is far from both.
+MAX_UNDECODABLE = 0.2
+
+
 def _load_txt(path: Path, text_field: str) -> list[str]:
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        return [line.strip() for line in handle if line.strip()]
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") + text.count("\x00")
+    if text and bad > MAX_UNDECODABLE * len(text):
+        raise UserError(f"data file {path} is not text: {bad / len(text):.0%} of its characters are not UTF-8 "
+                        "(binary or compressed file?)")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # the newlines open() translates
+    return [line.strip() for line in lines if line.strip()]
 
 
 def _load_with_datasets(builder: str) -> Callable[[Path, str], list[str]]:

@@ -48,14 +48,19 @@ def changed_keys(saved: dict, current: dict) -> list[str]:
     return sorted(key for key in old.keys() | new.keys() if old.get(key, "<absent>") != new.get(key, "<absent>"))
 
 
-def check_same_config(saved: dict, current: dict, stage: str, where: Path, force: bool) -> list[str]:
+# The two ways past a refused resume, named once for every message that offers them.
+RESTART_HINT = "--force to re-run it from scratch"
+ACCEPT_HINT = "--accept-changes to continue from its last checkpoint with the new values"
+
+
+def check_same_config(saved: dict, current: dict, stage: str, where: Path, accept: bool) -> list[str]:
     """Refuses (UserError naming the keys) to continue `stage` from `where` under a changed config,
-    unless force. Returns the changed keys."""
+    unless `accept`. Returns the changed keys."""
     keys = changed_keys(stage_view(saved, stage), stage_view(current, stage))
-    if keys and not force:
+    if keys and not accept:
         raise UserError(
             f"{stage}: the config changed since {where} was written ({', '.join(keys)}); "
-            "use a new run_name, or --force to continue with the new values"
+            f"use a new run_name, {RESTART_HINT}, or {ACCEPT_HINT}"
         )
     return keys
 
@@ -81,9 +86,12 @@ def read_done(stage_dir: Path):
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is corrupt ({err}); delete it to re-run the stage") from err
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is corrupt ({err}); delete it to re-run the stage") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or "metrics" not in record:
+        raise UserError(f"{path} is corrupt (not a DONE record with metrics and config); delete it to re-run the stage")
+    return record
 
 
 def clear_done(stage_dir: Path) -> None:

@@ -95,10 +95,10 @@ def verify_wheel(wheel: Path) -> Path:
 def find_wheel(pattern: str, purpose: str) -> Path:
     """The newest wheel matching `pattern` in any candidate `wheels/` folder, checked against its pinned
     sha256 (`verify_wheel`); UserError if none is found or it does not match."""
-    searched = [root / "wheels" for root in _candidate_roots()]
+    searched, pins = [root / "wheels" for root in _candidate_roots()], pinned_hashes()
     for folder in searched:
         matches = sorted(folder.glob(pattern))
-        pinned = [wheel for wheel in matches if _project_version(wheel) in pinned_hashes()]
+        pinned = [wheel for wheel in matches if _project_version(wheel) in pins]
         if matches:
             return verify_wheel((pinned or matches)[-1])
     where = " or ".join(str(f) for f in searched)

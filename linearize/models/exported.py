@@ -374,6 +374,9 @@ def _build(path: Path, section: dict, auto_config, auto_model) -> torch.nn.Modul
             # An export written before the linearize_<base> model types: a base config with the section.
             linearize.linearize_model(model, AttentionConfig(**section["attention"]))
     except (ValueError, TypeError, KeyError) as exc:  # a hand-edited or foreign config.json
+        if "trust_remote_code" in str(exc):  # transformers' refusal: the model type exists only in auto_map code
+            raise UserError(f"{path / CONFIG_FILE}: model type {_model_type(path)!r} is not one linearize "
+                            "registers, and linearize never runs code from an export; re-export it") from None
         raise UserError(f"{path / CONFIG_FILE} does not describe a model linearize can build: "
                         f"{' '.join(str(exc).split())}") from None
     rebuilt = _layers(getattr(model.config, SECTION))
@@ -381,6 +384,11 @@ def _build(path: Path, section: dict, auto_config, auto_model) -> torch.nn.Modul
         raise UserError(f"{path}: re-applying the recorded attention config gives layers {rebuilt}, "
                         f"but the export records {_layers(section)}")
     return model
+
+
+def _model_type(path: Path) -> Any:
+    """The `model_type` config.json names (None when it names none)."""
+    return (_read_config(path) or {}).get("model_type")
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:

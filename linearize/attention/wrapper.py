@@ -9,10 +9,12 @@ Modes:
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import transformers
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -103,10 +105,51 @@ def hides_earlier_keys(attention_mask: Optional[torch.Tensor]) -> bool:
     return bool((~visible & (visible_after > 0)).any())
 
 
+# Inputs the wrapper reads from every call, by these names in the wrapped attention's signature.
+READ_ARGUMENTS = ("hidden_states", "position_embeddings", "attention_mask")
+# Names transformers has given the attention's cache argument: `past_key_values` up to 5.23, `cache` from
+# 5.24 (whose attentions still take `past_key_values` as a deprecated keyword).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+class AttentionSignature:
+    """The wrapped attention's `forward` signature, read once. Every call is bound by name against it, so an
+    argument keeps its meaning wherever the caller puts it, and a signature without an argument the wrapper
+    reads fails when the model is converted, naming that argument, instead of mid-generation."""
+
+    def __init__(self, base_layer: nn.Module):
+        self.signature = inspect.signature(base_layer.forward)  # a bound method: no `self`
+        names = self.signature.parameters
+        where = f"{type(base_layer).__name__}.forward{self.signature} (transformers {transformers.__version__})"
+        missing = [name for name in READ_ARGUMENTS if name not in names]
+        if missing:
+            raise UserError(f"{where} has no argument {missing[0]!r}, which linearize reads; this transformers "
+                            f"version is not supported")
+        cache = [name for name in CACHE_ARGUMENTS if name in names]
+        if not cache:
+            raise UserError(f"{where} has no cache argument (looked for {' or '.join(CACHE_ARGUMENTS)}); this "
+                            f"transformers version is not supported")
+        self.cache = cache[0]
+
+    def bind(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+        """The call's arguments by name, defaults filled in. A cache passed under another known name (the
+        deprecated `past_key_values` of a 5.24 attention) is moved to the signature's own name first."""
+        for alias in CACHE_ARGUMENTS:
+            if alias != self.cache and alias in kwargs and alias not in self.signature.parameters:
+                if kwargs.get(self.cache) is not None:
+                    raise TypeError(f"attention called with both {alias!r} and {self.cache!r}")
+                kwargs = {**kwargs, self.cache: kwargs[alias]}
+                del kwargs[alias]
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return bound
+
+
 class LinearizedAttention(nn.Module):
     def __init__(self, base_layer: nn.Module, mechanism: Mechanism, layer_idx: int, opts: RunOptions):
         super().__init__()
         self.base_layer = base_layer
+        self.base_signature = AttentionSignature(base_layer)
         self.mechanism = mechanism
         self.layer_idx = layer_idx
         self.opts = opts
@@ -130,9 +173,13 @@ class LinearizedAttention(nn.Module):
         cos, sin = position_embeddings
         return Projected(q, k, v, apply_rope(q, cos, sin), apply_rope(k, cos, sin), k_raw, hidden_states)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, *args, **kwargs):
+        """Takes the wrapped attention's own arguments (bound by name: `AttentionSignature`)."""
+        bound = self.base_signature.bind(args, kwargs)
         if self.mode == "teacher":
-            return self.base_layer(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            return self.base_layer(*bound.args, **bound.kwargs)
+        hidden_states, position_embeddings, attention_mask = (bound.arguments[name] for name in READ_ARGUMENTS)
+        past_key_values = bound.arguments[self.base_signature.cache]
         if self.window is None and hides_earlier_keys(attention_mask):
             raise UserError(
                 "left-padded batches are not supported by linearized attention yet (the student states would "

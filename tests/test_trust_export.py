@@ -47,12 +47,17 @@ def export(pristine, tmp_path):
 
 
 @pytest.fixture
-def no_prompt(monkeypatch):
-    """transformers asks `[y/N]` through input(); any call fails the test."""
-    def refuse(*args):
-        raise AssertionError(f"prompted: {args}")
+def prompts(monkeypatch):
+    """The questions asked through input(), which is how transformers asks `[y/N]` (it turns any error
+    of input() into its usual refusal, so only the record shows that it asked)."""
+    asked = []
 
-    monkeypatch.setattr(builtins, "input", refuse)
+    def record(question=""):
+        asked.append(question)
+        raise EOFError
+
+    monkeypatch.setattr(builtins, "input", record)
+    return asked
 
 
 def _section(export: Path) -> dict:
@@ -119,7 +124,7 @@ def test_an_export_without_code_and_without_record_still_loads(export):
 # ------------------------------------------------------------------------------------------ remote code
 
 
-def test_load_export_never_runs_or_asks_about_remote_code(export, no_prompt):
+def test_load_export_never_runs_or_asks_about_remote_code(export, prompts):
     """A config.json whose model type only its auto_map could supply: without trust_remote_code=False
     transformers would ask [y/N] (or run the bundled file); load_export refuses in one line."""
     config = json.loads((export / "config.json").read_text())
@@ -128,6 +133,7 @@ def test_load_export_never_runs_or_asks_about_remote_code(export, no_prompt):
     with pytest.raises(UserError) as excinfo:
         load_export(export)
     assert "linearize_unknown" in _one_line_error(excinfo)
+    assert prompts == []
 
 
 # ------------------------------------------------------------------------------------------ local paths
@@ -321,3 +327,38 @@ def test_loaded_weights_are_the_saved_ones(export, pristine):
     with torch.no_grad():
         torch.testing.assert_close(load_export(export)[0](ids).logits, load_export(pristine)[0](ids).logits,
                                    atol=0, rtol=0)  # same files, same kernels: bit-identical
+
+
+# ------------------------------------------------------------------------------------------ teachers
+
+
+def _remote_code_folder(folder: Path, tokenizer_dir: Path, *, model: bool) -> Path:
+    """A teacher folder whose model (model=True) or tokenizer exists only in the code it ships, which
+    would leave a marker file if it ever ran."""
+    from transformers import AutoTokenizer
+
+    tiny_model("llama").save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    (folder / "custom.py").write_text(f"open({str(folder / 'RAN')!r}, 'w').close()\n")
+    if model:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(model_type="lz_remote_test", auto_map={"AutoConfig": "custom.Config",
+                                                             "AutoModelForCausalLM": "custom.Model"})
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config.update(tokenizer_class="LzRemoteTokenizer", auto_map={"AutoTokenizer": ["custom.LzRemoteTokenizer", None]})
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("model", [True, False], ids=["model", "tokenizer"])
+def test_a_teacher_that_needs_its_own_code_is_refused_without_a_question(tmp_path, tiny_tokenizer, prompts, model):
+    from linearize.config import ModelConfig
+    from linearize.models import load_teacher
+
+    folder = _remote_code_folder(tmp_path / "teacher", tiny_tokenizer, model=model)
+    with pytest.raises(UserError) as excinfo:
+        load_teacher(ModelConfig(path=str(folder)))
+    assert "needs the custom code" in _one_line_error(excinfo)
+    assert prompts == [] and not (folder / "RAN").exists()

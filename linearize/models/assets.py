@@ -56,9 +56,9 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pinned_hashes(pins_file: Path = PINS_FILE) -> dict[tuple[str, str], frozenset[str]]:
-    """{(project, version): accepted sha256 hex digests} of a requirements file with `--hash` options."""
-    text = pins_file.read_text().replace("\\\n", " ")  # join continuation lines
+def pinned_hashes() -> dict[tuple[str, str], frozenset[str]]:
+    """{(project, version): accepted sha256 hex digests} of PINS_FILE (requirements with `--hash` options)."""
+    text = PINS_FILE.read_text().replace("\\\n", " ")  # join continuation lines
     pins = {}
     for line in text.splitlines():
         match = PIN.match(line.split("#", 1)[0].strip())

@@ -43,6 +43,7 @@ CASES = [("llama", "linear", {}), ("llama", "window_linear", {"window_size": 4})
          ("qwen2", "linear", {"softmax_layers": [1]})]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch,mechanism,attention", CASES)
 def test_load_export_and_auto_classes_give_the_original_logits(tmp_path, tiny_tokenizer, arch, mechanism, attention):
     from transformers import AutoModelForCausalLM
@@ -123,6 +124,7 @@ STANDALONE = textwrap.dedent("""
 """).format(new=NEW_TOKENS)
 
 
+@pytest.mark.parity
 def test_standalone_load_without_linearize(tmp_path, tiny_tokenizer):
     _, out = _export(tmp_path, tiny_tokenizer, "llama", "window_linear", window_size=4)
     ids = _ids()
@@ -152,6 +154,7 @@ GENERATION_CASES = [("llama", "linear", {}), ("qwen2", "window_linear", {"window
                     ("mistral", "lawcat", {})]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch,mechanism,attention", GENERATION_CASES)
 def test_cached_generation_logits_equal_a_full_forward(tmp_path, tiny_tokenizer, arch, mechanism, attention):
     _, out = _export(tmp_path, tiny_tokenizer, arch, mechanism, **attention)
@@ -165,6 +168,7 @@ def test_cached_generation_logits_equal_a_full_forward(tmp_path, tiny_tokenizer,
         torch.testing.assert_close(logits, full[:, PROMPT_LEN - 1 + step], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("mode", [dict(do_sample=False), dict(do_sample=True, top_k=20),
                                   dict(do_sample=False, num_beams=3, num_return_sequences=2)])
 def test_greedy_sampling_and_beams_equal_uncached_generation(tmp_path, tiny_tokenizer, mode):
@@ -187,6 +191,7 @@ def _greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     return ids
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch,mechanism,attention", GENERATION_CASES[:2])
 def test_left_padded_batch_generation_is_exact(tmp_path, tiny_tokenizer, arch, mechanism, attention):
     _, out = _export(tmp_path, tiny_tokenizer, arch, mechanism, **attention)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TESTS_DIR = Path(__file__).parent
 REPO = TESTS_DIR.parent
 # One thread in every subprocess: CPU reduction order then cannot depend on the thread pool.
@@ -35,6 +37,7 @@ def _losses(stage_dir: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r.get("eval_loss"), r["lr"], r["tokens"]) for r in map(json.loads, lines)]
 
 
+@pytest.mark.parity
 def test_killed_and_resumed_job_matches_uninterrupted(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     done = _run_job(whole)
@@ -69,6 +72,7 @@ def _run_stages_job(config: dict, kill_after: int | None = None) -> subprocess.C
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parity
 def test_pipeline_killed_in_lora_resumes_exactly(tmp_path, tiny_tokenizer):
     """Transfer (2 steps) then LoRA with dropout and KL, killed after LoRA's step-4 checkpoint; the
     step-4 checkpoint is then lost, so LoRA resumes from step 2 and re-does steps 3-4."""

@@ -7,6 +7,8 @@ from attn_helpers import (
     MECHANISMS, attention_config, randomize_student,
 )
 
+pytestmark = pytest.mark.parity
+
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 def test_greedy_generate_matches_argmax_of_full_forwards(make_tiny_model, mechanism):

@@ -54,6 +54,7 @@ SPLIT_ARCH = {"linear": "llama", "window_linear": "mistral", "liger": "qwen2", "
               "lawcat": "qwen3"}
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 def test_split_and_resume_equals_unsplit(make_tiny_model, mechanism):
     arch = SPLIT_ARCH[mechanism]
@@ -67,6 +68,7 @@ def test_split_and_resume_equals_unsplit(make_tiny_model, mechanism):
         assert all(cache.get_seq_length(i) == 50 for i in range(len(cache.layers)))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 @pytest.mark.parametrize("softmax_layers", [[], [1]], ids=["all_converted", "hybrid"])
 def test_token_by_token_decoding_equals_full_forward(make_tiny_model, mechanism, softmax_layers):

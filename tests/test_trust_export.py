@@ -347,7 +347,8 @@ def _remote_code_folder(folder: Path, tokenizer_dir: Path, *, model: bool) -> Pa
         (folder / "config.json").write_text(json.dumps(config))
     else:
         config = json.loads((folder / "tokenizer_config.json").read_text())
-        config.update(tokenizer_class="LzRemoteTokenizer", auto_map={"AutoTokenizer": ["custom.LzRemoteTokenizer", None]})
+        config.update(tokenizer_class="LzRemoteTokenizer",
+                      auto_map={"AutoTokenizer": ["custom.LzRemoteTokenizer", None]})
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 

@@ -110,6 +110,21 @@ def test_optimizer_scaler_and_rng_state_round_trip_exactly(tmp_path):
             assert torch.equal(loaded["state"][index][key], value), key
 
 
+def test_fp16_resume_restores_the_grad_scaler(tmp_path):
+    """float16 autocast trains with a GradScaler: its growth tracker and scale continue after a resume."""
+    from linearize.train.checkpoint import _read_tree
+
+    cfg = dict(save_every=2, eval_every=0, autocast="float16")
+    tiny_job(tmp_path / "whole", tiny_stage_cfg(max_steps=4, **cfg))
+    tiny_job(tmp_path / "resumed", tiny_stage_cfg(max_steps=2, **cfg))
+    tiny_job(tmp_path / "resumed", tiny_stage_cfg(max_steps=4, **cfg))
+    whole, resumed = (_read_tree(tmp_path / name / "step_4", OPTIMIZER_FILE)["scaler"] for name in ("whole", "resumed"))
+    assert whole == resumed and whole["_growth_tracker"] == 4
+    steps = [[(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / name)]
+             for name in ("whole", "resumed")]
+    assert steps[0] == steps[1]  # exact: same floats
+
+
 def test_fingerprint_covers_bytes_shape_and_dtype():
     tokens = torch.arange(12).reshape(3, 4)  # [N, L]
     same = tokens_fingerprint(tokens.clone())["sha256"]

@@ -236,7 +236,10 @@ def test_save_export_refuses_a_users_folder_unless_overwrite(tmp_path, tiny_toke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
-def test_save_export_replaces_an_export_or_fills_an_empty_folder(tmp_path, tiny_tokenizer, pristine):
+@pytest.mark.parametrize("swap", [True, False], ids=["swap", "rename-aside"])
+def test_save_export_replaces_an_export_or_fills_an_empty_folder(tmp_path, tiny_tokenizer, pristine, monkeypatch, swap):
+    if not swap:
+        monkeypatch.setattr(exported, "_exchange", lambda a, b: False)
     (tmp_path / "empty").mkdir()
     _export(tmp_path / "empty", tiny_tokenizer)
     shutil.copytree(pristine, tmp_path / "old")
@@ -271,9 +274,30 @@ def test_a_failed_export_leaves_the_old_one_and_no_temporary_folder(tmp_path, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def test_an_export_is_replaced_in_one_swap_where_the_system_can(tmp_path, tiny_tokenizer, pristine, monkeypatch):
+    """With renameat2(RENAME_EXCHANGE) no rename is needed, so no moment passes without an export at OUT."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").write_text("b")
+    if not exported._exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this system cannot swap two paths atomically")
+    assert (tmp_path / "a").read_text() == "b" and (tmp_path / "b").is_dir()
+    out = Path(shutil.copytree(pristine, tmp_path / "export"))
+    (out / "stale.txt").write_text("from the previous export")
+
+    def no_rename(src, dst):
+        raise AssertionError(f"renamed {src} -> {dst}")
+
+    monkeypatch.setattr(exported.os, "rename", no_rename)
+    _export(out, tiny_tokenizer)
+    assert exported.is_export_dir(out) and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "export"]
+
+
 def test_a_failed_final_rename_puts_the_old_export_back(tmp_path, tiny_tokenizer, pristine, monkeypatch):
+    """The fallback where paths cannot be swapped: rename aside, rename in, delete."""
     out = Path(shutil.copytree(pristine, tmp_path / "export"))
     before = _snapshot(out)
+    monkeypatch.setattr(exported, "_exchange", lambda a, b: False)
     real_rename = exported.os.rename
 
     def rename(src, dst):

@@ -17,12 +17,14 @@ What an export promises (docs/guarantees.md):
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -54,6 +56,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Write faults that are the machine's, not linearize's: reported as one line naming the export path.
 WRITE_FAULTS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
                 errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+# renameat2 arguments (linux/fcntl.h, linux/fs.h): paths relative to the working directory; swap both.
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
 # Keys that transformers and peft fill with where a model was loaded from; a local folder there is dropped
 # to its name.
 LOADED_FROM_KEYS = ("_name_or_path", "name_or_path", "base_model_name_or_path")
@@ -128,8 +132,8 @@ def save_export(model: torch.nn.Module, tokenizer, out_dir: Path, *, dtype: Opti
         raise UserError(f"cannot write the export to {out_dir}: {WRITE_FAULTS[exc.errno]} "
                         f"({exc.strerror}); nothing there was changed") from None
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:  # after a swap it holds the previous export
+            _remove(tmp)
     return out_dir
 
 
@@ -149,10 +153,13 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
-    """Renames `tmp` to `out_dir`. An existing `out_dir` is renamed aside first and deleted only once the
-    new export is in place, so a failure in between puts the old one back."""
+    """Puts `tmp` at `out_dir`. An existing `out_dir` is swapped with `tmp` in one step where the system
+    can (`_exchange`), so there is no moment without an export there, and ends up in `tmp`; elsewhere it
+    is renamed aside, `tmp` renamed in, and only then deleted (a failure in between puts it back)."""
     if not (out_dir.exists() or out_dir.is_symlink()):
         os.rename(tmp, out_dir)
+        return
+    if _exchange(tmp, out_dir):
         return
     old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
     old.rmdir()  # only the unique name is wanted: rename refuses to move a folder onto a non-empty one
@@ -162,10 +169,29 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     except BaseException:
         os.rename(old, out_dir)
         raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
+    _remove(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two existing paths with Linux's renameat2(RENAME_EXCHANGE); False where the
+    system (kernel, C library or file system) cannot, and nothing was changed."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no exchange here: use the fallback
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove(path: Path) -> None:
+    """Deletes a folder tree, or a file or symlink (never following it)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _write(model, tokenizer, out: Path, dtype: Optional[str], run_config: Optional[dict],

@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${LINEARIZE_VENV:-.venv}
-# The stamp names the requirements hash, so editing requirements.txt triggers a reinstall.
-stamp="$venv/.deps-$(sha256sum requirements.txt | cut -c1-16)"
+# The stamp names the hash of the pins and the declared ranges, so editing either triggers a reinstall
+# (linearize's installed metadata, which records the ranges, is rewritten too).
+stamp="$venv/.deps-$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip

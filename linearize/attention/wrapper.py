@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import transformers
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -138,8 +138,8 @@ class AttentionSignature:
             if alias != self.cache and alias in kwargs and alias not in self.signature.parameters:
                 if kwargs.get(self.cache) is not None:
                     raise TypeError(f"attention called with both {alias!r} and {self.cache!r}")
-                kwargs = {**kwargs, self.cache: kwargs[alias]}
-                del kwargs[alias]
+                kwargs = dict(kwargs)
+                kwargs[self.cache] = kwargs.pop(alias)
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         return bound
@@ -179,14 +179,14 @@ class LinearizedAttention(nn.Module):
         if self.mode == "teacher":
             return self.base_layer(*bound.args, **bound.kwargs)
         hidden_states, position_embeddings, attention_mask = (bound.arguments[name] for name in READ_ARGUMENTS)
-        past_key_values = bound.arguments[self.base_signature.cache]
+        model_cache = bound.arguments[self.base_signature.cache]  # the model's DynamicCache, or None
         if self.window is None and hides_earlier_keys(attention_mask):
             raise UserError(
                 "left-padded batches are not supported by linearized attention yet (the student states would "
                 "include the padding); pad on the right or generate one sequence at a time"
             )
         p = self.project(hidden_states, position_embeddings)
-        cache = student_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+        cache = student_layer(model_cache, self.layer_idx) if model_cache is not None else None
         state = cache.state if cache is not None else None
         y, new_state = self.run_mechanism(p, state, want_state=cache is not None)
         if cache is not None:

@@ -1,7 +1,8 @@
 """What an export promises beyond its logits (issue 10): its bundled code is checked against recorded
 sha256s, it holds no absolute path of the machine that wrote it, it records the transformers version
 and warns once outside the declared range, writing it never destroys a user's folder or leaves
-temporary folders, and damaged files are one-line errors. Loading never runs or asks about remote code."""
+temporary folders, and damaged files are one-line errors. Loading an export or a teacher never runs or asks
+about remote code."""
 from __future__ import annotations
 
 import builtins

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from linearize.data import build_datasets, load_texts, pack_sequences
+from linearize.data import LOCAL_FORMATS, build_datasets, load_texts, pack_sequences
 from linearize.errors import UserError
 from linearize.evals import run_long_context
 from linearize.evals.long_context import enabled as long_context_enabled
@@ -87,6 +87,15 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     return result
 
 
+def _check_export_eval_data(cfg, target: Path) -> None:
+    """An export records data.eval by file name only (no local paths travel with it): name the fix when
+    that file is not here."""
+    spec = cfg.data.eval
+    if spec and Path(spec).suffix.lower() in LOCAL_FORMATS and not Path(spec).expanduser().is_file():
+        raise UserError(f"{target} records data.eval {spec!r} from the machine that wrote it, and it is not here: "
+                        "pass data.eval=FILE")
+
+
 def evaluate_target(target, overrides=()) -> dict:
     """Evaluates a run directory (against its teacher) or an export directory (student only: the
     export does not carry its teacher) with `key=value` overrides such as `data.eval=FILE`."""
@@ -95,6 +104,7 @@ def evaluate_target(target, overrides=()) -> dict:
     target = Path(target)
     if is_export_dir(target):
         cfg = config_from_dict(json.loads((target / RUN_CONFIG_FILE).read_text()), str(target), overrides)
+        _check_export_eval_data(cfg, target)
         model, tokenizer = load_export(target)
         return evaluate_model(cfg, model, tokenizer, with_teacher=False, out_dir=target / STAGE)
     if (target / RUN_CONFIG).is_file():

@@ -61,5 +61,6 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Writes the export and returns what it holds. The stage owns `<run>/export/` (it carries the stage
     marker), so it replaces it."""
     metrics = export_run(run_dir, export_dir(run_dir), cfg, overwrite=True)
-    mark_done(Path(run_dir) / STAGE, metrics, config_to_dict(cfg))
+    metrics["path"] = STAGE  # relative to the run: the record sits in the export, which gets shared
+    mark_done(Path(run_dir) / STAGE, metrics, config_to_dict(cfg), stage=STAGE)
     return metrics

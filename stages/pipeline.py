@@ -12,7 +12,7 @@ from linearize.train import (check_same_config, clear_done, config_to_dict, late
 from linearize.train.checkpoint import read_checkpoint_config
 from linearize.errors import UserError
 from linearize.train.report import write_report
-from linearize.train.state import DONE_FILE, RESTART_HINT
+from linearize.train.state import DONE_FILE, RESTART_HINT, same_config_as_done
 from stages import attention_transfer, evaluate, export, lora_recovery
 from stages.rundir import check_owned, discard_stage, mark_stage, remove_discard_leftovers, run_lock
 
@@ -50,7 +50,7 @@ def _plan(stage_dir: Path, stage: str, config: dict, force: bool, accept_changes
         return RUN
     done = read_done(stage_dir)
     if done is not None:
-        changed = check_same_config(done["config"], config, stage, stage_dir / DONE_FILE, accept_changes)
+        changed = same_config_as_done(done, config, stage, stage_dir / DONE_FILE, accept_changes)
         if changed and stage in TRAINING_STAGES:
             _check_steps_left(stage_dir, stage, config)
         return RUN if changed else SKIP

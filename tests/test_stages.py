@@ -89,6 +89,21 @@ def test_every_stage_then_load_export_and_generate(tiny_run):
     assert section["attention"]["mechanism"] == "window_linear" and len(section["layers"]) == 2
     assert len(greedy_sample(model, tokenizer, "The quick", 4)) > 0
     _check_export_matches_run(cfg, run_dir, model)
+    root = str(run_dir.parent.parent)  # every path of this run (teacher, data, output_dir) lies below it
+    leaking = [p.name for p in (run_dir / "export").rglob("*") if p.is_file() and root.encode() in p.read_bytes()]
+    assert leaking == []  # the export folder (its DONE record included) is shareable
+
+
+def test_the_export_stage_notices_a_changed_config(tiny_run, tmp_path):
+    from stages.config_loader import config_from_dict, config_to_dict
+    from stages.pipeline import run_stages
+
+    cfg, run_dir = copy_run(*tiny_run[:2], tmp_path)
+    assert run_stages(cfg, ["export"]) and "config_digest" in json.loads((run_dir / "export" / "DONE").read_text())
+    changed = config_from_dict(config_to_dict(cfg), "test", ["export.dtype=bfloat16"])
+    with pytest.raises(UserError, match="export: the config changed"):
+        run_stages(changed, ["export"])
+    assert run_stages(changed, ["export"], accept_changes=True)["export"]["dtype"] == "bfloat16"
 
 
 def _check_export_matches_run(cfg, run_dir, exported):

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from ..errors import UserError
 
@@ -75,9 +76,35 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def mark_done(stage_dir: Path, metrics: dict, config: dict) -> None:
-    """Writes `<stage_dir>/DONE` with the stage's final metrics and the config it ran with."""
-    write_json_atomic(Path(stage_dir) / DONE_FILE, {"metrics": metrics, "config": config})
+def config_digest(config: dict, stage: str) -> str:
+    """sha256 of the part of `config` that `stage` depends on (key order does not matter)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(stage_view(config, stage), sort_keys=True).encode()).hexdigest()
+
+
+def mark_done(stage_dir: Path, metrics: dict, config: dict, *, stage: Optional[str] = None) -> None:
+    """Writes `<stage_dir>/DONE` with the stage's final metrics and the config it ran with. With `stage`,
+    the record keeps only the digest of that stage's config: for a folder meant to be shared (the
+    export), whose config would name local paths of this machine."""
+    record = {"metrics": metrics}
+    if stage is None:
+        record["config"] = config
+    else:
+        record["config_digest"] = config_digest(config, stage)
+    write_json_atomic(Path(stage_dir) / DONE_FILE, record)
+
+
+def same_config_as_done(done: dict, config: dict, stage: str, where: Path, accept: bool) -> list[str]:
+    """check_same_config against a DONE record, which holds the config or (shared folders) its digest."""
+    if "config" in done:
+        return check_same_config(done["config"], config, stage, where, accept)
+    if done["config_digest"] == config_digest(config, stage):
+        return []
+    if not accept:
+        raise UserError(f"{stage}: the config changed since {where} was written (the record keeps only a digest, "
+                        f"so the keys are not named); use a new run_name, {RESTART_HINT}, or {ACCEPT_HINT}")
+    return ["<config digest>"]
 
 
 def read_done(stage_dir: Path):
@@ -89,7 +116,9 @@ def read_done(stage_dir: Path):
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is corrupt ({err}); delete it to re-run the stage") from None
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or "metrics" not in record:
+    well_formed = isinstance(record, dict) and "metrics" in record and (
+        isinstance(record.get("config"), dict) or isinstance(record.get("config_digest"), str))
+    if not well_formed:
         raise UserError(f"{path} is corrupt (not a DONE record with metrics and config); delete it to re-run the stage")
     return record
 

@@ -79,7 +79,8 @@ def layer_inputs(model, length: int):
     return hidden, (cos, sin)
 
 
-def first(position_embeddings, start: int, end: int):
+def positions(position_embeddings, start: int, end: int):
+    """The rotary (cos, sin) of positions start..end-1."""
     return tuple(x[:, start:end] for x in position_embeddings)
 
 
@@ -93,8 +94,8 @@ def test_student_binds_the_cache_by_name_in_any_position(make_tiny_model, cache_
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         full = attn(hidden, None, pe, None)[0]  # [1, T, hidden]
-        prefill = attn(hidden[:, :8], cache, first(pe, 0, 8), None)[0]
-        step = attn(hidden_states=hidden[:, 8:], position_embeddings=first(pe, 8, 9), attention_mask=None,
+        prefill = attn(hidden[:, :8], cache, positions(pe, 0, 8), None)[0]
+        step = attn(hidden_states=hidden[:, 8:], position_embeddings=positions(pe, 8, 9), attention_mask=None,
                     **{cache_keyword: cache})[0]
     layer = cache.layers[attn.layer_idx]
     assert isinstance(layer, StudentCacheLayer) and layer.seen == 9

@@ -70,7 +70,8 @@ def test_crafted_pickle_with_recomputed_manifest_never_runs(finished, tmp_path, 
     _rehash(ckpt)
     with pytest.raises(UserError) as err:
         tiny_job(finished, _more_steps())
-    assert re.search(rf"step_2 holds {re.escape(name)}, a pickle .* not read; delete .*stage", _one_line(err))
+    assert re.search(rf"step_2 holds {re.escape(name)}, a pickle .* not read; use --force to re-run it from "
+                     r"scratch \(or delete .*stage\)", _one_line(err))
     assert not marker.exists()
 
 
@@ -226,6 +227,7 @@ def test_a_manifest_entry_linking_outside_is_refused(finished):
     ("state.json", '{"step": "2", "cursor": 8, "tokens": 128}', r"state.json \(expected non-negative integers"),
     ("state.json", '{"step": 2}', r"state.json \(expected non-negative integers"),
     ("scheduler.json", "{", r"scheduler.json \(Expecting"),
+    ("scheduler.json", '{"scale": "0.1"}', r"scheduler.json \(a schedule state holds numbers only"),
     ("config.json", "not json", r"config.json \(Expecting value"),
     ("data.json", '"train"', r"data.json \(not a JSON object\)"),
     ("optimizer.safetensors", "garbage", r"optimizer.safetensors \("),

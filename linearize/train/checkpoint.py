@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
+from .state import RESTART_HINT
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-step_"
@@ -339,7 +340,7 @@ def _refuse_pickles(path: Path, manifest: dict) -> None:
         if "/" not in name and name.endswith(PICKLE_SUFFIXES):
             raise UserError(
                 f"checkpoint {path} holds {name}, a pickle (older linearize format) that could run code "
-                f"when loaded, so it is not read; delete {path.parent} to train this stage afresh")
+                f"when loaded, so it is not read; use {RESTART_HINT} (or delete {path.parent})")
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -388,7 +389,10 @@ def read_trainer_state(path: Path) -> TrainerState:
 
 
 def load_schedule(path: Path, schedule) -> None:
+    """Restores the schedule; every schedule's state is a flat dict of numbers."""
     state = _read_json(Path(path), SCHEDULER_FILE)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in state.values()):
+        raise _malformed(Path(path), SCHEDULER_FILE, "a schedule state holds numbers only")
     try:
         schedule.load_state_dict(state)
     except (KeyError, TypeError, ValueError) as err:
@@ -398,7 +402,7 @@ def load_schedule(path: Path, schedule) -> None:
 def _shape_error(path: Path, name: str, saved_shape, model_shape, what: str) -> UserError:
     return UserError(f"checkpoint {path} does not fit the model: {what} {name} has shape {list(saved_shape)} there "
                      f"and {list(model_shape)} in the model (a changed model or attention config); "
-                     "use a new run_name to train it afresh")
+                     f"use a new run_name, or {RESTART_HINT}")
 
 
 def load_trainable(model: torch.nn.Module, path: Path) -> None:

@@ -320,8 +320,8 @@ def _universal_tag(engine: DeepSpeedEngine, path: Path) -> str:
                    "--input_folder", str(path / ENGINE_TAG), "--output_folder", str(tmp)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise UserError(f"checkpoint {path}: converting it to a universal checkpoint failed: "
-                            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+            raise UserError(f"checkpoint {path}: converting it to a universal checkpoint failed: {reason}; {TRUST_NOTE}")
         os.replace(tmp, target)
     barrier()
     return UNIVERSAL_TAG

@@ -263,6 +263,21 @@ def test_optimizer_state_of_another_shape_names_the_parameter(finished):
     assert re.search(r"the optimizer state of parameter model.layers.1.\S+ has shape \[3, 5\] there", _one_line(err))
 
 
+@pytest.mark.parametrize("structure", ['{"tensor": [1]}', '{"tuple": 3}', '{"dict": [[[], 1]]}', '[{"tensor": "9"}]'])
+def test_malformed_state_tree_is_a_one_line_error(finished, structure):
+    """A valid safetensors file whose JSON structure is not one linearize writes (tampered)."""
+    from safetensors.torch import save_file
+
+    from linearize.train.checkpoint import STRUCTURE_KEY
+
+    ckpt = latest_checkpoint(finished)
+    save_file({"0": torch.zeros(1)}, ckpt / OPTIMIZER_FILE, metadata={STRUCTURE_KEY: structure})
+    _rehash(ckpt)
+    with pytest.raises(UserError) as err:
+        tiny_job(finished, _more_steps())
+    assert re.search(r"step_2 is malformed: optimizer.safetensors \(", _one_line(err))
+
+
 def test_resume_keeps_one_metrics_record_per_step(finished):
     """Two processes that appended to one log (before the run-directory lock) leave step 2 twice and a
     step 3 past the checkpoint: the resumed log holds each step once."""

@@ -155,7 +155,7 @@ def _read_tree(checkpoint: Path, name: str):
             structure = json.loads((handle.metadata() or {})[STRUCTURE_KEY])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         return _decode(structure, tensors)
-    except (OSError, SafetensorError, KeyError, ValueError, RecursionError) as err:
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError, RecursionError) as err:
         raise _malformed(checkpoint, name, err) from None
 
 
@@ -350,16 +350,23 @@ def verify_checkpoint(path: Path) -> dict:
     path = Path(path)
     manifest = _read_manifest(path)
     _refuse_pickles(path, manifest)
+    try:
+        _check_files(path, manifest["files"])
+    except OSError as err:
+        raise UserError(f"checkpoint {path} is unreadable: {err}; {ADVICE}") from None
+    return manifest
+
+
+def _check_files(path: Path, files: dict) -> None:
     root = path.resolve()
-    missing = [name for name in manifest["files"] if not (path / name).is_file()]
+    missing = [name for name in files if not (path / name).is_file()]
     if missing:
         raise UserError(f"checkpoint {path} is corrupt: {', '.join(missing)} is missing; {ADVICE}")
-    for name, expected in manifest["files"].items():
+    for name, expected in files.items():
         if not (path / name).resolve().is_relative_to(root):
             raise _malformed(path, MANIFEST, f"{name} links outside the checkpoint")
         if _sha256(path / name) != expected:
             raise UserError(f"checkpoint {path} is corrupt: {name} does not match its sha256; {ADVICE}")
-    return manifest
 
 
 def require_files(path: Path, manifest: dict, names) -> None:

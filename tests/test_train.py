@@ -40,7 +40,8 @@ def tiny_stage_cfg(**overrides) -> TransferConfig:
 
 def tiny_job(stage_dir, stage_cfg=None, config=None, loss_fn=lm_loss, accept_changes=False, dropout=0.1,
              data_seed=0, **model_overrides):
-    """A tiny llama (with attention dropout, so RNG restore matters) training its last layer + head."""
+    """A tiny llama (with attention dropout, so RNG restore matters) training its last layer + head.
+    `data_seed` picks other token streams; `model_overrides` change the tiny model's config."""
     torch.manual_seed(0)
     model = tiny_model("llama", attention_dropout=dropout, **model_overrides)
     model.requires_grad_(False)

@@ -179,7 +179,8 @@ def train(model: torch.nn.Module, loss_fn: LossFn, train_tokens: torch.Tensor, e
     `accept_changes` resumes despite a changed config or changed data. train/eval tokens: `[N, L]` /
     `[M, L]`."""
     stage_dir = Path(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    with _writing(stage_dir, stage_dir):
+        stage_dir.mkdir(parents=True, exist_ok=True)
     engine = build_engine(engine_cfg, model, stage_cfg, loss_fn)
     schedule = build_schedule(stage_cfg)
     data = data_fingerprint(train_tokens, eval_tokens)

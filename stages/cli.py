@@ -23,7 +23,8 @@ from pathlib import Path
 
 from linearize import UserError
 
-from .config_loader import CONFIGS_DIR, STAGE_NAMES, config_to_dict, load_config
+from .config_loader import CONFIGS_DIR, config_to_dict, load_config
+from .registry import STAGES
 
 PROG = "linearize"
 DEFAULT_CONFIG = CONFIGS_DIR / "demo.yaml"
@@ -191,7 +192,7 @@ def _add_stage(sub, common: argparse.ArgumentParser) -> None:
         "stage", parents=[common], help="run one stage",
         description="Run one stage of the config's pipeline. Stages read what earlier stages wrote in the "
                     "run directory (lora_recovery starts from the attention_transfer result).")
-    parser.add_argument("name", choices=STAGE_NAMES, metavar="NAME", help=f"one of: {', '.join(STAGE_NAMES)}")
+    parser.add_argument("name", choices=list(STAGES), metavar="NAME", help=f"one of: {', '.join(STAGES)}")
     parser.add_argument("config", metavar="CONFIG", help="yaml config")
     _add_overrides(parser)
     _add_restart_flags(parser)

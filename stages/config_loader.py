@@ -9,7 +9,6 @@ path, or "command line"). The library never reads yaml: only `stages/` calls thi
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import re
 import tempfile
@@ -22,81 +21,104 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from linearize import UserError
-from linearize.config import RunConfig
+from linearize.config import RunConfig, config_to_dict
+from stages.registry import STAGES
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 INCLUDES_KEY = "includes"
 COMMAND_LINE = "command line"
 DEFAULTS = "defaults"
 
-# The stage runners, in pipeline order (stages/pipeline.py owns the runners themselves).
-STAGE_NAMES = ("attention_transfer", "lora_recovery", "evaluate", "export")
-DTYPES = ("float32", "bfloat16", "float16")
-AUTOCAST = ("none", "bfloat16", "float16")
-SCHEDULERS = ("cosine", "plateau", "constant")
-
-# Used only while linearize.attention / linearize.feature_maps expose no registry (they are the truth).
-FALLBACK_MECHANISMS = ("linear", "window_linear", "liger", "liger_window", "lawcat", "softmax")
-FALLBACK_FEATURE_MAPS = ("hedgehog", "hedgehog_joint", "t2r", "elu", "softmax_dim", "identity")
 
 
-def _registry_names(module_name: str, attrs: tuple[str, ...], fallback: tuple[str, ...]) -> tuple[str, ...]:
-    """Names registered in `module_name` (imported lazily: it may pull in torch/triton) under the first of
-    `attrs` it has (a function returning names, or a name-keyed mapping), else `fallback`."""
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return fallback
-    for attr in attrs:
-        registry = getattr(module, attr, None)
-        if callable(registry):
-            return tuple(registry())
-        if isinstance(registry, Mapping):
-            return tuple(registry)
-    return fallback
+def _stage_names() -> tuple[str, ...]:
+    return tuple(STAGES)
 
 
-def mechanism_names() -> tuple[str, ...]:
-    return _registry_names("linearize.attention", ("available_mechanisms", "MECHANISMS", "REGISTRY"),
-                           FALLBACK_MECHANISMS)
+def _mechanisms() -> tuple[str, ...]:
+    from linearize.attention import MECHANISMS
+
+    return tuple(MECHANISMS)
 
 
-def feature_map_names() -> tuple[str, ...]:
-    return _registry_names("linearize.feature_maps", ("available_feature_maps", "FEATURE_MAPS", "REGISTRY"),
-                           FALLBACK_FEATURE_MAPS)
+def _feature_maps() -> tuple[str, ...]:
+    from linearize.feature_maps import available_feature_maps
+
+    return tuple(available_feature_maps())
 
 
-# Keys whose value must be one of a set of names; the set is computed when validating (registries load lazily).
+def _ops_names(attr: str) -> Callable[[], tuple]:
+    def names() -> tuple:
+        from linearize.ops import _common
+
+        return tuple(getattr(_common, attr))
+
+    return names
+
+
+def _dtypes() -> tuple[str, ...]:
+    from linearize.dtypes import DTYPES
+
+    return tuple(DTYPES)
+
+
+def _schedulers() -> tuple[str, ...]:
+    from linearize.train.schedule import SCHEDULES
+
+    return tuple(SCHEDULES)
+
+
+def _autocast() -> tuple[str, ...]:
+    from linearize.train.engine import AUTOCAST_DTYPES
+
+    return tuple(AUTOCAST_DTYPES)
+
+
+def _engines() -> tuple[str, ...]:
+    from linearize.train.engine import ENGINES
+
+    return tuple(ENGINES)
+
+
+def _distributed(attr: str) -> Callable[[], tuple]:
+    def names() -> tuple:
+        from linearize.train import distributed
+
+        return tuple(getattr(distributed, attr))
+
+    return names
+
+
+# Keys whose value must be one of a set of names. Each set is read from the registry that owns it (imported
+# lazily: they pull in torch), so a value the loader accepts is one the library knows.
+TRAIN_SECTIONS = ("attention_transfer", "lora_recovery")
 CHOICES: dict[str, Callable[[], Iterable[Any]]] = {
-    "model.dtype": lambda: DTYPES,
-    "attention.mechanism": mechanism_names,
-    "attention.feature_map": feature_map_names,
-    "attention.form": lambda: ("chunk", "parallel", "recurrent"),
-    "attention.backend": lambda: ("auto", "torch", "triton"),
-    "attention_transfer.scheduler": lambda: SCHEDULERS,
-    "attention_transfer.autocast": lambda: AUTOCAST,
-    "lora_recovery.scheduler": lambda: SCHEDULERS,
-    "lora_recovery.autocast": lambda: AUTOCAST,
-    "export.dtype": lambda: DTYPES + (None,),
-    "engine.name": lambda: ("single", "deepspeed"),
-    "engine.precision": lambda: ("fp32", "bf16", "fp16"),
-    "engine.zero_stage": lambda: (0, 1, 2, 3),
+    "model.dtype": _dtypes,
+    "attention.mechanism": _mechanisms,
+    "attention.feature_map": _feature_maps,
+    "attention.form": _ops_names("FORM_NAMES"),
+    "attention.backend": _ops_names("BACKENDS"),
+    **{f"{section}.scheduler": _schedulers for section in TRAIN_SECTIONS},
+    **{f"{section}.autocast": _autocast for section in TRAIN_SECTIONS},
+    "export.dtype": lambda: _dtypes() + (None,),
+    "engine.name": _engines,
+    "engine.precision": _distributed("PRECISIONS"),
+    "engine.zero_stage": _distributed("ZERO_STAGES"),
 }
 # Keys holding lists whose every item must be one of a set of names.
-LIST_CHOICES: dict[str, Callable[[], Iterable[Any]]] = {"stages": lambda: STAGE_NAMES}
+LIST_CHOICES: dict[str, Callable[[], Iterable[Any]]] = {"stages": _stage_names}
 
-_TRAIN_SECTIONS = ("attention_transfer", "lora_recovery")
 POSITIVE = (
     "data.seq_len", "data.max_eval_sequences", "attention.feature_dim", "attention.window_size",
     "attention.chunk_size", "attention.gate_rank", "attention.gate_norm", "attention.conv_kernel",
     "lora_recovery.rank", "evaluate.max_sequences",
-    *(f"{s}.{k}" for s in _TRAIN_SECTIONS for k in ("micro_batch_size", "grad_accum", "save_every", "eval_every", "keep_last")),
+    *(f"{s}.{k}" for s in TRAIN_SECTIONS for k in ("micro_batch_size", "grad_accum", "save_every", "eval_every", "keep_last")),
 )
 NON_NEGATIVE = (
     "evaluate.sample_tokens", "attention.liger_alpha", "attention.liger_beta", "lora_recovery.dropout",
     "lora_recovery.kl_weight", "attention_transfer.mse_factor", "attention_transfer.attn_ce_weight",
-    *(f"{s}.{k}" for s in _TRAIN_SECTIONS for k in ("max_steps", "lr", "weight_decay", "warmup_steps", "min_lr", "grad_clip",
-                                                           "eval_sequences")),
+    *(f"{s}.{k}" for s in TRAIN_SECTIONS for k in ("max_steps", "lr", "weight_decay", "warmup_steps", "min_lr", "grad_clip",
+                                                    "eval_sequences", "plateau_patience", "plateau_factor")),
 )
 # Half-open [0, 1): a fraction of the data that must leave something to train on.
 FRACTIONS = ("data.eval_fraction",)
@@ -316,8 +338,8 @@ def _finish(cfg: DictConfig, provenance: Mapping[str, str], source: str) -> RunC
         key = getattr(exc, "full_key", None) or "?"
         raise _error(_where(key, provenance) if key != "?" else source, key, _first_line(exc)) from None
     validate_config(cfg, provenance)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg  # type: ignore[return-value]  # a DictConfig typed by RunConfig
+    # The library receives plain frozen dataclasses: it never sees (or imports) omegaconf.
+    return OmegaConf.to_object(cfg)
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunConfig:
@@ -339,16 +361,7 @@ def config_from_dict(data: Mapping, source: str = "config", overrides: Iterable[
     return _finish(cfg, provenance, source)
 
 
-def config_to_dict(cfg: RunConfig | DictConfig | Mapping) -> dict:
-    """Plain nested dict/list/scalar copy of a config (resolved)."""
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, Mapping):
-        return {k: config_to_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-
-
-def save_resolved(cfg: RunConfig | DictConfig, path: str | os.PathLike) -> Path:
+def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Writes the resolved config as yaml (atomically: a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -358,21 +371,3 @@ def save_resolved(cfg: RunConfig | DictConfig, path: str | os.PathLike) -> Path:
         handle.write(text)
     os.replace(tmp, path)
     return path
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, Mapping):
-        flat: dict[str, Any] = {}
-        for key, value in data.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: data}
-
-
-def diff_configs(a: RunConfig | DictConfig | Mapping, b: RunConfig | DictConfig | Mapping) -> list[str]:
-    """Sorted dotted keys whose values differ between `a` and `b` (present in only one counts)."""
-    flat_a, flat_b = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
-    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k, _ABSENT) != flat_b.get(k, _ABSENT))
-
-
-_ABSENT = object()

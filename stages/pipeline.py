@@ -13,22 +13,12 @@ from linearize.train.checkpoint import read_checkpoint_config
 from linearize.errors import UserError
 from linearize.train.report import write_report
 from linearize.train.state import DONE_FILE, RESTART_HINT, same_config_as_done
-from stages import attention_transfer, evaluate, export, lora_recovery
+from stages import export
+from stages.registry import STAGES, TRAINING_STAGES, stage_runner
 from stages.rundir import check_owned, discard_stage, mark_stage, remove_discard_leftovers, run_lock
 
-STAGES = {
-    "attention_transfer": attention_transfer.run,
-    "lora_recovery": lora_recovery.run,
-    "evaluate": evaluate.run,
-    "export": export.run,
-}
 RUN_CONFIG = "config.yaml"
 SKIP, RUN = "skip", "run"
-# Stages every rank runs together under engine.name=deepspeed; the others run on rank 0 while the
-# rest wait, since they neither train nor need more than one process.
-DISTRIBUTED_STAGES = ("attention_transfer", "lora_recovery")
-# Stages that train from checkpoints (--accept-changes continues them; the others simply re-run).
-TRAINING_STAGES = DISTRIBUTED_STAGES
 
 
 def run_dir_of(cfg) -> Path:
@@ -109,7 +99,9 @@ def _print_summary(run_dir: Path, results: dict, sample, report: Path) -> None:
 
 
 def _runs_here(name: str, distributed_run: bool) -> bool:
-    return not distributed_run or name in DISTRIBUTED_STAGES or distributed.is_main_process()
+    """Under deepspeed every rank runs the training stages together; the others run on rank 0 while the
+    rest wait, since they neither train nor need more than one process."""
+    return not distributed_run or name in TRAINING_STAGES or distributed.is_main_process()
 
 
 def run_stages(cfg, stage_names=None, force: bool = False, accept_changes: bool = False) -> dict:
@@ -158,7 +150,7 @@ def _run_locked(cfg, run_dir: Path, names: list[str], force: bool, accept_change
         distributed.barrier()  # rank 0 has discarded before any rank looks for a checkpoint
         statuses[name] = _status(stage_dir)
         if _runs_here(name, distributed_run):
-            results[name] = STAGES[name](cfg, run_dir, accept_changes=accept_changes)
+            results[name] = stage_runner(name)(cfg, run_dir, accept_changes=accept_changes)
         distributed.barrier()  # the stage's files are complete before anyone reads or discards them
         if main:
             mark_stage(stage_dir, name)  # again: the export stage replaces its whole folder

@@ -11,7 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from stages import cli
-from stages.config_loader import CONFIGS_DIR, STAGE_NAMES
+from stages.config_loader import CONFIGS_DIR
+from stages.registry import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(CONFIGS_DIR / "demo.yaml")
@@ -124,7 +125,7 @@ def test_force_and_accept_changes_are_two_exclusive_flags(fake_stages, capsys):
 def test_run_defaults_to_the_demo_config(fake_stages):
     assert cli.main(["run", "seed=3"]) == 0
     (_, cfg, names, flags), = fake_stages
-    assert (cfg.run_name, cfg.seed, names, flags) == ("demo", 3, list(STAGE_NAMES), (False, False))
+    assert (cfg.run_name, cfg.seed, names, flags) == ("demo", 3, list(STAGES), (False, False))
 
 
 def test_stage_runs_one_stage(fake_stages):

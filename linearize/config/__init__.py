@@ -1,5 +1,6 @@
 """Typed configuration schemas. The yaml loader lives in `stages/config_loader.py`: the library never
 reads yaml or argv."""
+from .dicts import changed_keys, config_to_dict, flatten
 from .schema import (
     AttentionConfig,
     DataConfig,
@@ -9,10 +10,12 @@ from .schema import (
     LoraRecoveryConfig,
     ModelConfig,
     RunConfig,
+    TrainStageConfig,
     TransferConfig,
 )
 
 __all__ = [
     "AttentionConfig", "DataConfig", "EngineConfig", "EvaluateConfig", "ExportConfig",
-    "LoraRecoveryConfig", "ModelConfig", "RunConfig", "TransferConfig",
+    "LoraRecoveryConfig", "ModelConfig", "RunConfig", "TrainStageConfig", "TransferConfig", "changed_keys",
+    "config_to_dict", "flatten",
 ]

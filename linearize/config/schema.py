@@ -10,17 +10,17 @@ from typing import Optional
 INIT_WINDOW_LOGIT = math.log(0.1 / 0.9)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = "smollm2-135m-instruct"  # HF directory, a .gguf file, or a registered name
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # a name of linearize.dtypes.DTYPES
     tokenizer: Optional[str] = None  # defaults to model.path
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionConfig:
-    mechanism: str = "window_linear"  # linear | window_linear | liger | liger_window | lawcat | softmax
-    feature_map: str = "hedgehog"  # hedgehog | hedgehog_joint | t2r | elu | softmax_dim | identity
+    mechanism: str = "window_linear"  # a name of linearize.attention.MECHANISMS
+    feature_map: str = "hedgehog"  # a name of linearize.feature_maps (available_feature_maps())
     feature_dim: int = 64  # f: hedgehog output width is 2f
     tie_qk_feature_map: bool = False  # one map shared by q and k (lawcat always ties)
     window_size: int = 64  # W for window mechanisms
@@ -33,13 +33,13 @@ class AttentionConfig:
     conv_kernel: int = 4  # lawcat: causal depthwise conv width
     softmax_layers: list[int] = field(default_factory=list)  # layers that keep teacher attention
     layers: Optional[list[int]] = None  # layers to convert (None = all not in softmax_layers)
-    form: str = "chunk"  # chunk | parallel | recurrent: how the student computes a full sequence
+    form: str = "chunk"  # how the student computes a full sequence: a name of linearize.ops.FORM_NAMES
     chunk_size: int = 64
-    backend: str = "auto"  # auto | torch | triton
+    backend: str = "auto"  # a name of linearize.ops.BACKENDS
     compile: bool = False  # torch.compile the student attention for training calls (not decoding)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     train: str = "demo-wiki"  # text/jsonl/parquet file, a registered corpus name, or a hub dataset name
     eval: str = "demo-news"
@@ -51,8 +51,11 @@ class DataConfig:
     shuffle: bool = True
 
 
-@dataclass
-class TransferConfig:
+@dataclass(frozen=True)
+class TrainStageConfig:
+    """Keys every training stage reads (the loop, the schedule, checkpoints); the stages set their own
+    defaults below."""
+
     max_steps: int = 100
     save_every: int = 50
     eval_every: int = 50
@@ -60,34 +63,27 @@ class TransferConfig:
     keep_last: int = 2
     lr: float = 1e-2
     weight_decay: float = 0.0
-    scheduler: str = "cosine"  # cosine | plateau | constant
+    scheduler: str = "cosine"  # a name of linearize.train.schedule.SCHEDULES
     warmup_steps: int = 0
     min_lr: float = 1e-5
-    plateau_patience: int = 10
-    plateau_factor: float = 0.1
+    plateau_patience: int = 10  # scheduler=plateau: evals without a new best before the rate drops
+    plateau_factor: float = 0.1  # scheduler=plateau: the rate's multiplier at each drop
     micro_batch_size: int = 1
     grad_accum: int = 1
     grad_clip: float = 1.0  # 0 disables clipping
+    autocast: str = "none"  # a name of linearize.train.engine.AUTOCAST_DTYPES
+
+
+@dataclass(frozen=True)
+class TransferConfig(TrainStageConfig):
     mse_factor: float = 1000.0
     attn_ce_weight: float = 0.0  # >0 needs attention.form=parallel
-    autocast: str = "none"  # none | bfloat16 | float16
 
 
-@dataclass
-class LoraRecoveryConfig:
-    max_steps: int = 100
-    save_every: int = 50
-    eval_every: int = 50
-    eval_sequences: int = 0  # held-out sequences for the in-stage eval; 0 = all data.max_eval_sequences
-    keep_last: int = 2
+@dataclass(frozen=True)
+class LoraRecoveryConfig(TrainStageConfig):
     lr: float = 1e-4
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    warmup_steps: int = 0
     min_lr: float = 1e-6
-    micro_batch_size: int = 1
-    grad_accum: int = 1
-    grad_clip: float = 1.0
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -95,10 +91,9 @@ class LoraRecoveryConfig:
     kl_weight: float = 0.0  # >0 adds KL(teacher || student) on logits
     train_student: bool = False  # keep feature maps / gates trainable during LoRA
     recompute_attention: bool = True  # recompute student attention in backward: less memory, ~1 more mechanism forward per step
-    autocast: str = "none"
 
 
-@dataclass
+@dataclass(frozen=True)
 class LongContextConfig:
     """Long-context evaluation; off by default (slow on CPU). See docs/export.md."""
 
@@ -110,7 +105,7 @@ class LongContextConfig:
     position_sequences: int = 4
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConfig:
     max_sequences: int = 80
     sample_prompt: str = "The capital of France is"
@@ -118,27 +113,27 @@ class EvaluateConfig:
     long_context: LongContextConfig = field(default_factory=LongContextConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportConfig:
     merge_lora: bool = True
-    dtype: Optional[str] = None  # defaults to model.dtype
+    dtype: Optional[str] = None  # a name of linearize.dtypes.DTYPES; None: model.dtype
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
-    name: str = "single"  # single | deepspeed
-    zero_stage: int = 2
+    name: str = "single"  # a name of linearize.train.engine.ENGINES
+    zero_stage: int = 2  # one of linearize.train.distributed.ZERO_STAGES
     offload_optimizer: bool = False
     offload_params: bool = False
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # a name of linearize.train.distributed.PRECISIONS
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     run_name: str = "demo"
     output_dir: str = "checkpoints"
     seed: int = 0
-    stages: list[str] = field(
+    stages: list[str] = field(  # names of stages/pipeline.py STAGES, run in the listed order
         default_factory=lambda: ["attention_transfer", "lora_recovery", "evaluate", "export"]
     )
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-from ..errors import UserError
 
 # torch's ReduceLROnPlateau default: an eval loss must beat the best by 0.01% to count as better.
 PLATEAU_REL_THRESHOLD = 1e-4
@@ -55,9 +54,6 @@ class PlateauSchedule(ConstantSchedule):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        for key in ("plateau_patience", "plateau_factor"):
-            if not hasattr(cfg, key):
-                raise UserError(f"scheduler=plateau needs `{key}`, which this stage's config does not have")
         self.min_lr, self.patience, self.factor = cfg.min_lr, cfg.plateau_patience, cfg.plateau_factor
         self.scale, self.best, self.bad_evals = 1.0, math.inf, 0
 

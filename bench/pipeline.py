@@ -73,22 +73,27 @@ def case_teacher_forward(cfg):
 
 def case_transfer_step(cfg):
     import linearize
-    from linearize.losses import PairCollector
+    from linearize.losses import PairCollector, transfer_objective
     from linearize.train.student import load_converted
-    from stages.attention_transfer import make_transfer_loss
 
     model, _ = load_converted(cfg)
     linearize.freeze_for_transfer(model)
     stage_cfg = TransferConfig()
-    return model, _training_step(model, make_transfer_loss(PairCollector(), stage_cfg), stage_cfg)
+    loss_fn = transfer_objective(PairCollector(), stage_cfg.mse_factor, stage_cfg.attn_ce_weight)
+    return model, _training_step(model, loss_fn, stage_cfg)
 
 
 def _lora_step(model, **stage_overrides):
-    from stages.lora_recovery import make_recovery_loss, wrap_with_lora
+    from linearize import adapters
+    from linearize.losses import recovery_objective
+    from linearize.surgery import wrapped_attentions
 
     stage_cfg = LoraRecoveryConfig(**stage_overrides)
-    peft_model = wrap_with_lora(model, stage_cfg)
-    return peft_model, _training_step(peft_model, make_recovery_loss(stage_cfg), stage_cfg)
+    for layer in wrapped_attentions(model):  # as the LoRA stage sets it
+        layer.recompute = stage_cfg.recompute_attention
+    peft_model = adapters.wrap(model, rank=stage_cfg.rank, alpha=stage_cfg.alpha, dropout=stage_cfg.dropout,
+                               targets=stage_cfg.targets, train_student=stage_cfg.train_student)
+    return peft_model, _training_step(peft_model, recovery_objective(stage_cfg.kl_weight), stage_cfg)
 
 
 def case_teacher_lora_step(cfg):

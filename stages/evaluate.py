@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from linearize.adapters import teacher_view
 from linearize.data import LOCAL_FORMATS, build_datasets, load_texts, pack_sequences
 from linearize.errors import UserError
 from linearize.evals import run_long_context
 from linearize.evals.long_context import enabled as long_context_enabled
 from linearize.models.exported import RUN_CONFIG_FILE, is_export_dir, load_export
-from linearize.train import config_to_dict, default_device, mark_done
+from linearize.train import default_device
 from linearize.train.evaluation import compare_on_tokens, greedy_sample
 from linearize.train.state import write_json_atomic
-from linearize.train.student import attach_adapter, build_student, teacher_view
+
+from .common import StageStart, attach_adapter, finish_stage, start_stage
 
 STAGE = "evaluate"
 EVAL_FILE = "eval.json"
@@ -70,20 +72,23 @@ def evaluate_model(cfg, model, tokenizer, with_teacher: bool, out_dir: Path | No
     return result
 
 
+def _evaluate_student(start: StageStart, run_dir: Path) -> dict:
+    return evaluate_model(start.cfg, attach_adapter(start.model, run_dir), start.tokenizer, with_teacher=True,
+                          out_dir=start.stage_dir)
+
+
 def evaluate_run(cfg, run_dir: Path) -> dict:
     """Builds the run's final student (student parameters + adapter) and evaluates it against its teacher."""
-    model, tokenizer, _ = build_student(cfg, run_dir)
-    return evaluate_model(cfg, attach_adapter(model, run_dir), tokenizer, with_teacher=True,
-                          out_dir=Path(run_dir) / STAGE)
+    return _evaluate_student(start_stage(cfg, run_dir, STAGE), run_dir)
 
 
 def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Writes `<run>/evaluate/eval.json` (teacher_ppl, student_ppl, kl, top1_agreement, samples)."""
-    stage_dir = Path(run_dir) / STAGE
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    result = evaluate_run(cfg, run_dir)
-    write_json_atomic(stage_dir / EVAL_FILE, result)
-    mark_done(stage_dir, {k: v for k, v in result.items() if k != "samples"}, config_to_dict(cfg))
+    start = start_stage(cfg, run_dir, STAGE)
+    start.stage_dir.mkdir(parents=True, exist_ok=True)
+    result = _evaluate_student(start, run_dir)
+    write_json_atomic(start.stage_dir / EVAL_FILE, result)
+    finish_stage(start, {k: v for k, v in result.items() if k != "samples"})
     return result
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from linearize import adapters
 from linearize.errors import UserError
 from linearize.models.exported import save_export
-from linearize.train import config_to_dict, mark_done
-from linearize.train.student import adapter_dir, attach_adapter, build_student, merge_lora
+from linearize.train import config_to_dict
+
+from .common import attach_adapter, start_stage
+from .rundir import adapter_dir, mark_done
 
 STAGE = "export"
 RUN_CONFIG = "config.yaml"
@@ -45,14 +48,14 @@ def export_run(run_dir: Path, out_dir: Path, cfg=None, overwrite: bool = False) 
         if not (run_dir / RUN_CONFIG).is_file():
             raise UserError(f"{run_dir} is not a run directory (no {RUN_CONFIG})")
         cfg = load_config(run_dir / RUN_CONFIG)
-    model, tokenizer, _ = build_student(cfg, run_dir)
-    adapter = adapter_dir(run_dir)
+    start = start_stage(cfg, run_dir, STAGE)
+    model, adapter = start.model, adapter_dir(run_dir)
     merged = bool(cfg.export.merge_lora and adapter is not None)
     if merged:
-        model = merge_lora(attach_adapter(model, run_dir))
+        model = adapters.merge(attach_adapter(model, run_dir))
     dtype = cfg.export.dtype or cfg.model.dtype
     shipped = adapter if adapter is not None and not merged else None
-    path = save_export(model, tokenizer, out_dir, dtype=dtype, run_config=config_to_dict(cfg),
+    path = save_export(model, start.tokenizer, out_dir, dtype=dtype, run_config=start.config,
                        adapter_dir=shipped, overwrite=overwrite)
     return {"path": str(path), "dtype": dtype, "merged_lora": merged, "adapter_shipped": shipped is not None}
 
@@ -62,5 +65,5 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     marker), so it replaces it."""
     metrics = export_run(run_dir, export_dir(run_dir), cfg, overwrite=True)
     metrics["path"] = STAGE  # relative to the run: the record sits in the export, which gets shared
-    mark_done(Path(run_dir) / STAGE, metrics, config_to_dict(cfg), stage=STAGE)
+    mark_done(export_dir(run_dir), metrics, config_to_dict(cfg), stage=STAGE)
     return metrics

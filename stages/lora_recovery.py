@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-import linearize
-from linearize.data import build_datasets, in_stage_eval
-from linearize.losses import distill_kl
+from linearize import adapters
+from linearize.losses import recovery_objective
 from linearize.surgery import wrapped_attentions
-from linearize.train import config_to_dict, mark_done, seed_everything, train
-from linearize.train.student import (ADAPTER_DIR, STUDENT_FILE, build_student, next_token_loss, save_student,
-                                     teacher_view, unwrap)
+from linearize.train.student import save_student
+
+from .common import finish_stage, start_stage, train_stage
+from .rundir import ADAPTER_DIR, STUDENT_FILE
 
 STAGE = "lora_recovery"
 
@@ -25,51 +25,19 @@ def wrap_with_lora(model: torch.nn.Module, stage_cfg):
     """A PeftModel with LoRA on `stage_cfg.targets`; only the adapters (and, with train_student, the
     student parameters) train. Converted layers recompute their mechanism in backward unless
     `recompute_attention` is off."""
-    from peft import LoraConfig, get_peft_model
-
-    model.requires_grad_(False)
     for layer in wrapped_attentions(model):
         layer.recompute = stage_cfg.recompute_attention
-    lora = LoraConfig(r=stage_cfg.rank, lora_alpha=stage_cfg.alpha, lora_dropout=stage_cfg.dropout,
-                      target_modules=list(stage_cfg.targets), task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
-    if stage_cfg.train_student:
-        for params in linearize.student_parameters(unwrap(peft_model)).values():
-            for _, param in params:
-                param.requires_grad_(True)
-    return peft_model
-
-
-def make_recovery_loss(stage_cfg):
-    """loss_fn(model, input_ids [B, L]): next-token CE, plus kl_weight · KL(teacher || student)."""
-
-    def loss_fn(model, input_ids):
-        logits = model(input_ids=input_ids, use_cache=False).logits  # [B, L, V]: no decode state in training
-        loss = next_token_loss(logits, input_ids)
-        if stage_cfg.kl_weight > 0:
-            with torch.no_grad(), teacher_view(model):
-                teacher_logits = model(input_ids=input_ids, use_cache=False).logits  # [B, L, V]: no decode state in training
-            loss = loss + stage_cfg.kl_weight * distill_kl(logits, teacher_logits)
-        return loss
-
-    return loss_fn
+    return adapters.wrap(model, rank=stage_cfg.rank, alpha=stage_cfg.alpha, dropout=stage_cfg.dropout,
+                         targets=stage_cfg.targets, train_student=stage_cfg.train_student)
 
 
 def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Trains LoRA adapters on the converted model; returns the final metrics."""
-    stage_dir = Path(run_dir) / STAGE
-    seed_everything(cfg.seed)
-    model, tokenizer, source = build_student(cfg, run_dir, sources=("attention_transfer",))
-    peft_model = wrap_with_lora(model, cfg.lora_recovery)
-    train_tokens, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
-    eval_tokens = in_stage_eval(eval_tokens, cfg.lora_recovery)
-    config = config_to_dict(cfg)
-    result = train(peft_model, make_recovery_loss(cfg.lora_recovery), train_tokens, eval_tokens,
-                   cfg.lora_recovery, stage_dir=stage_dir, stage=STAGE, seed=cfg.seed, engine_cfg=cfg.engine,
-                   config=config, shuffle=cfg.data.shuffle, accept_changes=accept_changes)
-    peft_model.save_pretrained(stage_dir / ADAPTER_DIR)
-    save_student(unwrap(peft_model), stage_dir / STUDENT_FILE)
-    metrics = {"step": result.step, "loss": result.loss, "eval_loss": result.eval_loss, "tokens": result.tokens,
-               "plot": result.plot.name, "student_from": str(source) if source else "none (no transfer)"}
-    mark_done(stage_dir, metrics, config)
-    return metrics
+    start = start_stage(cfg, run_dir, STAGE, sources=("attention_transfer",))
+    peft_model = wrap_with_lora(start.model, cfg.lora_recovery)
+    loss_fn = recovery_objective(cfg.lora_recovery.kl_weight)
+    metrics = train_stage(start, peft_model, loss_fn, cfg.lora_recovery, accept_changes)
+    peft_model.save_pretrained(start.stage_dir / ADAPTER_DIR)
+    save_student(adapters.unwrap(peft_model), start.stage_dir / STUDENT_FILE)
+    student_from = str(start.student_from) if start.student_from else "none (no transfer)"
+    return finish_stage(start, {**metrics, "student_from": student_from})

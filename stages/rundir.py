@@ -1,4 +1,5 @@
-"""What a run directory promises: one process at a time, and nothing deleted that linearize did not write.
+"""What a run directory promises: one process at a time, nothing deleted that linearize did not write,
+and a DONE record for every finished stage, from which later stages find the outputs they build on.
 
 - `run_lock(run_dir)`: an exclusive `flock` on `<run>/.lock`, which holds the holder's PID. The kernel
   drops the lock when its process dies (even by SIGKILL), so a stale lock file is simply taken over.
@@ -8,27 +9,40 @@
 - `discard_stage`: renames the folder to a hidden `.<stage>.discarded-<pid>` name first (one atomic
   step), then deletes that; an interruption leaves a hidden leftover (removed by the next run), never a
   half-deleted stage that still looks finished.
+- `mark_done` / `read_done`: `<stage_dir>/DONE` holds the stage's final metrics and the config it ran
+  with (or, for a folder meant to be shared, that config's digest). A stage with nothing to train
+  records `{"skipped": reason}` as its metrics.
+- `find_student_file` / `adapter_dir`: the outputs of the newest finished stage that wrote them
+  (`STUDENT_SOURCES`); a finished stage without its output is an error, never a fallback.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
+from linearize.adapters import ADAPTER_FILES
 from linearize.errors import UserError
 from linearize.models.exported import is_export_dir
 from linearize.train.checkpoint import MANIFEST, latest_checkpoint
-from linearize.train.state import DONE_FILE
+from linearize.train.state import ACCEPT_HINT, RESTART_HINT, check_same_config, stage_view, write_json_atomic
 
 LOCK_FILE = ".lock"
 STAGE_MARKER = ".linearize_stage"
 DISCARDED = re.compile(r"^\.(?P<stage>[\w-]+)\.discarded-\d+$")
+DONE_FILE = "DONE"
+SKIPPED = "skipped"  # the metrics key of a stage that had nothing to do; its value says why
+STUDENT_FILE = "student.safetensors"
+ADAPTER_DIR = "adapter"
+# Later stages supersede earlier ones: LoRA may have trained the student parameters further.
+STUDENT_SOURCES = ("lora_recovery", "attention_transfer")
 
 
 def _lock_holder(handle) -> str:
@@ -124,3 +138,100 @@ def remove_discard_leftovers(run_dir: Path) -> None:
         for leftover in run_dir.iterdir():
             if DISCARDED.match(leftover.name) and leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- DONE records
+
+
+def config_digest(config: dict, stage: str) -> str:
+    """sha256 of the part of `config` that `stage` depends on (key order does not matter)."""
+    return hashlib.sha256(json.dumps(stage_view(config, stage), sort_keys=True).encode()).hexdigest()
+
+
+def mark_done(stage_dir: Path, metrics: dict, config: dict, *, stage: Optional[str] = None) -> None:
+    """Writes `<stage_dir>/DONE` with the stage's final metrics and the config it ran with. With `stage`,
+    the record keeps only the digest of that stage's config: for a folder meant to be shared (the
+    export), whose config would name local paths of this machine."""
+    record = {"metrics": metrics}
+    if stage is None:
+        record["config"] = config
+    else:
+        record["config_digest"] = config_digest(config, stage)
+    write_json_atomic(Path(stage_dir) / DONE_FILE, record)
+
+
+def same_config_as_done(done: dict, config: dict, stage: str, where: Path, accept: bool) -> list[str]:
+    """check_same_config against a DONE record, which holds the config or (shared folders) its digest."""
+    if "config" in done:
+        return check_same_config(done["config"], config, stage, where, accept)
+    if done["config_digest"] == config_digest(config, stage):
+        return []
+    if not accept:
+        raise UserError(f"{stage}: the config changed since {where} was written (the record keeps only a digest, "
+                        f"so the keys are not named); use a new run_name, {RESTART_HINT}, or {ACCEPT_HINT}")
+    return ["<config digest>"]
+
+
+def read_done(stage_dir: Path):
+    """The DONE record ({"metrics", "config"}) of a finished stage, or None."""
+    path = Path(stage_dir) / DONE_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is corrupt ({err}); delete it to re-run the stage") from None
+    well_formed = isinstance(record, dict) and "metrics" in record and (
+        isinstance(record.get("config"), dict) or isinstance(record.get("config_digest"), str))
+    if not well_formed:
+        raise UserError(f"{path} is corrupt (not a DONE record with metrics and config); delete it to re-run the stage")
+    return record
+
+
+def clear_done(stage_dir: Path) -> None:
+    (Path(stage_dir) / DONE_FILE).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- stage outputs
+
+
+def finished(run_dir: Path, stage: str) -> bool:
+    """True if `stage` finished in `run_dir` and wrote its outputs; False if it never started or was
+    skipped (it had nothing to train, so it wrote none). UserError if it started and did not finish:
+    its outputs must not be replaced by silent defaults."""
+    stage_dir = Path(run_dir) / stage
+    done = read_done(stage_dir)
+    if done is not None:
+        return not (isinstance(done["metrics"], dict) and SKIPPED in done["metrics"])
+    if stage_dir.is_dir() and any(stage_dir.iterdir()):
+        raise UserError(f"{stage} in {run_dir} has not finished (no DONE record in {stage_dir}): run it to the "
+                        "end first (`linearize run` resumes it)")
+    return False
+
+
+def _missing_output(stage: str, path: Path) -> UserError:
+    return UserError(f"{stage} finished but its output {path} is missing; re-run the stage (`--force`) to recreate it")
+
+
+def find_student_file(run_dir: Path, sources=STUDENT_SOURCES) -> Optional[Path]:
+    """The newest finished stage's saved student parameters, or None (no stage trained them). A finished
+    stage without its file, or a stage that started and did not finish, is an error, never a fallback."""
+    for stage in sources:
+        if finished(run_dir, stage):
+            path = Path(run_dir) / stage / STUDENT_FILE
+            if not path.is_file():
+                raise _missing_output(stage, path)
+            return path
+    return None
+
+
+def adapter_dir(run_dir: Path) -> Optional[Path]:
+    """The LoRA stage's adapter folder if that stage finished, None if it never ran; UserError if it
+    finished without a loadable adapter (or started and did not finish)."""
+    if not finished(run_dir, "lora_recovery"):
+        return None
+    adapter = Path(run_dir) / "lora_recovery" / ADAPTER_DIR
+    for needed in ADAPTER_FILES:
+        if not (adapter / needed).is_file():
+            raise _missing_output("lora_recovery", adapter / needed)
+    return adapter

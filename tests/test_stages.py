@@ -108,10 +108,11 @@ def test_the_export_stage_notices_a_changed_config(tiny_run, tmp_path):
 
 def _check_export_matches_run(cfg, run_dir, exported):
     """The export's logits equal those of the run's student rebuilt from the run files (LoRA merged)."""
-    from linearize.train.student import attach_adapter, build_student, merge_lora
+    from linearize.adapters import merge
+    from stages.common import attach_adapter, build_student
 
     student, _, _ = build_student(cfg, run_dir)
-    student = merge_lora(attach_adapter(student, run_dir))
+    student = merge(attach_adapter(student, run_dir))
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         # identical fp32 weights and code; only the merge order could differ
@@ -244,6 +245,25 @@ def test_no_transfer_baseline_and_unknown_stage(tmp_path, tiny_tokenizer):
         run_stages(cfg, ["distill"])
 
 
+def test_a_stage_with_nothing_to_train_is_skipped_and_recorded(tmp_path, tiny_tokenizer, capsys):
+    """liger adds no parameters: attention_transfer says so in one line, records {"skipped": reason} and
+    writes no student; the later stages run as after a run without that stage, and a re-run skips it."""
+    from stages.pipeline import run_stages
+
+    cfg = tiny_run_config(tmp_path, tiny_tokenizer, attention={"mechanism": "liger", "feature_map": "softmax_dim"})
+    results = run_stages(cfg)
+    run_dir = tmp_path / "runs" / "tiny"
+    reason = "liger adds no trainable parameters"
+    assert f"attention_transfer: skipped: {reason}\n" in capsys.readouterr().out
+    assert json.loads((run_dir / "attention_transfer" / "DONE").read_text())["metrics"] == {"skipped": reason}
+    assert not (run_dir / "attention_transfer" / "student.safetensors").exists()
+    assert results["lora_recovery"]["student_from"].startswith("none")
+    assert results["evaluate"]["student_ppl"] > 1.0 and (run_dir / "export" / "DONE").is_file()
+    assert f"skipped: {reason}" in (run_dir / "report.md").read_text()
+    assert run_stages(cfg)["attention_transfer"] == {"skipped": reason}
+    assert capsys.readouterr().out.count("done, skipping") == 4
+
+
 def test_evaluate_target_on_run_and_export_dirs(tiny_run, tmp_path):
     from stages.evaluate import evaluate_target
 
@@ -268,17 +288,16 @@ def test_evaluate_target_on_run_and_export_dirs(tiny_run, tmp_path):
 def test_transfer_loss_with_attention_weights_trains_student_parameters():
     """attn_ce_weight > 0 (parallel form): layers hand over attention weights and the CE term adds in."""
     import linearize
-    from linearize.config.schema import AttentionConfig, TransferConfig
-    from linearize.losses import PairCollector
-    from stages.attention_transfer import make_transfer_loss
+    from linearize.config.schema import AttentionConfig
+    from linearize.losses import PairCollector, transfer_objective
 
     model = tiny_model("llama")
     linearize.linearize_model(model, AttentionConfig(mechanism="window_linear", form="parallel", window_size=4,
                                                      feature_dim=8))
     linearize.freeze_for_transfer(model)
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
-    mse_only = make_transfer_loss(PairCollector(), TransferConfig(attn_ce_weight=0.0))(model, ids)
-    with_ce = make_transfer_loss(PairCollector(want_weights=True), TransferConfig(attn_ce_weight=1.0))(model, ids)
+    mse_only = transfer_objective(PairCollector(), attn_ce_weight=0.0)(model, ids)
+    with_ce = transfer_objective(PairCollector(want_weights=True), attn_ce_weight=1.0)(model, ids)
     assert with_ce > mse_only  # the CE of a row distribution against another is positive
     with_ce.backward()
     trained = [name for name, p in model.named_parameters() if p.grad is not None]

@@ -143,8 +143,7 @@ def test_load_export_never_runs_or_asks_about_remote_code(export, prompts):
 def test_export_holds_no_absolute_path_and_eval_still_works(tmp_path, tmp_path_factory, tiny_tokenizer):
     """Teacher, tokenizer, data, output_dir and the adapter all live under pytest's temporary root: no
     file of the export may name it, and `linearize eval EXPORT data.eval=FILE` still runs."""
-    from peft import LoraConfig, get_peft_model
-
+    from linearize import adapters
     from stages.config_loader import config_to_dict
     from stages.evaluate import evaluate_target
     from linearize.train.student import load_converted
@@ -154,7 +153,7 @@ def test_export_holds_no_absolute_path_and_eval_still_works(tmp_path, tmp_path_f
     model, tokenizer = load_converted(cfg)
     assert Path(model.config._name_or_path).is_absolute()  # the case under test: loaded from a local folder
     adapter = tmp_path / "adapter"
-    get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    adapters.wrap(copy.deepcopy(model), rank=2, alpha=8, dropout=0.0, targets=["q_proj"]).save_pretrained(adapter)
     assert str(tmp_path) in (adapter / "adapter_config.json").read_text()
     out = save_export(model, tokenizer, tmp_path / "export", run_config=config_to_dict(cfg), adapter_dir=adapter)
 

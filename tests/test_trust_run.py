@@ -131,7 +131,7 @@ def test_seq_len_beyond_the_trained_context_needs_an_explicit_yes(make_tiny_mode
 
 @pytest.mark.parametrize("content", ["[]", '{"metrics": {}}', "{not json", '{"config": 3, "metrics": {}}'])
 def test_a_malformed_done_record_is_one_line(tmp_path, content):
-    from linearize.train.state import read_done
+    from stages.rundir import read_done
 
     (tmp_path / "DONE").write_text(content)
     with pytest.raises(UserError, match="DONE is corrupt"):

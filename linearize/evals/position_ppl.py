@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from ..losses import next_token_loss
 
 
 def bucket_edges(seq_len: int, buckets: int) -> list[int]:
@@ -26,8 +27,8 @@ def perplexity_by_position(model, tokens: torch.Tensor, buckets: int) -> dict:
     nll = torch.zeros(seq_len - 1, dtype=torch.float64)  # summed over sequences, per predicted position
     for row in tqdm(tokens, desc="position perplexity", leave=False):
         ids = row[None].to(device)  # [1, L]
-        logits = model(input_ids=ids).logits[0, :-1].float()  # [L−1, V]
-        nll += F.cross_entropy(logits, ids[0, 1:], reduction="none").double().cpu()
+        logits = model(input_ids=ids).logits  # [1, L, V]
+        nll += next_token_loss(logits, ids, reduction="none")[0].double().cpu()  # [L−1]
     rows = []
     for start, end in zip(edges[:-1], edges[1:]):
         mean = float(nll[start - 1:end - 1].sum()) / ((end - start) * len(tokens))

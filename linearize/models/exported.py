@@ -37,6 +37,7 @@ from safetensors.torch import load_model, save_model
 import linearize
 from ..config.schema import AttentionConfig
 from ..errors import UserError
+from .. import adapters
 from . import bundle, hf
 
 WEIGHTS_FILE = "model.safetensors"
@@ -305,11 +306,7 @@ def load_export(path: Path):
     model = _build(path, section, AutoConfig, AutoModelForCausalLM)
     _load_weights(model, path)
     if (path / ADAPTER_DIR).is_dir():
-        from peft import PeftModel
-
-        from ..train.student import merge_lora
-
-        model = merge_lora(PeftModel.from_pretrained(model, path / ADAPTER_DIR))
+        model = adapters.merge(adapters.attach(model, path / ADAPTER_DIR))
     # GenerationConfig loads no code, and an unknown keyword would become a generation attribute.
     model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False)

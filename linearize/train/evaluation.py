@@ -1,5 +1,5 @@
 """Teacher-vs-student metrics on held-out tokens, computed with one model: the student forward, then
-the teacher view of the same weights (see `student.teacher_view`)."""
+the teacher view of the same weights (see `linearize.adapters.teacher_view`)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,23 +7,21 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from ..losses import kl_per_position, next_token_loss
 
 TeacherView = Callable[[torch.nn.Module], contextlib.AbstractContextManager]
 
 
 def _nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and the number of predictions; logits `[B, T, V]`."""
-    shifted = logits[:, :-1].float().flatten(0, 1)  # [B·(T−1), V]
-    targets = input_ids[:, 1:].flatten()  # [B·(T−1)]
-    return float(F.cross_entropy(shifted, targets, reduction="sum")), targets.numel()
+    return float(next_token_loss(logits, input_ids, reduction="sum")), input_ids[:, 1:].numel()
 
 
 def _kl_and_agreement(student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, int]:
     """Summed KL(teacher || student) over positions and the count of equal argmax tokens."""
-    log_s, log_t = F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1)  # [B, T, V]
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [B, T]
+    kl = kl_per_position(student, teacher)  # [B, T]
     return float(kl.sum()), int((student.argmax(-1) == teacher.argmax(-1)).sum())
 
 

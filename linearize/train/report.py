@@ -21,6 +21,8 @@ def _stage_table(statuses: dict, results: dict) -> list[str]:
     lines = ["| stage | status | " + " | ".join(TRAIN_COLUMNS) + " |", "|---" * (len(TRAIN_COLUMNS) + 2) + "|"]
     for stage, status in statuses.items():
         metrics = results.get(stage) or {}
+        if "skipped" in metrics:  # the DONE metrics of a stage that had nothing to do
+            status = f"skipped: {metrics['skipped']}"
         lines.append(f"| {stage} | {status} | " + " | ".join(_fmt(metrics.get(c)) for c in TRAIN_COLUMNS) + " |")
     return lines
 
@@ -37,7 +39,8 @@ def _eval_section(evaluation: dict) -> list[str]:
 
 
 def write_report(run_dir: Path, statuses: dict, results: dict, export_sample: Optional[str] = None) -> Path:
-    """statuses: stage → "ran" / "resumed from step k" / "skipped (done)"; results: stage → metrics."""
+    """statuses: stage → "ran" / "resumed from step k" / "skipped (done)"; results: stage → metrics
+    (`{"skipped": reason}` for a stage that had nothing to do)."""
     run_dir = Path(run_dir)
     lines = [f"# Run `{run_dir.name}`", "", "Resolved config: [config.yaml](config.yaml)", "", "## Stages", ""]
     lines += _stage_table(statuses, results)

@@ -1,5 +1,6 @@
-"""Run-state helpers shared by the stages: config snapshots and their comparison, and the DONE marker
-that lets the pipeline skip a finished stage."""
+"""Run-state helpers shared by the loop and the stages: config snapshots and their comparison (a
+checkpoint refuses to resume under a changed config), atomic JSON writes, seeding. The DONE records
+and the rest of the run-directory layout belong to the runners (`stages/rundir.py`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,6 @@ from ..errors import UserError
 STAGE_NAMES = ("attention_transfer", "lora_recovery", "evaluate", "export")
 # Keys that name or order a run but change nothing a stage computes.
 NON_COMPUTING_KEYS = ("run_name", "output_dir", "stages")
-DONE_FILE = "DONE"
 
 
 def config_to_dict(cfg) -> dict:
@@ -76,57 +76,6 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def config_digest(config: dict, stage: str) -> str:
-    """sha256 of the part of `config` that `stage` depends on (key order does not matter)."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(stage_view(config, stage), sort_keys=True).encode()).hexdigest()
-
-
-def mark_done(stage_dir: Path, metrics: dict, config: dict, *, stage: Optional[str] = None) -> None:
-    """Writes `<stage_dir>/DONE` with the stage's final metrics and the config it ran with. With `stage`,
-    the record keeps only the digest of that stage's config: for a folder meant to be shared (the
-    export), whose config would name local paths of this machine."""
-    record = {"metrics": metrics}
-    if stage is None:
-        record["config"] = config
-    else:
-        record["config_digest"] = config_digest(config, stage)
-    write_json_atomic(Path(stage_dir) / DONE_FILE, record)
-
-
-def same_config_as_done(done: dict, config: dict, stage: str, where: Path, accept: bool) -> list[str]:
-    """check_same_config against a DONE record, which holds the config or (shared folders) its digest."""
-    if "config" in done:
-        return check_same_config(done["config"], config, stage, where, accept)
-    if done["config_digest"] == config_digest(config, stage):
-        return []
-    if not accept:
-        raise UserError(f"{stage}: the config changed since {where} was written (the record keeps only a digest, "
-                        f"so the keys are not named); use a new run_name, {RESTART_HINT}, or {ACCEPT_HINT}")
-    return ["<config digest>"]
-
-
-def read_done(stage_dir: Path):
-    """The DONE record ({"metrics", "config"}) of a finished stage, or None."""
-    path = Path(stage_dir) / DONE_FILE
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is corrupt ({err}); delete it to re-run the stage") from None
-    well_formed = isinstance(record, dict) and "metrics" in record and (
-        isinstance(record.get("config"), dict) or isinstance(record.get("config_digest"), str))
-    if not well_formed:
-        raise UserError(f"{path} is corrupt (not a DONE record with metrics and config); delete it to re-run the stage")
-    return record
-
-
-def clear_done(stage_dir: Path) -> None:
-    (Path(stage_dir) / DONE_FILE).unlink(missing_ok=True)
-
-
 def seed_everything(seed: int) -> None:
     """Seeds python, numpy and torch (all devices), so parameter inits (feature maps, LoRA) and dropout
     are the same in every process that runs a stage with this seed."""
@@ -138,3 +87,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# Names that moved to stages/rundir.py with the run-directory layout. stages/pipeline.py still imports
+# them from here; this forward goes once it imports them from stages.rundir.
+MOVED_TO_STAGES = ("DONE_FILE", "clear_done", "config_digest", "mark_done", "read_done", "same_config_as_done")
+
+
+def __getattr__(name: str):
+    if name in MOVED_TO_STAGES:
+        from stages import rundir
+
+        return getattr(rundir, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

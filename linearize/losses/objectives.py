@@ -1,0 +1,45 @@
+"""The two training objectives as `loss_fn(model, input_ids [B, L])` closures for `train.loop.train`:
+attention transfer (stage 1) and LoRA recovery (stage 2). The stage runners pick one; benchmarks time
+the same closures."""
+from __future__ import annotations
+
+import torch
+
+from .. import adapters
+from ..surgery import transfer_mode
+from .distill import distill_kl
+from .lm import next_token_loss
+from .transfer import PairCollector, attention_ce, transfer_mse
+
+
+def transfer_objective(collector: PairCollector, mse_factor: float = 1.0, attn_ce_weight: float = 0.0):
+    """mse_factor · MSE (+ attn_ce_weight · attention-weight cross-entropy) over one teacher-forced
+    forward through the decoder (the LM head is skipped: transfer needs only the per-layer pairs)."""
+
+    def loss_fn(model, input_ids):
+        collector.take()
+        with transfer_mode(model, collector):
+            model.get_decoder()(input_ids=input_ids, use_cache=False)  # no decode state in training
+        pairs = collector.take()
+        loss = transfer_mse(pairs, mse_factor)
+        if attn_ce_weight > 0:
+            loss = loss + attn_ce_weight * attention_ce(pairs)
+        return loss
+
+    return loss_fn
+
+
+def recovery_objective(kl_weight: float = 0.0):
+    """Next-token CE, plus kl_weight · KL(teacher || student); the teacher is the same model seen through
+    `adapters.teacher_view` (adapter off, softmax attention), so no second copy of the weights."""
+
+    def loss_fn(model, input_ids):
+        logits = model(input_ids=input_ids, use_cache=False).logits  # [B, L, V]: no decode state in training
+        loss = next_token_loss(logits, input_ids)
+        if kl_weight > 0:
+            with torch.no_grad(), adapters.teacher_view(model):
+                teacher_logits = model(input_ids=input_ids, use_cache=False).logits  # [B, L, V]
+            loss = loss + kl_weight * distill_kl(logits, teacher_logits)
+        return loss
+
+    return loss_fn

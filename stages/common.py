@@ -1,0 +1,82 @@
+"""What every stage runner starts and ends with, written once: seed → the converted model with the
+student parameters of the newest earlier stage (and, for the final student, the LoRA adapter) → the
+resolved config dict; for a training stage the datasets, the loop and its metrics; and the DONE record."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from linearize import adapters
+from linearize.data import build_datasets, in_stage_eval
+from linearize.train import config_to_dict, distributed, seed_everything, train
+from linearize.train.student import load_converted, load_student
+
+from .rundir import SKIPPED, STUDENT_SOURCES, adapter_dir, find_student_file, mark_done
+
+
+@dataclass
+class StageStart:
+    """A stage's starting point: its folder, the converted model and tokenizer, the student file loaded
+    into the model (None: freshly initialized), and the resolved config as a plain dict."""
+
+    cfg: Any
+    stage_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    student_from: Optional[Path]
+    config: dict
+
+
+def build_student(cfg, run_dir: Path, sources=STUDENT_SOURCES):
+    """(linearized model, tokenizer, student file used or None) from cfg.model and cfg.attention, with the
+    student parameters of the newest finished stage among `sources`."""
+    model, tokenizer = load_converted(cfg)
+    source = find_student_file(run_dir, sources)
+    if source is not None:
+        load_student(model, source)
+    return model, tokenizer, source
+
+
+def attach_adapter(model: torch.nn.Module, run_dir: Path):
+    """The model with the LoRA stage's adapter (a PeftModel), or the model itself if LoRA did not run."""
+    adapter = adapter_dir(run_dir)
+    return model if adapter is None else adapters.attach(model, adapter)
+
+
+def start_stage(cfg, run_dir: Path, stage: str, sources=STUDENT_SOURCES) -> StageStart:
+    """Seeds every RNG with cfg.seed (parameter inits, dropout), then builds the student from `sources`."""
+    seed_everything(cfg.seed)
+    model, tokenizer, source = build_student(cfg, run_dir, sources)
+    return StageStart(cfg, Path(run_dir) / stage, model, tokenizer, source, config_to_dict(cfg))
+
+
+def train_stage(start: StageStart, model: torch.nn.Module, loss_fn: Callable, stage_cfg,
+                accept_changes: bool) -> dict:
+    """Trains `model` (the start's model, or a wrapper of it) with `loss_fn` on cfg.data; returns the
+    final metrics every training stage records."""
+    cfg = start.cfg
+    train_tokens, eval_tokens = build_datasets(cfg.data, start.tokenizer, cfg.seed)
+    eval_tokens = in_stage_eval(eval_tokens, stage_cfg)
+    result = train(model, loss_fn, train_tokens, eval_tokens, stage_cfg, stage_dir=start.stage_dir,
+                   stage=start.stage_dir.name, seed=cfg.seed, engine_cfg=cfg.engine, config=start.config,
+                   shuffle=cfg.data.shuffle, accept_changes=accept_changes)
+    return {"step": result.step, "loss": result.loss, "eval_loss": result.eval_loss, "tokens": result.tokens,
+            "plot": result.plot.name}
+
+
+def finish_stage(start: StageStart, metrics: dict) -> dict:
+    """Writes the stage's DONE record and returns its metrics."""
+    mark_done(start.stage_dir, metrics, start.config)
+    return metrics
+
+
+def skip_stage(start: StageStart, reason: str) -> dict:
+    """Records a stage that has nothing to do as done with `{"skipped": reason}` (later stages then find
+    no output of it, as if it never ran) and says so in one line."""
+    if distributed.is_main_process():
+        print(f"{start.stage_dir.name}: skipped: {reason}")
+    start.stage_dir.mkdir(parents=True, exist_ok=True)
+    return finish_stage(start, {SKIPPED: reason})

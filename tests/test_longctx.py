@@ -126,3 +126,20 @@ def test_evaluate_stage_adds_long_context_only_when_asked(tmp_path, student, tok
     teacher_ppl = [b["ppl"] for b in on["long_context_teacher"]["position_ppl"]["buckets"]]
     assert student_ppl != teacher_ppl  # the teacher view really ran softmax attention
     assert (tmp_path / "teacher" / "passkey.png").is_file()
+
+
+def test_the_heatmap_leaves_matplotlibs_backend_alone(tmp_path):
+    """The heatmap draws on its own Agg canvas: a caller's backend (here svg) is still set afterwards."""
+    import matplotlib
+
+    from linearize.evals import plot_passkey_heatmap
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        grid = {"lengths": [64, 128], "depths": [0.0, 0.5], "accuracy": [[1.0, 0.5], [0.0, 1.0]]}
+        path = plot_passkey_heatmap(grid, tmp_path / "passkey.png")
+        assert matplotlib.get_backend() == "svg"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(before)

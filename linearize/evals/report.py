@@ -36,13 +36,15 @@ def long_context_markdown(result: dict) -> str:
 
 def plot_passkey_heatmap(passkey: dict, path: Path) -> Path:
     """Accuracy heatmap: context length (rows) × needle depth (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A figure of its own with the Agg canvas: no pyplot, so matplotlib's process-wide backend and
+    # figure list stay as the caller left them.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     lengths, depths = passkey["lengths"], passkey["depths"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(depths), 1.2 + 0.5 * len(lengths)))
+    fig = Figure(figsize=(1.2 + 0.8 * len(depths), 1.2 + 0.5 * len(lengths)))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     image = ax.imshow(passkey["accuracy"], vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
@@ -56,5 +58,4 @@ def plot_passkey_heatmap(passkey: dict, path: Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -3,12 +3,11 @@ checkpoint refuses to resume under a changed config), atomic JSON writes, seedin
 and the rest of the run-directory layout belong to the runners (`stages/rundir.py`)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
+from ..config import changed_keys, config_to_dict  # noqa: F401  (linearize.train re-exports them)
 from ..errors import UserError
 
 STAGE_NAMES = ("attention_transfer", "lora_recovery", "evaluate", "export")
@@ -16,37 +15,11 @@ STAGE_NAMES = ("attention_transfer", "lora_recovery", "evaluate", "export")
 NON_COMPUTING_KEYS = ("run_name", "output_dir", "stages")
 
 
-def config_to_dict(cfg) -> dict:
-    """A plain JSON-able dict of a RunConfig (dataclass or OmegaConf structured config)."""
-    if dataclasses.is_dataclass(cfg):
-        data = dataclasses.asdict(cfg)
-    else:
-        from omegaconf import OmegaConf
-
-        data = OmegaConf.to_container(cfg, resolve=True)
-    return json.loads(json.dumps(data))
-
-
 def stage_view(config: dict, stage: str) -> dict:
     """The part of a full config dict that stage `stage` depends on: everything except run naming and
     the sections of the other stages."""
     skip = set(NON_COMPUTING_KEYS) | (set(STAGE_NAMES) - {stage})
     return {key: value for key, value in config.items() if key not in skip}
-
-
-def _flatten(data, prefix: str = "") -> dict:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    flat = {}
-    for key, value in data.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def changed_keys(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (including keys only in one)."""
-    old, new = _flatten(saved), _flatten(current)
-    return sorted(key for key in old.keys() | new.keys() if old.get(key, "<absent>") != new.get(key, "<absent>"))
 
 
 # The two ways past a refused resume, named once for every message that offers them.

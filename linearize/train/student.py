@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import linearize
-from ..config.schema import AttentionConfig
 from ..errors import UserError
 
 
@@ -53,14 +52,6 @@ def load_student(model: torch.nn.Module, path: Path) -> None:
             param.copy_(saved[name])
 
 
-def attention_config(cfg) -> AttentionConfig:
-    """cfg.attention as the AttentionConfig dataclass `linearize_model` takes (the loader gives a
-    read-only OmegaConf node)."""
-    from .state import config_to_dict
-
-    return AttentionConfig(**config_to_dict(cfg)["attention"])
-
-
 def check_context(cfg, model) -> None:
     """Refuses data.seq_len beyond the positions the teacher was trained on, unless
     data.allow_beyond_context: RoPE models extrapolate poorly, so such a run trains on garbage."""
@@ -76,5 +67,5 @@ def load_converted(cfg):
 
     model, tokenizer = load_teacher(cfg.model)
     check_context(cfg, model)
-    linearize.linearize_model(model, attention_config(cfg))
+    linearize.linearize_model(model, cfg.attention)
     return model, tokenizer

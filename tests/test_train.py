@@ -140,3 +140,19 @@ def test_sampler_is_a_function_of_seed_and_cursor():
 def test_autocast_runs_on_cpu(tmp_path, autocast):
     result = tiny_job(tmp_path, tiny_stage_cfg(max_steps=2, autocast=autocast))
     assert math.isfinite(result.loss)
+
+
+def test_distributed_settings_are_read_once_and_passed_in(monkeypatch, tmp_path):
+    """The launcher's variables become a frozen value; what takes that value ignores the environment."""
+    import dataclasses
+
+    from linearize.train.distributed import DistributedSettings, set_triton_cache_per_rank
+
+    read = DistributedSettings.from_env({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                         "TRITON_CACHE_DIR": str(tmp_path)})
+    assert (read.rank, read.world_size, read.local_rank, read.is_main) == (2, 4, 1, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        read.rank = 0
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert set_triton_cache_per_rank(read) == tmp_path / "rank2"  # the value's rank and base, not the env's

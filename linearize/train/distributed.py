@@ -29,7 +29,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -57,44 +57,68 @@ TRUST_NOTE = ("DeepSpeed unpickles the engine/ files of its checkpoints, which c
 DEEPSPEED_LOG_LEVEL = "WARNING"
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+@dataclass(frozen=True)
+class DistributedSettings:
+    """This process's place in the launch, read once from the launcher's environment variables (RANK,
+    WORLD_SIZE, LOCAL_RANK; a plain `python` process is rank 0 of 1) and passed to what needs it.
 
+    triton_cache_base: the folder under which each rank gets its own `rank<r>` kernel cache
+    (LINEARIZE_TRITON_CACHE_BASE, else TRITON_CACHE_DIR, else Triton's default)."""
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    triton_cache_base: Path = DEFAULT_TRITON_CACHE
 
+    @classmethod
+    def from_env(cls, environ=None) -> "DistributedSettings":
+        env = os.environ if environ is None else environ
+        base = env.get(TRITON_CACHE_BASE_ENV) or env.get(TRITON_CACHE_ENV) or str(DEFAULT_TRITON_CACHE)
+        return cls(rank=int(env.get("RANK", "0")), world_size=int(env.get("WORLD_SIZE", "1")),
+                   local_rank=int(env.get("LOCAL_RANK", "0")), triton_cache_base=Path(base))
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (and in a plain single process): the only rank that writes shared files."""
+        return self.rank == 0
 
 
 def is_main_process() -> bool:
     """True on rank 0 (and in a plain single process): the only rank that writes shared files."""
-    return rank() == 0
+    return DistributedSettings.from_env().is_main
 
 
-def set_triton_cache_per_rank() -> Path:
-    """Points TRITON_CACHE_DIR at `<base>/rank<r>`, so ranks never race on one kernel cache file."""
-    # The user's base is remembered, so a second call (a later stage) does not nest rank dirs.
-    base = os.environ.setdefault(TRITON_CACHE_BASE_ENV, os.environ.get(TRITON_CACHE_ENV, str(DEFAULT_TRITON_CACHE)))
-    path = Path(base) / f"rank{rank()}"
+def set_triton_cache_per_rank(settings: Optional[DistributedSettings] = None) -> Path:
+    """Points TRITON_CACHE_DIR at `<base>/rank<r>`, so ranks never race on one kernel cache file.
+
+    An environment variable because torch.compile compiles Triton kernels in worker processes, which
+    read it from the environment they inherit: an in-process setting would not reach them."""
+    settings = settings or DistributedSettings.from_env()
+    path = settings.triton_cache_base
+    if path.name != f"rank{settings.rank}":  # already this rank's folder (a later stage): do not nest
+        path = path / f"rank{settings.rank}"
     os.environ[TRITON_CACHE_ENV] = str(path)
     return path
 
 
-def init() -> None:
-    """Sets up this rank: per-rank Triton cache, then the process group (gloo on CPU, nccl on GPU)."""
+def init(settings: Optional[DistributedSettings] = None) -> DistributedSettings:
+    """Sets up this rank: per-rank Triton cache, then the process group (gloo on CPU, nccl on GPU).
+    Returns the settings it used (read from the environment when not given)."""
+    # DeepSpeed reads the launcher variables from the environment where no argument reaches: its engine
+    # reads LOCAL_RANK, and init_distributed goes looking for MPI unless RANK, WORLD_SIZE, MASTER_ADDR,
+    # MASTER_PORT and LOCAL_RANK are all set. A single process gets defaults; a launcher's are kept.
     for key, value in SINGLE_PROCESS_ENV.items():
         os.environ.setdefault(key, value)
-    set_triton_cache_per_rank()
+    settings = settings or DistributedSettings.from_env()
+    set_triton_cache_per_rank(settings)
     import deepspeed
     from deepspeed.utils import logger
 
     logger.setLevel(DEEPSPEED_LOG_LEVEL)
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(settings.local_rank)
     deepspeed.init_distributed(verbose=False)
+    return settings
 
 
 def barrier() -> None:
@@ -229,21 +253,22 @@ def restore_full_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) 
         param.data = full[name]
 
 
-def build_deepspeed_engine(engine_cfg, model: torch.nn.Module, stage_cfg, loss_fn: Callable) -> DeepSpeedEngine:
+def build_deepspeed_engine(engine_cfg, model: torch.nn.Module, stage_cfg, loss_fn: Callable,
+                           settings: Optional[DistributedSettings] = None) -> DeepSpeedEngine:
     """Wraps `model` (surgery and freezing already done) in a DeepSpeed engine; only the trainable
     parameters reach the client torch AdamW."""
-    init()
+    settings = init(settings)
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: the model has no parameter with requires_grad")
-    device = torch.device(deepspeed.get_accelerator().device_name(local_rank()))
+    device = torch.device(deepspeed.get_accelerator().device_name(settings.local_rank))
     optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
-    config = deepspeed_config(engine_cfg, stage_cfg, world_size())
+    config = deepspeed_config(engine_cfg, stage_cfg, settings.world_size)
     ds, _, _, _ = deepspeed.initialize(model=LossModule(model, loss_fn), optimizer=optimizer, config=config)
-    return DeepSpeedEngine(ds=ds, model=model, device=device, zero_stage=engine_cfg.zero_stage, rank=rank(),
-                           world_size=world_size(), loss_scaling=engine_cfg.precision == "fp16")
+    return DeepSpeedEngine(ds=ds, model=model, device=device, zero_stage=engine_cfg.zero_stage, rank=settings.rank,
+                           world_size=settings.world_size, loss_scaling=engine_cfg.precision == "fp16")
 
 
 def _rng_file(which: int) -> str:

@@ -1,0 +1,176 @@
+"""The layers of docs/design.md, checked against the code: every import of the library (module level or
+inside a function) points down the layer table, peft and deepspeed each have one home, and an export
+loads with the training stack, the runners and peft unimportable."""
+from __future__ import annotations
+
+import ast
+import copy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import linearize
+from linearize.config import AttentionConfig
+
+from conftest import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+# Lowest first: a unit may import its own layer or a lower one, never a higher one (docs/design.md).
+LAYERS = (
+    ("linearize.errors", "linearize.config", "linearize.dtypes"),
+    ("linearize.ops", "linearize.feature_maps"),
+    ("linearize.attention",),
+    ("linearize.surgery", "linearize"),
+    ("linearize.adapters",),
+    ("linearize.models",),
+    ("linearize.data", "linearize.losses", "linearize.evals"),
+    ("linearize.train",),
+    ("stages",),
+)
+LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}
+# `python -m linearize` is the command line's entry point: it belongs to the top layer.
+ENTRY_POINTS = {"linearize/__main__.py": "stages"}
+# The DONE-record names moved to stages/rundir.py; linearize.train forwards them (lazily) until
+# stages/pipeline.py imports them from there. Remove this entry with the forward.
+FORWARDS = {("linearize/train/state.py", "stages")}
+# The one module that may import each of these packages.
+SOLE_IMPORTERS = {"peft": "linearize/adapters.py", "deepspeed": "linearize/train/distributed.py"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(path: Path) -> list[str]:
+    """Every module `path` imports, anywhere in the file, as absolute dotted names."""
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.append(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            if node.module:
+                names.append(".".join(base + [node.module]))
+            else:
+                names += [".".join(base + [alias.name]) for alias in node.names]
+    return names
+
+
+def _unit(module: str) -> str:
+    """The layer-table unit of a module: `linearize.<sub>` (or `linearize` itself), or its top package."""
+    parts = module.split(".")
+    if parts[0] != "linearize":
+        return parts[0]
+    return ".".join(parts[:2]) if len(parts) > 1 else "linearize"
+
+
+def _files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
+
+
+def test_every_library_import_points_down_the_layers():
+    upward = []
+    for path in _files("linearize"):
+        rel = path.relative_to(REPO).as_posix()
+        here = ENTRY_POINTS.get(rel) or _unit(_module_name(path))
+        for module in _imported(path):
+            target = _unit(module)
+            if target in LAYER_OF and LAYER_OF[target] > LAYER_OF[here] and (rel, target) not in FORWARDS:
+                upward.append(f"{rel} imports {module}")
+    assert upward == []
+
+
+def test_the_layer_table_names_every_library_unit():
+    units = {_unit(_module_name(p)) for p in _files("linearize") if p.relative_to(REPO).as_posix() not in ENTRY_POINTS}
+    assert units == {u for u in LAYER_OF if u != "stages"}
+
+
+def test_peft_and_deepspeed_each_have_one_importer():
+    importers = {package: set() for package in SOLE_IMPORTERS}
+    for path in _files("linearize", "stages", "bench"):
+        for module in _imported(path):
+            if module.split(".")[0] in importers:
+                importers[module.split(".")[0]].add(path.relative_to(REPO).as_posix())
+    assert importers == {package: {home} for package, home in SOLE_IMPORTERS.items()}
+
+
+# A finder that lets a blocked package be found (libraries probe with find_spec to see what is
+# installed) but fails when it is actually imported.
+BLOCKED_IMPORT = textwrap.dedent("""
+    import importlib.abc, importlib.machinery, sys
+
+    BLOCKED = {blocked!r}
+
+    class Refuse(importlib.abc.Loader):
+        def create_module(self, spec):
+            raise ImportError(f"blocked by the design test: {{spec.name}}")
+
+        def exec_module(self, module):
+            pass
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+                return importlib.machinery.ModuleSpec(name, Refuse())
+            return None
+
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def _run_blocked(code: str, blocked: tuple[str, ...]) -> subprocess.CompletedProcess:
+    script = BLOCKED_IMPORT.format(blocked=blocked) + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_an_export_loads_without_the_training_stack_or_the_runners(tmp_path, tiny_tokenizer, adapter):
+    """Without an adapter peft is not needed either; with an unmerged one, peft (through
+    linearize.adapters) is all load_export adds."""
+    from transformers import AutoTokenizer
+
+    from linearize import adapters
+    from linearize.models.exported import save_export
+
+    model = tiny_model("llama")
+    linearize.linearize_model(model, AttentionConfig(mechanism="window_linear", window_size=4, feature_dim=8))
+    shipped = None
+    if adapter:
+        shipped = tmp_path / "adapter"
+        adapters.wrap(copy.deepcopy(model), rank=2, alpha=8, dropout=0.0, targets=["q_proj"]).save_pretrained(shipped)
+    save_export(model, AutoTokenizer.from_pretrained(tiny_tokenizer), tmp_path / "export", adapter_dir=shipped)
+    blocked = ("linearize.train", "stages", "deepspeed") + (() if adapter else ("peft",))
+    done = _run_blocked(f"""
+        import torch
+        from linearize.models import load_export
+
+        model, _ = load_export({str(tmp_path / "export")!r})
+        model(input_ids=torch.arange(8)[None])
+    """, blocked)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_library_imports_without_the_runners():
+    done = _run_blocked("""
+        import pkgutil, importlib, linearize
+
+        for info in pkgutil.walk_packages(linearize.__path__, "linearize."):
+            if info.name != "linearize.__main__":
+                importlib.import_module(info.name)
+    """, ("stages",))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_blocked_import_fails_in_the_subprocess():
+    """The blocker itself works: otherwise the two tests above could not fail."""
+    done = _run_blocked("import stages.rundir", ("stages",))
+    assert done.returncode != 0 and "blocked by the design test: stages" in done.stderr
+    assert torch.__version__  # the parent process is unaffected

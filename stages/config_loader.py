@@ -332,6 +332,8 @@ def validate_config(cfg: DictConfig, provenance: Mapping[str, str] | None = None
 
 
 def _finish(cfg: DictConfig, provenance: Mapping[str, str], source: str) -> RunConfig:
+    # The schema's frozen dataclasses make the node read-only, but resolving writes each interpolation's value.
+    OmegaConf.set_readonly(cfg, False)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:

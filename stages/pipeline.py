@@ -6,16 +6,16 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from linearize.train import distributed
-from linearize.train import (check_same_config, clear_done, config_to_dict, latest_checkpoint, read_done,
-                             verify_checkpoint)
-from linearize.train.checkpoint import read_checkpoint_config
+from linearize.config import config_to_dict
 from linearize.errors import UserError
+from linearize.train import check_same_config, distributed, latest_checkpoint, verify_checkpoint
+from linearize.train.checkpoint import read_checkpoint_config
 from linearize.train.report import write_report
-from linearize.train.state import DONE_FILE, RESTART_HINT, same_config_as_done
+from linearize.train.state import RESTART_HINT
 from stages import export
 from stages.registry import STAGES, TRAINING_STAGES, stage_runner
-from stages.rundir import check_owned, discard_stage, mark_stage, remove_discard_leftovers, run_lock
+from stages.rundir import (DONE_FILE, check_owned, clear_done, discard_stage, mark_stage, read_done,
+                           remove_discard_leftovers, run_lock, same_config_as_done)
 
 RUN_CONFIG = "config.yaml"
 SKIP, RUN = "skip", "run"

@@ -35,9 +35,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 import linearize
-from ..config.schema import AttentionConfig
-from ..errors import UserError
 from .. import adapters
+from ..config.schema import AttentionConfig
+from ..dtypes import DTYPES, torch_dtype
+from ..errors import UserError
 from . import bundle, hf
 
 WEIGHTS_FILE = "model.safetensors"
@@ -53,7 +54,6 @@ ATTN_IMPLEMENTATION = "sdpa"
 # like any model directory.
 SHARED_FILE_MODE = 0o644
 SHARED_DIR_MODE = 0o755
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Write faults that are the machine's, not linearize's: reported as one line naming the export path.
 WRITE_FAULTS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
                 errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
@@ -83,12 +83,6 @@ def is_export_dir(path: Path) -> bool:
     """Whether `path` holds a config.json with a `linearize` section; UserError if config.json is malformed."""
     data = _read_config(path)
     return data is not None and SECTION in data
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def _layers(section: dict) -> dict[int, str]:
@@ -198,7 +192,7 @@ def _remove(path: Path) -> None:
 def _write(model, tokenizer, out: Path, dtype: Optional[str], run_config: Optional[dict],
            adapter_dir: Optional[Path]) -> None:
     if dtype is not None:
-        model.to(_dtype(dtype))
+        model.to(torch_dtype(dtype))
         model.config.dtype = dtype
     # save_model drops duplicate storage (tied embeddings) and load_model re-ties it.
     save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import torch_dtype
 from ..errors import UserError
 from .assets import atomic_dir, cache_dir, extract_member, find_wheel
 
@@ -25,7 +26,6 @@ TEACHER_ATTN_IMPLEMENTATION = "sdpa"
 CACHE_DTYPE = torch.float32
 HUB_MODEL_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Every from_pretrained here passes trust_remote_code=False: transformers then never asks a [y/N]
 # question and never runs code shipped beside a model; a model that needs such code (auto_map) fails
 # with an error that names the argument, which is how `_load_error` recognises it.
@@ -166,7 +166,7 @@ def load_teacher(model_cfg):
 
     location = resolve_model_path(model_cfg.path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[model_cfg.dtype],
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(model_cfg.dtype),
                                                      attn_implementation=TEACHER_ATTN_IMPLEMENTATION,
                                                      trust_remote_code=False)
     except (OSError, ValueError) as exc:  # missing weights, unknown model type, hub errors, custom code

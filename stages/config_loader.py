@@ -331,10 +331,21 @@ def validate_config(cfg: DictConfig, provenance: Mapping[str, str] | None = None
 # ---------------------------------------------------------------------------------------------- public
 
 
+def _make_writable(node: DictConfig) -> None:
+    """The schema's frozen dataclasses mark every section read-only, but resolving writes each
+    interpolation's value in place (the result is frozen again as dataclasses by `_finish`)."""
+    OmegaConf.set_readonly(node, False)
+    for key in node.keys():
+        child = None if OmegaConf.is_missing(node, key) else node[key]
+        if isinstance(child, DictConfig):
+            _make_writable(child)
+        elif isinstance(child, ListConfig):
+            OmegaConf.set_readonly(child, False)
+
+
 def _finish(cfg: DictConfig, provenance: Mapping[str, str], source: str) -> RunConfig:
-    # The schema's frozen dataclasses make the node read-only, but resolving writes each interpolation's value.
-    OmegaConf.set_readonly(cfg, False)
     try:
+        _make_writable(cfg)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"

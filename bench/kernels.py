@@ -3,10 +3,13 @@ kernels (when importable) and torch SDPA causal, forward and forward + backward,
 
 GPU (default): B=4, H=16, D=128, bf16, T ∈ {1K … 32K}; medians of `triton.testing.do_bench`; our ops run
 with backend="triton". CPU (`--cpu`): small shapes, our torch chunk forms and SDPA, medians of
-`time.perf_counter` repeats (Triton on CPU is only the interpreter, not worth timing).
+`time.perf_counter` repeats. `--cpu --backend triton` runs our Triton kernels under the interpreter
+(TRITON_INTERPRET=1, set before any kernel module is imported): not a speed of the kernels on a GPU, but
+a like-for-like check that a kernel change did not add work.
 
     python bench/kernels.py                # GPU
     python bench/kernels.py --cpu          # CPU, prints a markdown table
+    python bench/kernels.py --cpu --backend triton --cases linear_attn --lengths 64 256
 Writes `<out>/kernels_<device>.json` and `.png` (out defaults to .cache/linearize/bench).
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -88,12 +92,15 @@ def _sdpa(x):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # [B, T, H, D]
 
 
-def cases(device: str) -> dict[str, Callable]:
-    backend = "triton" if device == "cuda" else "torch"
+def cases(device: str, backend: str | None = None, only: list[str] | None = None) -> dict[str, Callable]:
+    """Timed closures by name; `only` keeps the names containing one of its strings."""
+    backend = backend or ("triton" if device == "cuda" else "torch")
     found = {f"ours {name} ({backend})": fn for name, fn in _ours(backend).items()}
     if device == "cuda":
         found.update(_fla_cases())
     found["torch sdpa causal"] = _sdpa
+    if only:
+        found = {name: fn for name, fn in found.items() if any(part in name for part in only)}
     return found
 
 
@@ -124,12 +131,12 @@ def _median_ms_gpu(step: Callable) -> float:
     return triton.testing.do_bench(step, return_mode="median")
 
 
-def run(device: str, lengths: list[int], shape: dict, dtype) -> list[dict]:
+def run(device: str, lengths: list[int], shape: dict, dtype, backend=None, only=None) -> list[dict]:
     timer = _median_ms_gpu if device == "cuda" else _median_ms_cpu
     rows = []
     for seq_len in lengths:
         inputs = make_inputs(shape["batch"], seq_len, shape["heads"], shape["dim"], dtype, device)
-        for name, fn in cases(device).items():
+        for name, fn in cases(device, backend, only).items():
             row = dict(case=name, seq_len=seq_len)
             for mode, make_step in (("fwd", lambda f=fn: (lambda: f(inputs))), ("fwd+bwd", lambda f=fn: _with_backward(f, inputs))):
                 try:
@@ -179,17 +186,24 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu", action="store_true", help="small CPU shapes, torch backends, perf_counter medians")
     parser.add_argument("--out", type=Path, default=REPO / ".cache/linearize/bench", help="where JSON and PNG go")
     parser.add_argument("--lengths", type=int, nargs="*", help="override the sequence lengths")
+    parser.add_argument("--backend", choices=("torch", "triton"),
+                        help="our ops' backend (default: triton on GPU, torch on CPU; triton on CPU is interpreted)")
+    parser.add_argument("--cases", nargs="*", help="time only the cases whose name contains one of these")
     args = parser.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --cpu")
+    if args.cpu and args.backend == "triton":
+        # read when @triton.jit decorates the kernels: the ops import them only on the first call
+        os.environ["TRITON_INTERPRET"] = "1"
     device = "cpu" if args.cpu else "cuda"
     shape = CPU_SHAPE if args.cpu else GPU_SHAPE
     dtype = torch.float32 if args.cpu else torch.bfloat16
     lengths = args.lengths or (CPU_LENGTHS if args.cpu else GPU_LENGTHS)
-    rows = run(device, lengths, shape, dtype)
+    rows = run(device, lengths, shape, dtype, args.backend, args.cases)
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    interpreted = ", Triton interpreted" if args.cpu and args.backend == "triton" else ""
     header = (f"B={shape['batch']}, H={shape['heads']}, D={shape['dim']}, {str(dtype).removeprefix('torch.')}, "
-              f"window {WINDOW_SIZE}; median ms; {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
+              f"window {WINDOW_SIZE}; median ms; {machine}{interpreted}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
     print("\n" + header + "\n\n" + table(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"kernels_{device}.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))

@@ -116,6 +116,23 @@ def pad_time(x: torch.Tensor, multiple: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
+def key_lag(num_queries: int, num_keys: int, query_offset: int = 0, device=None) -> torch.Tensor:
+    """`[Tq, Tk]` int: how far key j lies before query i, `(i + query_offset) − j` (query i sits at key
+    position i + query_offset; negative lags are future keys)."""
+    query_pos = torch.arange(query_offset, query_offset + num_queries, device=device)
+    key_pos = torch.arange(num_keys, device=device)
+    return query_pos[:, None] - key_pos[None, :]  # [Tq, Tk]
+
+
+def sliding_window_mask(
+    num_queries: int, num_keys: int, window_size: int, query_offset: int = 0, device=None
+) -> torch.Tensor:
+    """`[Tq, Tk]` bool: the keys in each query's causal sliding window of `window_size` keys, the query's
+    own position included (`0 ≤ lag < window_size`, lag as in `key_lag`)."""
+    lag = key_lag(num_queries, num_keys, query_offset, device)  # [Tq, Tk]
+    return (lag >= 0) & (lag < window_size)
+
+
 def check_chunk_size(chunk_size: int) -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

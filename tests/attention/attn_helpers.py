@@ -6,6 +6,8 @@ from linearize.attention import RunOptions
 from linearize.config import AttentionConfig
 from linearize.surgery import wrapped_attentions
 
+from helpers import rel_rms  # noqa: F401  (re-exported to the attention tests)
+
 
 MECHANISMS = ["linear", "window_linear", "liger", "liger_window", "lawcat"]
 
@@ -33,9 +35,6 @@ def set_form(model, form: str) -> None:
     for attn in wrapped_attentions(model):
         attn.opts = RunOptions(form=form, chunk_size=attn.opts.chunk_size, backend="torch")
 
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def converted(make_tiny_model, mechanism, arch="llama", **overrides):

@@ -18,13 +18,12 @@ from linearize.ops.gated_linear_attn import chunk_gated_linear_attn
 from linearize.ops.linear_attn import chunk_linear_attn
 from linearize.ops.window_linear_attn import window_linear_attn
 
+from helpers import rel_rms
+
 # fp32 throughout on CPU: the fake and our forms differ only in summation order (~1e-7 observed)
 TOL = 1e-5
 FLA_MODULES = ("fla", "fla.ops", "fla.ops.linear_attn", "fla.ops.gla")
 
-
-def rel_rms(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 # ---- the fake fla: fla 0.6.0 semantics, written as plain loops over time ----

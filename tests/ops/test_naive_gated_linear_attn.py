@@ -4,16 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linearize.ops.gated_linear_attn import FORMS, chunk_gated_linear_attn, fused_recurrent_gated_linear_attn
+from linearize.ops.gated_linear_attn import FORMS, chunk_gated_linear_attn
+
+from helpers import rel_rms
 
 # fp32 forms differ only by summation order and exp(a)·exp(b) vs exp(a + b): ~1e-7 observed
 TOL = 1e-5
 EPS = 1e-6  # the op's documented normalizer epsilon
 LIGER_GATE_DIVISOR = 16  # Liger's g = logsigmoid(k) / 16: realistic, mild decays
 
-
-def rel_rms(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def make_inputs(
@@ -108,8 +107,9 @@ def test_decode_steps_continue_prefill():
     steps = []
     for t in range(15, 20):
         step = slice(t, t + 1)
-        out, state = fused_recurrent_gated_linear_attn(
-            q[:, step], k[:, step], v[:, step], g[:, step], initial_state=state, output_final_state=True
+        out, state = chunk_gated_linear_attn(
+            q[:, step], k[:, step], v[:, step], g[:, step], initial_state=state, output_final_state=True,
+            form="recurrent",
         )
         steps.append(out)
     assert rel_rms(torch.cat(steps, dim=1), full[:, 15:]) <= TOL

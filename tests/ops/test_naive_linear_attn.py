@@ -7,16 +7,15 @@ import pytest
 import torch
 
 from linearize.ops.gated_linear_attn import chunk_gated_linear_attn
-from linearize.ops.linear_attn import FORMS, chunk_linear_attn, fused_recurrent_linear_attn
+from linearize.ops.linear_attn import FORMS, chunk_linear_attn
 from linearize.ops.window_linear_attn import window_linear_attn
+
+from helpers import rel_rms
 
 # fp32 forms differ only by summation order: ~1e-7 observed, 1e-5 leaves room for long sequences
 TOL = 1e-5
 EPS = 1e-6  # the op's documented normalizer epsilon
 
-
-def rel_rms(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def make_inputs(seq_len, heads=4, kv_heads=2, key_dim=16, value_dim=12, batch=2, seed=0):
@@ -90,8 +89,9 @@ def test_decode_steps_continue_prefill():
     _, state = chunk_linear_attn(q[:, :15], k[:, :15], v[:, :15], chunk_size=8, output_final_state=True)
     steps = []
     for t in range(15, 20):
-        out, state = fused_recurrent_linear_attn(
-            q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], initial_state=state, output_final_state=True
+        out, state = chunk_linear_attn(
+            q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], initial_state=state, output_final_state=True,
+            form="recurrent",
         )
         steps.append(out)
     assert rel_rms(torch.cat(steps, dim=1), full[:, 15:]) <= TOL
@@ -177,3 +177,16 @@ def test_backend_selection(op, monkeypatch):
     monkeypatch.setitem(sys.modules, fake.__name__, None)  # makes the import fail
     with pytest.raises(ImportError, match="Triton backend unavailable"):
         call(fn, backend="triton")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_weights_are_the_parallel_forms(normalize):
+    """`linear_attn_weights` is the matrix the parallel form multiplies v by (fresh sequence)."""
+    from linearize.ops.linear_attn import linear_attn_weights, parallel_linear_attn
+
+    q, k, v = make_inputs(23)
+    weights = linear_attn_weights(q, k, normalize=normalize, scale=0.7)  # [B, H, T, T]
+    v_heads = v.repeat_interleave(2, dim=2).transpose(1, 2)  # [B, H, T, V]
+    out, _ = parallel_linear_attn(q, k, v, normalize=normalize, scale=0.7)
+    assert rel_rms((weights @ v_heads).transpose(1, 2), out) <= TOL
+    assert torch.count_nonzero(weights.triu(1)) == 0  # causal

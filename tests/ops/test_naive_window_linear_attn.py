@@ -7,17 +7,14 @@ import torch
 from linearize.ops.window_linear_attn import (
     FORMS,
     WindowLinearState,
-    fused_recurrent_window_linear_attn,
     window_linear_attn,
 )
+
+from helpers import rel_rms
 
 # fp32 forms differ only by summation order: ~1e-7 observed, 1e-5 leaves room for long sequences
 TOL = 1e-5
 HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM = 4, 2, 16, 12, 8
-
-
-def rel_rms(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def make_inputs(seq_len, batch=2, seed=0):
@@ -123,8 +120,8 @@ def test_decode_steps_continue_prefill():
     _, state = window_linear_attn(*sliced(inputs, 0, 22), window_size=6, chunk_size=8, output_final_state=True)
     steps = []
     for t in range(22, 30):
-        out, state = fused_recurrent_window_linear_attn(
-            *sliced(inputs, t, t + 1), window_size=6, initial_state=state, output_final_state=True
+        out, state = window_linear_attn(
+            *sliced(inputs, t, t + 1), window_size=6, initial_state=state, output_final_state=True, form="recurrent"
         )
         steps.append(out)
     assert rel_rms(torch.cat(steps, dim=1), full[:, 22:]) <= TOL
@@ -179,3 +176,27 @@ def test_bad_arguments_raise():
         window_linear_attn(*inputs, window_size=4, initial_state=state)
     with pytest.raises(ValueError, match="window_size must be"):
         window_linear_attn(*inputs, window_size=0)
+
+
+def test_weights_are_the_parallel_forms():
+    """`window_linear_attn_weights` is the matrix the parallel form multiplies v by (fresh sequence):
+    rows sum to 1, no future keys."""
+    from linearize.ops.window_linear_attn import parallel_window_linear_attn, window_linear_attn_weights
+
+    q, k, v, fq, fk, window_logit = make_inputs(21)
+    weights = window_linear_attn_weights(q, k, fq, fk, window_logit, window_size=5)  # [B, H, T, T]
+    v_heads = v.repeat_interleave(HEADS // KV_HEADS, dim=2).transpose(1, 2)  # [B, H, T, V]
+    out, _ = parallel_window_linear_attn(q, k, v, fq, fk, window_logit, window_size=5)
+    assert rel_rms((weights @ v_heads).transpose(1, 2), out) <= TOL
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:3]))
+    assert torch.count_nonzero(weights.triu(1)) == 0
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_sliding_window_mask_is_the_definition(offset):
+    """Query i (at key position i + offset) sees key j iff 0 ≤ i + offset − j < W."""
+    from linearize.ops._common import sliding_window_mask
+
+    mask = sliding_window_mask(6, 9, 4, offset)
+    want = torch.tensor([[0 <= i + offset - j < 4 for j in range(9)] for i in range(6)])
+    assert torch.equal(mask, want)

@@ -1,14 +1,9 @@
 """Triton chunked gated linear attention vs the pure-PyTorch parallel form: output, final state and
 every gradient (Triton backward kernels), on lengths that do not fit the time tile, GQA, strong decay,
 split-and-resume; CPU via the interpreter."""
-import os
+from helpers import GPU_TOL, cpu_tests_need_interpreter, rel_rms, use_triton_interpreter  # noqa: F401
 
-# CPU tests run the kernels in the interpreter, whose flag is read when @triton.jit decorates: it must be
-# set before the kernel imports below. `TRITON_INTERPRET=0 pytest -m gpu` runs the compiled GPU tests.
-# The debug flag fills kernel outputs with NaN so an unwritten tile fails the comparison.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["LINEARIZE_TRITON_DEBUG"] = "1"
-INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
+INTERPRETED = use_triton_interpreter()  # before the kernel imports below
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,21 +16,11 @@ from linearize.ops.gated_linear_attn.triton import chunk_gated_linear_attn_trito
 
 # fp32 everywhere and exact interpreter dots: only summation order and exp(a)·exp(b) vs exp(a + b) differ
 TOL = 1e-4
-# GPU: fp32 tl.dot runs in TF32 and inputs are bf16
-GPU_TOL = 2e-2
 LENGTHS = [1, 17, 64, 100]
 MILD_GATE_DIVISOR = 16  # Liger's g = logsigmoid(k) / 16: realistic, mild decays
 STRONG_GATE_SCALE = 30.0  # log-decays down to about -60 per token: exp(±cumulative G) would overflow
 
 
-@pytest.fixture(autouse=True)
-def _cpu_tests_need_interpreter(request):
-    if not INTERPRETED and "gpu" not in request.keywords:
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
-
-
-def rel_rms(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(seq_len, heads=4, kv_heads=2, key_dim=16, value_dim=12, normalize=False, seed=0,

@@ -1,14 +1,9 @@
 """Triton chunked linear attention vs the pure-PyTorch parallel form: output, final state and every
 gradient (Triton backward kernels), on lengths that do not fit the time tile, GQA, split-and-resume;
 CPU via the interpreter."""
-import os
+from helpers import GPU_TOL, cpu_tests_need_interpreter, rel_rms, use_triton_interpreter  # noqa: F401
 
-# CPU tests run the kernels in the interpreter, whose flag is read when @triton.jit decorates: it must be
-# set before the kernel imports below. `TRITON_INTERPRET=0 pytest -m gpu` runs the compiled GPU tests.
-# The debug flag fills kernel outputs with NaN so an unwritten tile fails the comparison.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["LINEARIZE_TRITON_DEBUG"] = "1"
-INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
+INTERPRETED = use_triton_interpreter()  # before the kernel imports below
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,19 +15,9 @@ from linearize.ops.linear_attn.triton import chunk_linear_attn_triton  # noqa: E
 
 # fp32 everywhere and exact interpreter dots: only summation order differs (~5e-7 observed)
 TOL = 1e-4
-# GPU: fp32 tl.dot runs in TF32 and inputs are bf16
-GPU_TOL = 2e-2
 LENGTHS = [1, 17, 64, 100]
 
 
-@pytest.fixture(autouse=True)
-def _cpu_tests_need_interpreter(request):
-    if not INTERPRETED and "gpu" not in request.keywords:
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
-
-
-def rel_rms(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(seq_len, heads=4, kv_heads=2, key_dim=16, value_dim=12, normalize=True, seed=0, device="cpu"):
@@ -134,3 +119,17 @@ def test_gradient_through_final_state_only():
     grads_ref = torch.autograd.grad(final_ref.sum(), (k, v, s0))
     for name, g, g_ref in zip(["k", "v", "initial_state"], grads, grads_ref):
         assert rel_rms(g, g_ref) < TOL, name
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_is_the_gated_template_with_a_zero_gate(normalize):
+    """Linear attention runs the gated kernels' no-gate branch: it must equal the gated branch at g = 0
+    (outputs, states and gradients), though the two branches tile time differently (64 vs 16)."""
+    from linearize.ops.gated_linear_attn.triton import chunk_gated_linear_attn_triton
+
+    inputs = make_inputs(70, normalize=normalize)
+
+    def zero_gate(q, k, v, **kwargs):
+        return chunk_gated_linear_attn_triton(q, k, v, torch.zeros_like(k), **kwargs)
+
+    assert_matches(chunk_linear_attn_triton, zero_gate, inputs, TOL, normalize=normalize)

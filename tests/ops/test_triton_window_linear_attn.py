@@ -1,14 +1,9 @@
 """Triton fused window + linear attention vs the pure-PyTorch parallel form: output, final state and
 every gradient (Triton backward kernels), on lengths that do not fit the tiles, windows smaller and
 larger than a tile, GQA, split-and-resume through `WindowLinearState`; CPU via the interpreter."""
-import os
+from helpers import GPU_TOL, cpu_tests_need_interpreter, rel_rms, use_triton_interpreter  # noqa: F401
 
-# CPU tests run the kernels in the interpreter, whose flag is read when @triton.jit decorates: it must be
-# set before the kernel imports below. `TRITON_INTERPRET=0 pytest -m gpu` runs the compiled GPU tests.
-# The debug flag fills kernel outputs with NaN so an unwritten tile fails the comparison.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["LINEARIZE_TRITON_DEBUG"] = "1"
-INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
+INTERPRETED = use_triton_interpreter()  # before the kernel imports below
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,8 +15,6 @@ from linearize.ops.window_linear_attn.triton import window_linear_attn_triton  #
 
 # fp32 everywhere and exact interpreter dots: only summation order and the online-softmax rescale differ
 TOL = 1e-4
-# GPU: fp32 tl.dot runs in TF32 and inputs are bf16
-GPU_TOL = 2e-2
 LENGTHS = [1, 17, 64, 100]
 # one sequence: the interpreter runs every program in Python, and batch adds nothing the heads don't test
 BATCH, HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM = 1, 4, 2, 16, 12, 8
@@ -31,11 +24,6 @@ BATCH, HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM = 1, 4, 2, 16, 12, 8
 # reference is pure fp32 rounding noise (~3e-7); real window_logit gradients here have norm ~0.1-1
 GRAD_NORM_FLOOR = 1e-2
 
-
-@pytest.fixture(autouse=True)
-def _cpu_tests_need_interpreter(request):
-    if not INTERPRETED and "gpu" not in request.keywords:
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
 
 
 def rel_rms(a, b, floor=1e-30):

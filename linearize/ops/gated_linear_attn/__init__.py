@@ -13,16 +13,16 @@ output_final_state=False, chunk_size=64, backend="auto", form="chunk") -> (o, fi
   "fla" runs fla's `chunk_gla` (optional extra `linearize[fla]`, CUDA tensors only, never picked by
   "auto"; same results and state layout, see `.._fla`).
 
-`fused_recurrent_gated_linear_attn(...)`: the decoding step (any T, cheap at T = 1), same arguments
-and defaults as the chunk form; pure PyTorch for now.
-
-Math, shapes and state layout: see `naive.py`.
+Files: `naive.py` the obvious forms (parallel, recurrent: the oracles; recurrent is also the decoding
+step), `chunk.py` the tuned CPU chunk form, `triton.py` the kernel template (linear attention runs it
+without a gate). Math, shapes and state layout: see `naive.py`.
 """
 from __future__ import annotations
 
 from .._common import FLA_BACKENDS, check_form, resolve_chunk_backend
 from .._fla import chunk_gated_linear_attn_fla
-from .naive import chunk_gated_linear_attn_torch, parallel_gated_linear_attn, recurrent_gated_linear_attn
+from .chunk import chunk_gated_linear_attn_torch
+from .naive import parallel_gated_linear_attn, recurrent_gated_linear_attn
 
 FORMS = {
     "chunk": chunk_gated_linear_attn_torch,
@@ -60,21 +60,10 @@ def chunk_gated_linear_attn(
     return impl(q, k, v, g, chunk_size=chunk_size, **kwargs)
 
 
-def fused_recurrent_gated_linear_attn(
-    q, k, v, g, *, scale=None, normalize=False, initial_state=None, output_final_state=False
-):
-    """Decoding step(s): same contract as `chunk_gated_linear_attn`, computed token by token."""
-    return recurrent_gated_linear_attn(
-        q, k, v, g, scale=scale, normalize=normalize,
-        initial_state=initial_state, output_final_state=output_final_state,
-    )
-
-
 __all__ = [
     "FORMS",
     "chunk_gated_linear_attn",
     "chunk_gated_linear_attn_torch",
-    "fused_recurrent_gated_linear_attn",
     "parallel_gated_linear_attn",
     "recurrent_gated_linear_attn",
 ]

@@ -12,16 +12,16 @@ chunk_size=64, backend="auto", form="chunk") -> (o, final_state)`
   "fla" runs fla's `chunk_linear_attn` (optional extra `linearize[fla]`, CUDA tensors only, never picked
   by "auto"; same results and state layout, see `.._fla`).
 
-`fused_recurrent_linear_attn(...)`: the decoding step (any T, cheap at T = 1), same arguments and
-defaults as the chunk form (normalize=True, unlike fla's fused recurrent op); pure PyTorch for now.
-
+Files: `naive.py` the obvious forms (parallel, recurrent: the oracles; recurrent is also the decoding
+step), `chunk.py` the tuned CPU chunk form, `triton.py` the kernel (the gated template without a gate).
 Math, shapes and state layout: see `naive.py`.
 """
 from __future__ import annotations
 
 from .._common import FLA_BACKENDS, check_form, resolve_chunk_backend
 from .._fla import chunk_linear_attn_fla
-from .naive import chunk_linear_attn_torch, parallel_linear_attn, recurrent_linear_attn
+from .chunk import chunk_linear_attn_torch
+from .naive import linear_attn_weights, parallel_linear_attn, recurrent_linear_attn
 
 FORMS = {
     "chunk": chunk_linear_attn_torch,
@@ -58,21 +58,11 @@ def chunk_linear_attn(
     return impl(q, k, v, chunk_size=chunk_size, **kwargs)
 
 
-def fused_recurrent_linear_attn(
-    q, k, v, *, scale=None, normalize=True, initial_state=None, output_final_state=False
-):
-    """Decoding step(s): same contract as `chunk_linear_attn`, computed token by token."""
-    return recurrent_linear_attn(
-        q, k, v, scale=scale, normalize=normalize,
-        initial_state=initial_state, output_final_state=output_final_state,
-    )
-
-
 __all__ = [
     "FORMS",
     "chunk_linear_attn",
     "chunk_linear_attn_torch",
-    "fused_recurrent_linear_attn",
+    "linear_attn_weights",
     "parallel_linear_attn",
     "recurrent_linear_attn",
 ]

@@ -1,6 +1,7 @@
-"""Pure-PyTorch causal linear attention in three forms with one signature: `parallel_linear_attn`
-(quadratic, masked), `chunk_linear_attn_torch` (chunked, the CPU training path) and
-`recurrent_linear_attn` (token by token: the decoding step and an oracle).
+"""Pure-PyTorch causal linear attention, the obvious forms (the oracles of the tuned ones):
+`parallel_linear_attn` (quadratic, masked; `linear_attn_weights` gives its weights) and
+`recurrent_linear_attn` (token by token: also the decoding step). The tuned CPU path,
+`chunk.chunk_linear_attn_torch`, and the Triton kernel have the same signature.
 
 Shapes: q `[B, T, H, K]`; k `[B, T, H_kv, K]`; v `[B, T, H_kv, V]` with `H % H_kv == 0` (query head h
 reads kv head `h // (H // H_kv)`). Returns `(o [B, T, H, V] in v.dtype, final_state or None)`.
@@ -18,11 +19,9 @@ import torch
 from .._common import (
     NORMALIZE_EPS,
     append_ones,
-    check_chunk_size,
     check_heads,
     check_same_tokens,
     heads_first_fp32,
-    pad_time,
 )
 
 
@@ -60,39 +59,34 @@ def finish_linear_output(out, normalize, dtype):
     return out.transpose(1, 2).to(dtype)  # [B, T, H, V]
 
 
+def causal_scores(qh: torch.Tensor, kh: torch.Tensor) -> torch.Tensor:
+    """`tril(q kᵀ)`: heads-first `[B, H, T, K]` q and k → `[B, H, T, T]`."""
+    seq_len = qh.shape[2]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=qh.device).tril()
+    return (qh @ kh.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [B, H, T, T]
+
+
+def linear_attn_weights(q, k, *, scale=None, normalize=True):
+    """The parallel form's attention weights `[B, H, T, T]` on a fresh sequence (`o = A v`), fp32:
+    normalized, `tril(q kᵀ)` with each row divided by its sum (+ eps, as the output is); unnormalized,
+    `scale · tril(q kᵀ)`. q `[B, T, H, K]`, k `[B, T, H_kv, K]`."""
+    check_same_tokens(q=q, k=k)
+    qh = heads_first_fp32(q, q.shape[2])  # [B, H, T, K]
+    kh = heads_first_fp32(k, q.shape[2])  # [B, H, T, K]
+    scores = causal_scores(qh, kh)  # [B, H, T, T]
+    if normalize:
+        return scores / (scores.sum(-1, keepdim=True) + NORMALIZE_EPS)
+    return scores * (scale if scale is not None else q.shape[-1] ** -0.5)
+
+
 def parallel_linear_attn(
     q, k, v, *, scale=None, normalize=True, initial_state=None, output_final_state=False, chunk_size=None
 ):
     """Quadratic masked form: `A = tril(q kᵀ)`, `o = A v + q S0`. `chunk_size` is accepted and ignored."""
     qh, kh, vh, s0 = prepare_linear_inputs(q, k, v, scale, normalize, initial_state)
-    seq_len = qh.shape[2]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=qh.device).tril()
-    scores = (qh @ kh.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [B, H, T, T]
+    scores = causal_scores(qh, kh)  # [B, H, T, T]
     out = scores @ vh + qh @ s0  # [B, H, T, V(+1)]
     final = s0 + kh.transpose(-1, -2) @ vh if output_final_state else None  # [B, H, K, V(+1)]
-    return finish_linear_output(out, normalize, v.dtype), final
-
-
-def chunk_linear_attn_torch(
-    q, k, v, *, scale=None, normalize=True, initial_state=None, output_final_state=False, chunk_size=64
-):
-    """Chunked form: within a chunk of `chunk_size` tokens a masked quadratic product, across chunks the
-    state `S_n = S0 + Σ_{m<n} K_mᵀ V_m` (an exclusive cumulative sum, no Python loop over chunks)."""
-    check_chunk_size(chunk_size)
-    qh, kh, vh, s0 = prepare_linear_inputs(q, k, v, scale, normalize, initial_state)
-    batch, heads, seq_len, key_dim = qh.shape
-    # zero padding at the end adds nothing to the state and only produces trimmed outputs
-    qc = pad_time(qh, chunk_size).unflatten(2, (-1, chunk_size))  # [B, H, N, C, K]
-    kc = pad_time(kh, chunk_size).unflatten(2, (-1, chunk_size))  # [B, H, N, C, K]
-    vc = pad_time(vh, chunk_size).unflatten(2, (-1, chunk_size))  # [B, H, N, C, V(+1)]
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=qh.device).tril()
-    intra = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0) @ vc  # [B, H, N, C, V(+1)]
-    chunk_kv = kc.transpose(-1, -2) @ vc  # [B, H, N, K, V(+1)]
-    inclusive = chunk_kv.cumsum(dim=2)  # [B, H, N, K, V(+1)]
-    states = s0.unsqueeze(2) + inclusive - chunk_kv  # [B, H, N, K, V(+1)] state entering each chunk
-    out = intra + qc @ states  # [B, H, N, C, V(+1)]
-    out = out.flatten(2, 3)[:, :, :seq_len]  # [B, H, T, V(+1)]
-    final = s0 + inclusive[:, :, -1] if output_final_state else None  # [B, H, K, V(+1)]
     return finish_linear_output(out, normalize, v.dtype), final
 
 

@@ -14,19 +14,19 @@ output_final_state=False, chunk_size=64, backend="auto", form="chunk") -> (o, Wi
   else torch; "triton" forces it (ImportError if unavailable); "torch" forces the torch chunk form.
   There is no "fla" backend here: fla has no sliding-window + linear hybrid op.
 
-`fused_recurrent_window_linear_attn(...)`: the decoding step (any T, cheap at T = 1), same arguments;
-pure PyTorch for now.
-
+Files: `naive.py` the obvious forms (parallel, recurrent: the oracles; recurrent is also the decoding
+step), `chunk.py` the tuned CPU chunk form, `triton.py` the fused kernel.
 Math, shapes and the state layout: see `naive.py`.
 """
 from __future__ import annotations
 
 from .._common import BACKENDS, check_form, resolve_chunk_backend
+from .chunk import chunk_window_linear_attn_torch
 from .naive import (
     WindowLinearState,
-    chunk_window_linear_attn_torch,
     parallel_window_linear_attn,
     recurrent_window_linear_attn,
+    window_linear_attn_weights,
 )
 
 FORMS = {
@@ -69,22 +69,12 @@ def window_linear_attn(
     return impl(q, k, v, fq, fk, window_logit, chunk_size=chunk_size, **kwargs)
 
 
-def fused_recurrent_window_linear_attn(
-    q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None, output_final_state=False
-):
-    """Decoding step(s): same contract as `window_linear_attn`, computed token by token."""
-    return recurrent_window_linear_attn(
-        q, k, v, fq, fk, window_logit, window_size=window_size, scale=scale,
-        initial_state=initial_state, output_final_state=output_final_state,
-    )
-
-
 __all__ = [
     "FORMS",
     "WindowLinearState",
     "chunk_window_linear_attn_torch",
-    "fused_recurrent_window_linear_attn",
     "parallel_window_linear_attn",
     "recurrent_window_linear_attn",
     "window_linear_attn",
+    "window_linear_attn_weights",
 ]

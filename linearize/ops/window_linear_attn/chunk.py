@@ -1,0 +1,114 @@
+"""The tuned pure-PyTorch chunked form of the LoLCATs hybrid: the CPU training path, never a T×T matrix
+(math, shapes and state layout: see `naive.py`, whose forms are its oracles)."""
+from __future__ import annotations
+
+import torch
+
+from .._common import append_ones, check_chunk_size, masked_exp, sliding_window_mask
+from .naive import divide_output, final_state, prepare_inputs
+
+
+def _window_keys(num_chunks, chunk_size, window_size, front, device):
+    """`[N, C, W + C]` bool mask of the window keys of each query chunk's key block: query i of a chunk sits
+    at block position W + i, and a block key is a window key when it lies in that query's sliding window
+    and is not front padding."""
+    window = sliding_window_mask(chunk_size, window_size + chunk_size, window_size, window_size, device)  # [C, W + C]
+    key_idx = torch.arange(window_size + chunk_size, device=device)
+    chunk_start = torch.arange(num_chunks, device=device)[:, None, None] * chunk_size  # [N, 1, 1]
+    is_key = chunk_start + key_idx >= front  # [N, 1, W + C]: front padding is not a key
+    return window & is_key  # [N, C, W + C]
+
+
+def _window_part(x, window_size, chunk_size, num_chunks, pad):
+    """Softmax numerator/normalizer of every query chunk over its window keys → `[B, H, N, C, V + 1]`.
+
+    Each chunk scores a `[C, W + C]` key block (the previous W keys and its own C). With GQA the G query
+    heads of one kv head are stacked in the rows of one matmul: each kv head's key and value blocks are
+    gathered once, not once per query head, and the matmuls are G times taller. The mask runs in place
+    on the fresh scores (a matmul keeps no output for backward); the exp is floored (`masked_exp`). The
+    row max c_t is part of the math (it scales the softmax part against the linear part), so it keeps
+    its gradient."""
+    block = window_size + chunk_size
+    kv_heads = x.k_raw.shape[1]
+    group = x.q.shape[1] // kv_heads
+
+    def blocks(t):
+        return pad(t).unfold(2, block, chunk_size).transpose(-1, -2)  # [B, H_kv, N, W + C, ·]
+
+    qc = _chunks(x.q, num_chunks, chunk_size).unflatten(1, (kv_heads, group))  # [B, H_kv, G, N, C, D]
+    q_rows = qc.transpose(2, 3).flatten(3, 4)  # [B, H_kv, N, G·C, D]: a group's rows stacked (a copy)
+    scores = q_rows @ blocks(x.k_raw).transpose(-1, -2)  # [B, H_kv, N, G·C, W + C]
+    scores = scores.unflatten(3, (group, chunk_size))  # [B, H_kv, N, G, C, W + C]
+    window = _window_keys(num_chunks, chunk_size, window_size, window_size - x.prefix, scores.device)
+    window = window.unsqueeze(1)  # [N, 1, C, W + C]: the same keys for every head of the group
+    scores.masked_fill_(~window, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)  # [B, H_kv, N, G, C, 1]: c_t, finite as s = t is a key
+    a_sm = masked_exp(scores - row_max, window)  # exp(score − c_t) on window keys, 0 elsewhere
+    num_den = a_sm.flatten(3, 4) @ blocks(append_ones(x.v_raw))  # [B, H_kv, N, G·C, V + 1]
+    # γ scales the product, not the [C, W + C] weights: fewer elements, and when q/k/v need no gradient
+    # (attention transfer) the whole block product stays outside the autograd graph.
+    gamma = x.gamma.view(kv_heads, 1, group, 1, 1)  # [H_kv, 1, G, 1, 1]
+    num_den = num_den.unflatten(3, (group, chunk_size)) * gamma  # [B, H_kv, N, G, C, V + 1]
+    return num_den.transpose(2, 3).flatten(1, 2)  # [B, H, N, C, V + 1]
+
+
+def _linear_part(x, front, chunk_size, num_chunks):
+    """Linear-attention numerator/normalizer of every query chunk → `[B, H, N, C, V + 1]`.
+
+    The linear keys of query i in chunk n are the keys up to W before it: in the key block they are
+    padded chunk n's keys j <= i (a lower triangle, never the rest of the block), and all keys before
+    padded chunk n reach it through the state `kv_n = kv0 + Σ_{m<n} fk_mᵀ [v_m, 1]` (an exclusive
+    cumulative sum over chunks)."""
+    fk = _shifted(x.fk, front, num_chunks, chunk_size)  # [B, H, N, C, F]
+    v1 = _shifted(x.v1, front, num_chunks, chunk_size)  # [B, H, N, C, V + 1]
+    fqc = _chunks(x.fq, num_chunks, chunk_size)  # [B, H, N, C, F]
+    a_lin = (fqc @ fk.transpose(-1, -2)).tril_()  # [B, H, N, C, C]
+    chunk_kv = (fk.transpose(-1, -2) @ v1).flatten(3)  # [B, H, N, F·(V + 1)]: the keys each chunk holds
+    # Exclusive prefix sum over chunks as one small matmul (cheaper than cumsum and its flip-backward).
+    before = torch.ones(num_chunks, num_chunks, device=fk.device).tril_(diagonal=-1)  # [N, N]: m < n
+    kv = (before @ chunk_kv).unflatten(-1, x.kv0.shape[-2:])  # [B, H, N, F, V + 1]
+    if x.has_state:  # a fresh sequence's kv0 is zeros: adding it would be a full pass over every state
+        kv = x.kv0.unsqueeze(2) + kv
+    return a_lin @ v1 + fqc @ kv  # [B, H, N, C, V + 1]
+
+
+def _shifted(t, front, num_chunks, chunk_size):
+    """`[B, H, P + T, ·]` → `[B, H, N, C, ·]`: the keys moved `front` positions later (zeros before),
+    cut or zero-padded to N·C positions; what `F.pad` of the whole front/back padding then slicing
+    gives, without materializing the padded tail."""
+    span = num_chunks * chunk_size
+    zeros_before = min(front, span)  # a window longer than the whole call shifts every key out
+    kept = min(span - zeros_before, t.shape[2])
+    t = torch.nn.functional.pad(t[:, :, :kept], (0, 0, zeros_before, span - zeros_before - kept))  # [B, H, N·C, ·]
+    return t.unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, ·]
+
+
+def _chunks(t, num_chunks, chunk_size):
+    """`[B, H, T, ·]` → `[B, H, N, C, ·]`, zero-padded at the end to N·C tokens."""
+    extra = num_chunks * chunk_size - t.shape[2]
+    if extra:
+        t = torch.nn.functional.pad(t, (0, 0, 0, extra))  # [B, H, N·C, ·]
+    return t.unflatten(2, (num_chunks, chunk_size))  # [B, H, N, C, ·]
+
+
+def chunk_window_linear_attn_torch(
+    q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
+    output_final_state=False, chunk_size=64,
+):
+    """Chunked form, never a T×T matrix: each query chunk of C tokens takes its window keys from a
+    `[C, W + C]` key block (the previous W keys and its own) and its linear keys from the padded chunk
+    W tokens earlier (a `[C, C]` triangle) plus the running linear state of everything older."""
+    check_chunk_size(chunk_size)
+    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state)
+    seq_len = x.q.shape[2]
+    num_chunks = -(-seq_len // chunk_size)
+    front, back = window_size - x.prefix, num_chunks * chunk_size - seq_len
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 0, front, back))  # [B, H, W + N·C, ·]
+
+    num_den = _window_part(x, window_size, chunk_size, num_chunks, pad)
+    num_den = num_den + _linear_part(x, front, chunk_size, num_chunks)  # [B, H, N, C, V + 1]
+    num_den = num_den.flatten(2, 3)[:, :, :seq_len]  # [B, H, T, V + 1]
+    final = final_state(x, window_size) if output_final_state else None
+    return divide_output(num_den, v.dtype), final

@@ -34,9 +34,6 @@ LAYERS = (
 LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 # `python -m linearize` is the command line's entry point: it belongs to the top layer.
 ENTRY_POINTS = {"linearize/__main__.py": "stages"}
-# The DONE-record names moved to stages/rundir.py; linearize.train forwards them (lazily) until
-# stages/pipeline.py imports them from there. Remove this entry with the forward.
-FORWARDS = {("linearize/train/state.py", "stages")}
 # The one module that may import each of these packages.
 SOLE_IMPORTERS = {"peft": "linearize/adapters.py", "deepspeed": "linearize/train/distributed.py"}
 
@@ -83,7 +80,7 @@ def test_every_library_import_points_down_the_layers():
         here = ENTRY_POINTS.get(rel) or _unit(_module_name(path))
         for module in _imported(path):
             target = _unit(module)
-            if target in LAYER_OF and LAYER_OF[target] > LAYER_OF[here] and (rel, target) not in FORWARDS:
+            if target in LAYER_OF and LAYER_OF[target] > LAYER_OF[here]:
                 upward.append(f"{rel} imports {module}")
     assert upward == []
 

@@ -7,7 +7,6 @@ from .loop import METRICS_FILE, PLOT_FILE, TrainResult, evaluate_loss, train
 from .metrics import MetricsLog, plot_metrics
 from .sampler import sample_indices
 from .schedule import SCHEDULES, build_schedule
-from . import state
 from .state import STAGE_NAMES, changed_keys, check_same_config, config_to_dict, seed_everything, stage_view
 
 __all__ = [
@@ -18,10 +17,3 @@ __all__ = [
     "sample_indices", "save_checkpoint", "seed_everything", "stage_view", "train", "verify_checkpoint",
 ]
 
-
-def __getattr__(name: str):
-    # The DONE-record names moved to stages/rundir.py (see state.MOVED_TO_STAGES); forwarded until
-    # stages/pipeline.py imports them from there.
-    if name in state.MOVED_TO_STAGES:
-        return getattr(state, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -61,15 +61,3 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
-# Names that moved to stages/rundir.py with the run-directory layout. stages/pipeline.py still imports
-# them from here; this forward goes once it imports them from stages.rundir.
-MOVED_TO_STAGES = ("DONE_FILE", "clear_done", "config_digest", "mark_done", "read_done", "same_config_as_done")
-
-
-def __getattr__(name: str):
-    if name in MOVED_TO_STAGES:
-        from stages import rundir
-
-        return getattr(rundir, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,6 +37,20 @@ MAX_BLOCK_T_UNGATED = 64
 
 
 @triton.jit
+def _chunk_decays(g, row_kv, o_k, m_tk, causal, K: tl.constexpr):
+    """One chunk's log-decays: G `[BT, BK]` cumulative from the chunk start, G_last `[BK]`, and the
+    intra-chunk decay tile exp(G_t − G_s) `[BT(t), BT(s), BK]`, 0 where s > t."""
+    # padded rows and columns get g = 0: they decay nothing
+    b_g = tl.load(g + row_kv[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_gc = tl.cumsum(b_g, axis=0)  # [BT, BK]
+    b_glast = tl.sum(b_g, axis=0)  # [BK]
+    b_diff = b_gc[:, None, :] - b_gc[None, :, :]  # [BT(t), BT(s), BK]
+    # the minimum only guards the masked (s > t) entries, whose differences are positive
+    b_decay = tl.where(causal[:, :, None], tl.exp(tl.minimum(b_diff, 0.0)), 0.0)  # [BT(t), BT(s), BK]
+    return b_gc, b_glast, b_decay
+
+
+@triton.jit
 def _chunk_gla_fwd_kernel(
     q, k, v, g, o, s0, s_final, scale, T,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -71,13 +85,7 @@ def _chunk_gla_fwd_kernel(
         b_v = tl.load(v + row_kv[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         b_v = b_v.to(tl.float32)  # [BT, BV]
         if USE_GATE:
-            # padded rows and columns get g = 0: they decay nothing
-            b_g = tl.load(g + row_kv[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-            b_gc = tl.cumsum(b_g, axis=0)  # [BT, BK] G relative to the chunk start
-            b_glast = tl.sum(b_g, axis=0)  # [BK]
-            b_diff = b_gc[:, None, :] - b_gc[None, :, :]  # [BT, BT, BK]
-            # the minimum only guards the masked (s > t) entries, whose differences are positive
-            b_decay = tl.where(causal[:, :, None], tl.exp(tl.minimum(b_diff, 0.0)), 0.0)  # [BT, BT, BK]
+            b_gc, b_glast, b_decay = _chunk_decays(g, row_kv, o_k, m_tk, causal, K)
             b_a = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_decay, axis=2)  # [BT, BT]
             b_q_decayed = b_q * tl.exp(b_gc)  # [BT, BK] reads S decayed to each row
             b_k_end = b_k * tl.exp(b_glast[None, :] - b_gc)  # [BT, BK] decayed to the chunk end
@@ -157,11 +165,7 @@ def _chunk_gla_bwd_dq_kernel(
         b_do = tl.load(do + row_q[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         b_dp = tl.dot(b_do, tl.trans(b_v))  # [BT(t), BT(s)]
         if USE_GATE:
-            b_g = tl.load(g + row_kv[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-            b_gc = tl.cumsum(b_g, axis=0)  # [BT, BK]
-            b_glast = tl.sum(b_g, axis=0)  # [BK]
-            b_diff = b_gc[:, None, :] - b_gc[None, :, :]  # [BT(t), BT(s), BK]
-            b_decay = tl.where(causal[:, :, None], tl.exp(tl.minimum(b_diff, 0.0)), 0.0)
+            b_gc, b_glast, b_decay = _chunk_decays(g, row_kv, o_k, m_tk, causal, K)
             b_dq = tl.sum(b_dp[:, :, None] * b_k[None, :, :] * b_decay, axis=1)  # [BT, BK]
             b_dq += tl.exp(b_gc) * tl.dot(b_do, tl.trans(b_s))
             b_k_end = b_k * tl.exp(b_glast[None, :] - b_gc)  # [BT, BK]
@@ -218,11 +222,7 @@ def _chunk_gla_bwd_dkv_kernel(
         b_do = tl.load(do + row_q[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         b_dp = tl.dot(b_do, tl.trans(b_v))  # [BT(t), BT(s)]
         if USE_GATE:
-            b_g = tl.load(g + row_kv[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-            b_gc = tl.cumsum(b_g, axis=0)  # [BT, BK]
-            b_glast = tl.sum(b_g, axis=0)  # [BK]
-            b_diff = b_gc[:, None, :] - b_gc[None, :, :]  # [BT(t), BT(s), BK]
-            b_decay = tl.where(causal[:, :, None], tl.exp(tl.minimum(b_diff, 0.0)), 0.0)
+            b_gc, b_glast, b_decay = _chunk_decays(g, row_kv, o_k, m_tk, causal, K)
             b_a = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_decay, axis=2)  # [BT(t), BT(s)]
             b_k_end = b_k * tl.exp(b_glast[None, :] - b_gc)  # [BT, BK]
             b_dk = tl.sum(b_dp[:, :, None] * b_q[:, None, :] * b_decay, axis=0)  # [BT, BK]

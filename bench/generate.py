@@ -144,12 +144,12 @@ def table(results: list[dict], args) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))  # its own canvas: matplotlib's global backend stays as it was
+    FigureCanvasAgg(fig)
+    speed, memory = fig.subplots(1, 2)
     for case in dict.fromkeys(r["case"] for r in results):
         rows = [r for r in results if r["case"] == case]
         contexts = [r["context"] for r in rows]
@@ -165,7 +165,6 @@ def plot(results: list[dict], path: Path) -> None:
     fig.suptitle("SmolLM2-135M decode: teacher vs linearized students")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 

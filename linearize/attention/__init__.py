@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import Mechanism, Projected, RunOptions
+from .base import COMMON_CONFIG_KEYS, Mechanism, Projected, RunOptions
 from .cache import StudentCache, StudentCacheLayer, cache_nbytes, map_state, state_nbytes
 from .lawcat import LawcatAttention
 from .liger import LigerAttention, LigerWindowAttention
@@ -35,6 +35,16 @@ def available_mechanisms() -> list[str]:
     return list(MECHANISMS)
 
 
+def mechanism_config_keys() -> dict[str, tuple[str, ...]]:
+    """{mechanism: the AttentionConfig keys it reads}: `COMMON_CONFIG_KEYS` (read for every mechanism,
+    `softmax` included) followed by the mechanism's own `reads`. A key outside a mechanism's tuple is
+    ignored when that mechanism is chosen."""
+    return {
+        name: COMMON_CONFIG_KEYS + (factory.reads if factory is not None else ())
+        for name, factory in MECHANISMS.items()
+    }
+
+
 def build_mechanism(cfg, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int) -> Mechanism:
     if cfg.mechanism not in MECHANISMS:
         raise ValueError(f"unknown mechanism {cfg.mechanism!r}; valid mechanisms: {', '.join(MECHANISMS)}")
@@ -45,7 +55,7 @@ def build_mechanism(cfg, num_heads: int, num_kv_heads: int, head_dim: int, hidde
 
 
 __all__ = [
-    "MECHANISMS", "MODES", "LinearizedAttention", "Mechanism", "Projected", "RunOptions", "StudentCache",
-    "StudentCacheLayer", "TransferPair", "available_mechanisms", "build_mechanism", "cache_nbytes", "map_state",
-    "state_nbytes",
+    "COMMON_CONFIG_KEYS", "MECHANISMS", "MODES", "LinearizedAttention", "Mechanism", "Projected", "RunOptions",
+    "StudentCache", "StudentCacheLayer", "TransferPair", "available_mechanisms", "build_mechanism", "cache_nbytes",
+    "map_state", "mechanism_config_keys", "state_nbytes",
 ]

@@ -61,13 +61,19 @@ def repeat_heads(x: torch.Tensor, group: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=2)
 
 
+# AttentionConfig keys every mechanism's conversion reads (surgery: layer selection and RunOptions).
+COMMON_CONFIG_KEYS = ("mechanism", "layers", "softmax_layers", "form", "chunk_size", "backend", "compile")
+
+
 class Mechanism(nn.Module):
     """A student attention. `forward(p, state, opts)` returns per-head outputs `[B, T, H, D]` and the
     state after the last token (None when `state is None and not want_state`).
 
+    `reads` names the AttentionConfig keys the mechanism reads beyond `COMMON_CONFIG_KEYS`.
     `param_groups()` names each trainable parameter's group (feature_maps, gates, mixing, conv)."""
 
     name: str = ""
+    reads: tuple[str, ...] = ()
 
     def __init__(self, cfg: AttentionConfig, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int):
         super().__init__()
@@ -83,7 +89,3 @@ class Mechanism(nn.Module):
     def attention_weights(self, p: Projected) -> Optional[torch.Tensor]:
         """Normalized student attention `[B, H, T, T]` for the attention-weight loss (parallel only)."""
         raise ValueError(f"mechanism {self.name!r} has no attention-weight form; use mechanism linear or window_linear")
-
-
-def causal_mask(t: int, device) -> torch.Tensor:
-    return torch.ones(t, t, dtype=torch.bool, device=device).tril()  # [T, T]

@@ -37,6 +37,7 @@ class CausalDepthwiseConv(nn.Module):
 
 class LawcatAttention(Mechanism):
     name = "lawcat"
+    reads = ("conv_kernel", "feature_map", "feature_dim", "gate_rank", "gate_norm")
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)

@@ -16,6 +16,7 @@ from .window_linear import sliding_window
 
 class LigerAttention(Mechanism):
     name = "liger"
+    reads = ("feature_map", "feature_dim", "gate_norm")
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
@@ -41,6 +42,7 @@ class LigerAttention(Mechanism):
 
 class LigerWindowAttention(LigerAttention):
     name = "liger_window"
+    reads = (*LigerAttention.reads, "liger_alpha", "liger_beta", "window_size")
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)

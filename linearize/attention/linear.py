@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..feature_maps import build_feature_map
-from ..ops.linear_attn import chunk_linear_attn
-from .base import Mechanism, Projected, causal_mask, repeat_heads
+from ..ops.linear_attn import chunk_linear_attn, linear_attn_weights
+from .base import Mechanism, Projected, repeat_heads
+
+# The AttentionConfig keys the feature maps read (linear and window_linear build them).
+FEATURE_MAP_KEYS = ("feature_map", "feature_dim", "tie_qk_feature_map")
 
 
 class FeatureMaps(torch.nn.Module):
@@ -22,15 +25,9 @@ class FeatureMaps(torch.nn.Module):
         return self.q(q), self.k(k)
 
 
-def normalized_weights(fq: torch.Tensor, fk: torch.Tensor) -> torch.Tensor:
-    """Causal, row-normalized linear attention weights `[B, H, T, T]` from features `[B, T, H, F]`."""
-    scores = torch.einsum("bthf,bshf->bhts", fq.float(), fk.float())  # [B, H, T, T]
-    scores = scores * causal_mask(fq.shape[1], fq.device)
-    return scores / scores.sum(-1, keepdim=True).clamp(min=1e-12)
-
-
 class LinearAttention(Mechanism):
     name = "linear"
+    reads = FEATURE_MAP_KEYS
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
@@ -52,4 +49,5 @@ class LinearAttention(Mechanism):
         return {name: "feature_maps" for name, _ in self.named_parameters()}
 
     def attention_weights(self, p):
-        return normalized_weights(*self.features(p))
+        """The op's parallel-form weights `[B, H, T, T]` (rows normalized as the output is)."""
+        return linear_attn_weights(*self.features(p), normalize=True)

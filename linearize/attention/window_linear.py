@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.window_linear_attn import window_linear_attn
-from .base import Mechanism, Projected, causal_mask, repeat_heads
-from .linear import FeatureMaps
+from ..ops.window_linear_attn import window_linear_attn, window_linear_attn_weights
+from .base import Mechanism, Projected, repeat_heads
+from .linear import FEATURE_MAP_KEYS, FeatureMaps
 
 
 def zero_features(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -29,6 +29,7 @@ def sliding_window(p: Projected, window_size: int, opts, state, want_state):
 
 class WindowLinearAttention(Mechanism):
     name = "window_linear"
+    reads = (*FEATURE_MAP_KEYS, "window_size", "window_only", "init_window_logit")
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
@@ -51,19 +52,10 @@ class WindowLinearAttention(Mechanism):
         return {name: "mixing" if name == "window_logit" else "feature_maps" for name, _ in self.named_parameters()}
 
     def attention_weights(self, p):
-        """The hybrid's normalized weights `[B, H, T, T]`, the quadratic way (parallel form only)."""
+        """The op's parallel-form weights `[B, H, T, T]` of the hybrid (rows sum to 1)."""
         if self.window_only:
             raise ValueError("the window-only baseline has no linear branch to train with attention weights")
-        t, device = p.q.shape[1], p.q.device
-        k = repeat_heads(p.k_rope, p.group).float()
-        scores = torch.einsum("bthd,bshd->bhts", p.q_rope.float(), k) * self.head_dim**-0.5  # [B, H, T, T]
-        causal = causal_mask(t, device)
-        pos = torch.arange(t, device=device)
-        window = causal & (pos[:, None] - pos[None, :] < self.window_size)  # [T, T]
-        scores = scores.masked_fill(~window, float("-inf"))
-        gamma = torch.sigmoid(self.window_logit.float())[None, :, None, None]
-        a_sm = gamma * torch.exp(scores - scores.amax(-1, keepdim=True))
-        fq, fk = self.feature_maps(p.q_rope, k)
-        a_lin = torch.einsum("bthf,bshf->bhts", fq, fk) * (causal & ~window)
-        weights = a_sm + a_lin
-        return weights / weights.sum(-1, keepdim=True)
+        fq, fk = self.feature_maps(p.q_rope, repeat_heads(p.k_rope, p.group))
+        return window_linear_attn_weights(
+            p.q_rope, p.k_rope, fq, fk, self.window_logit, window_size=self.window_size, scale=self.head_dim**-0.5
+        )

@@ -20,19 +20,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .base import Mechanism, Projected, RunOptions, causal_mask, repeat_heads
+from ..ops._common import sliding_window_mask
+from .base import Mechanism, Projected, RunOptions, repeat_heads
 from .cache import student_layer
 
 MODES = ("student", "transfer", "teacher")
-# Student mode under autograd recomputes the mechanism in backward (see `run_mechanism`); settable per
-# layer through `LinearizedAttention.recompute`.
+# Student mode under autograd recomputes the mechanism in backward (see `run_mechanism`); set it for a
+# model with `linearize.set_recompute`.
 RECOMPUTE_IN_BACKWARD = True
 
 
 @dataclass
 class TransferPair:
     """One converted layer's outputs before o_proj, `[B, T, H, D]`; weights `[B, H, T, T]` only when
-    the collector sets `want_weights`."""
+    transfer mode collects them (`transfer_mode(..., weights=True)`)."""
 
     layer_idx: int
     student: torch.Tensor
@@ -63,9 +64,7 @@ def teacher_mask(t: int, window: Optional[int], device) -> Optional[torch.Tensor
     """`[T, T]` bool mask of the keys each query sees; None when plain causal (SDPA's is_causal path)."""
     if window is None or t <= window:
         return None
-    pos = torch.arange(t, device=device)
-    lag = pos[:, None] - pos[None, :]  # [T, T]
-    return (lag >= 0) & (lag < window)
+    return sliding_window_mask(t, t, window, device=device)  # [T, T]
 
 
 def teacher_attention(
@@ -86,7 +85,7 @@ def teacher_attention(
     k = repeat_heads(p.k_rope, p.group).float().transpose(1, 2)  # [B, H, T, D]
     v = repeat_heads(p.v, p.group).float().transpose(1, 2)  # [B, H, T, D]
     if mask is None:
-        mask = causal_mask(q.shape[2], q.device)
+        mask = sliding_window_mask(q.shape[2], q.shape[2], q.shape[2], device=q.device)  # causal: a T-key window
     scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, T, T]
     weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     return (weights @ v).transpose(1, 2), weights
@@ -157,6 +156,7 @@ class LinearizedAttention(nn.Module):
         self.window = teacher_window(base_layer)
         self.scaling = getattr(base_layer, "scaling", base_layer.head_dim**-0.5)
         self.collector: Optional[Callable[[TransferPair], None]] = None
+        self.collect_weights = False  # transfer mode: also hand over `[B, H, T, T]` attention weights
         self.recompute = RECOMPUTE_IN_BACKWARD
         self._compiled: Optional[Callable] = None
 
@@ -221,10 +221,9 @@ class LinearizedAttention(nn.Module):
         return self._compiled
 
     def transfer(self, p: Projected, y_student: torch.Tensor) -> torch.Tensor:
-        want_weights = bool(getattr(self.collector, "want_weights", False))
         with torch.no_grad():
-            y_teacher, w_teacher = teacher_attention(p, want_weights, self.scaling, self.window)
-        w_student = self.mechanism.attention_weights(p) if want_weights else None
+            y_teacher, w_teacher = teacher_attention(p, self.collect_weights, self.scaling, self.window)
+        w_student = self.mechanism.attention_weights(p) if self.collect_weights else None
         if self.collector is not None:
             self.collector(TransferPair(self.layer_idx, y_student, y_teacher, w_student, w_teacher))
         return y_teacher

@@ -14,7 +14,9 @@ ROW_EPS = 1e-12
 class PairCollector:
     """Callable handed to `linearize.transfer_mode`: stores every layer's TransferPair of one forward.
 
-    `want_weights` asks layers for `[B, H, T, T]` attention weights (parallel form only)."""
+    `want_weights`: whether this collector's loss needs `[B, H, T, T]` attention weights; pass it on
+    explicitly as `transfer_mode(model, collector, weights=collector.want_weights)` (transfer_mode reads
+    it itself when `weights` is not given)."""
 
     def __init__(self, want_weights: bool = False):
         self.want_weights = want_weights

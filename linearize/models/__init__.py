@@ -1,8 +1,9 @@
 """Models: loading teachers (a Hugging Face directory, a .gguf file, or a registered name such as the
 embedded `smollm2-135m-instruct`) and the exported student format.
 
-Attributes load lazily. Importing the package registers the exported `linearize_<base>` model types
-with the transformers Auto classes (`hf.register_auto_classes`).
+Attributes load lazily; importing the package changes nothing outside it. `register_auto_classes()` makes
+the transformers Auto classes resolve the exported `linearize_<base>` model types (`load_export` calls
+it; call it yourself before `AutoModelForCausalLM.from_pretrained(export)` without remote code).
 """
 from __future__ import annotations
 
@@ -15,14 +16,10 @@ _EXPORTS = {
     "REGISTERED_MODELS": "teacher",
     "save_export": "exported",
     "load_export": "exported",
+    "register_auto_classes": "hf",
 }
 
 __all__ = list(_EXPORTS)
-
-# transformers is already imported by `linearize` itself (the attention cache), so registering costs nothing.
-from . import hf as _hf  # noqa: E402
-
-_hf.register_auto_classes()
 
 
 def __getattr__(name: str):

@@ -3,10 +3,13 @@
 
 transformers copies the `auto_map` module and, recursively, the sibling files it imports as
 `from .name import ...` — flat files only, no sub-packages. So every linearize module the modeling
-code needs (found by following relative imports from `linearize.models.hf`) is written as one file
-named after its dotted path (`linearize.ops.linear_attn.naive` → `lz_ops_linear_attn_naive.py`), and
-its relative imports are rewritten to those flat names. Imports inside functions count too: that is how
-the modeling file reaches the Triton kernel modules, which the ops otherwise import lazily by name."""
+code needs (found by following relative imports from `linearize.models.hf`, those inside functions
+included) is written as one file named after its dotted path (`linearize.ops.linear_attn.naive` →
+`lz_ops_linear_attn_naive.py`), and its relative imports are rewritten to those flat names.
+
+The Triton kernel modules are listed in `KERNEL_MODULES`. Each op imports its kernels lazily (`load_triton`,
+a relative import inside a function), which is what makes transformers copy them out of an export; the
+bundler refuses to write a bundle that does not reach every listed kernel module that way."""
 from __future__ import annotations
 
 import ast
@@ -17,6 +20,12 @@ from pathlib import Path
 PACKAGE = "linearize"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_MODULE = "linearize.models.hf"
+# The Triton kernels an export ships. The ops import them only when a call runs on Triton.
+KERNEL_MODULES = (
+    "linearize.ops.gated_linear_attn.triton",
+    "linearize.ops.linear_attn.triton",
+    "linearize.ops.window_linear_attn.triton",
+)
 MODELING_FILE = "modeling_linearize.py"
 MODELING_MODULE = MODELING_FILE.removesuffix(".py")
 FLAT_PREFIX = "lz_"
@@ -77,8 +86,10 @@ def _rewrite(source: str, imports: list[tuple[ast.ImportFrom, str]]) -> str:
     return "".join(lines)
 
 
-def collect_modules(entry: str = ENTRY_MODULE) -> dict[str, str]:
-    """{flat file name: rewritten source} for `entry` and every linearize module it reaches."""
+def collect_modules(entry: str = ENTRY_MODULE, kernels: tuple[str, ...] = KERNEL_MODULES) -> dict[str, str]:
+    """{flat file name: rewritten source} for `entry` and every linearize module it reaches; ValueError
+    when a module of `kernels` is not among them (transformers copies only what relative imports reach
+    from the modeling file, so the export would run without it)."""
     pending, sources = [entry], {}
     while pending:
         name = pending.pop()
@@ -88,6 +99,10 @@ def collect_modules(entry: str = ENTRY_MODULE) -> dict[str, str]:
         imports = _linearize_imports(source, name)
         sources[name] = _rewrite(source, imports)
         pending.extend(target for _, target in imports if target != PACKAGE)
+    unreached = [name for name in kernels if name not in sources]
+    if unreached:
+        raise ValueError(f"no relative import from {entry} reaches the kernel modules {unreached}: an export "
+                         f"would not carry them")
     return {f"{flat_name(name)}.py": text for name, text in sources.items()}
 
 

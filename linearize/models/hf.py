@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
-import warnings
 from typing import Iterator
 
 import torch
@@ -28,8 +26,6 @@ from ..surgery import ARCHITECTURES, linearize_model
 
 SECTION = "linearize"
 MODEL_TYPE_PREFIX = "linearize_"
-# True for the copy written into an export (its module lives under transformers_modules, not linearize).
-BUNDLED = not __name__.startswith("linearize.")
 
 
 def model_type_for(base_model_type: str) -> str:
@@ -191,19 +187,5 @@ def register_auto_classes() -> None:
 
 
 def _expose_bundled_triton() -> None:
-    """The ops import their Triton kernels by name as `<op package>.triton`; in the flat bundle those
-    are sibling files (`lz_ops_<op>_triton`), so register them under the names the ops look up."""
-    from ..ops.gated_linear_attn.triton import chunk_gated_linear_attn_triton
-    from ..ops.linear_attn.triton import chunk_linear_attn_triton
-    from ..ops.window_linear_attn.triton import window_linear_attn_triton
-
-    for kernel in (chunk_linear_attn_triton, chunk_gated_linear_attn_triton, window_linear_attn_triton):
-        module = sys.modules[kernel.__module__]
-        sys.modules[f"{module.__name__.removesuffix('_triton')}.triton"] = module
-
-
-if BUNDLED and torch.cuda.is_available():
-    try:
-        _expose_bundled_triton()
-    except Exception as err:  # noqa: BLE001 — any Triton failure leaves backend=auto on the torch path
-        warnings.warn(f"Triton kernels unavailable ({err}); using the pure-PyTorch attention", stacklevel=1)
+    """Nothing to do: the ops import their Triton kernels themselves, in the flat bundle too (each op's
+    `load_triton`). Kept while tests/test_export_hf.py still calls it."""

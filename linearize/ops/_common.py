@@ -2,11 +2,13 @@
 `backend=` / `form=` dispatch of the public functions.
 
 Triton kernels live in `linearize/ops/<op>/triton.py` and are imported lazily, only when a call asks
-for them, so importing `linearize.ops` never imports triton. The optional fla backend (`_fla.py`, for the
+for them (each op's `load_triton`, a relative import inside a function, which an export's flat bundle
+follows too), so importing `linearize.ops` never imports triton. The optional fla backend (`_fla.py`, for the
 ops whose semantics fla covers) is imported the same way."""
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 from typing import Callable
 
@@ -154,9 +156,20 @@ def check_form(form: str, backend: str, backends: tuple[str, ...] = BACKENDS) ->
         raise ValueError(f"backend={backend!r} implements only form='chunk', not form={form!r}")
 
 
+def triton_module_name(op_package: str) -> str:
+    """`<op_package>.triton`; in an export's flat bundle (`models/bundle.py`) the op package is a single
+    file and its kernel module the sibling file `<op_package>_triton`."""
+    module = sys.modules.get(op_package)
+    if module is not None and not hasattr(module, "__path__"):
+        return f"{op_package}_triton"
+    return f"{op_package}.triton"
+
+
 def load_triton_function(op_package: str, function_name: str) -> Callable:
-    """Import `<op_package>.triton` and return `function_name` from it; ImportError says what is missing."""
-    module_name = f"{op_package}.triton"
+    """Import an op's kernel module by name (`triton_module_name`) and return `function_name` from it;
+    ImportError says what is missing. For callers holding only names (an export's modeling code); the ops
+    themselves import through `load_triton`."""
+    module_name = triton_module_name(op_package)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -167,28 +180,35 @@ def load_triton_function(op_package: str, function_name: str) -> Callable:
     return function
 
 
+def _load(load_triton: Callable[[], Callable]) -> Callable:
+    try:
+        return load_triton()
+    except ImportError as err:
+        raise ImportError(f"Triton backend unavailable: {err}") from err
+
+
 def resolve_chunk_backend(
     backend: str,
-    op_package: str,
-    triton_name: str,
+    load_triton: Callable[[], Callable],
     torch_fn: Callable,
     sample: torch.Tensor,
     fla_fn: Callable | None = None,
 ) -> Callable:
-    """The chunk implementation for `backend`: "torch" → `torch_fn`; "triton" → the Triton function
-    (ImportError if missing); "fla" → `fla_fn` (only ops that pass one accept it; the adapter imports fla
-    itself); "auto" → Triton for CUDA tensors when importable, else `torch_fn` (never fla)."""
+    """The chunk implementation for `backend`: "torch" → `torch_fn`; "triton" → `load_triton()` (the op's
+    lazy import of its kernel; ImportError if missing); "fla" → `fla_fn` (only ops that pass one accept it;
+    the adapter imports fla itself); "auto" → Triton for CUDA tensors when importable, else `torch_fn`
+    (never fla)."""
     check_backend(backend, BACKENDS if fla_fn is None else FLA_BACKENDS)
     if backend == "fla":
         return fla_fn
     if backend == "torch":
         return torch_fn
     if backend == "triton":
-        return load_triton_function(op_package, triton_name)
+        return _load(load_triton)
     if not sample.is_cuda:
         return torch_fn
     try:
-        return load_triton_function(op_package, triton_name)
+        return _load(load_triton)
     except ImportError as err:
         # auto falls back so CUDA machines without triton still run; the warning keeps a broken kernel
         # module from going unnoticed.

@@ -3,6 +3,7 @@ its intermediates, and fewer tensors saved for backward."""
 import pytest
 import torch
 
+import linearize
 from attn_helpers import converted, rel_rms
 from linearize.surgery import wrapped_attentions
 
@@ -11,8 +12,7 @@ RECOMPUTE_TOL = 1e-6
 
 
 def loss_and_grads(model, recompute: bool, x):
-    for layer in wrapped_attentions(model):
-        layer.recompute = recompute
+    linearize.set_recompute(model, recompute)
     model.zero_grad()
     loss = model(input_ids=x, use_cache=False).logits.square().mean()
     loss.backward()
@@ -34,8 +34,7 @@ def test_recompute_matches_keeping_intermediates(make_tiny_model, mechanism):
 
 def saved_bytes(model, recompute: bool, x) -> int:
     """Bytes of the tensors autograd keeps for backward during one forward."""
-    for layer in wrapped_attentions(model):
-        layer.recompute = recompute
+    linearize.set_recompute(model, recompute)
     total = 0
 
     def pack(t):
@@ -64,3 +63,11 @@ def test_lora_stage_sets_recompute_from_config(make_tiny_model, recompute):
     peft_model = wrap_with_lora(model, LoraRecoveryConfig(recompute_attention=recompute))
     layers = list(wrapped_attentions(peft_model))
     assert layers and all(layer.recompute is recompute for layer in layers)
+
+
+def test_set_recompute_reaches_every_converted_layer(make_tiny_model):
+    model = converted(make_tiny_model, "linear")
+    for flag in (False, True):
+        assert linearize.set_recompute(model, flag) is model
+        layers = list(wrapped_attentions(model))
+        assert len(layers) == 2 and all(layer.recompute is flag for layer in layers)

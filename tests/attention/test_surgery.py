@@ -144,6 +144,27 @@ def test_attention_weights_for_the_weight_loss(make_tiny_model):
     assert torch.count_nonzero(w.triu(1)) == 0  # causal
 
 
+@pytest.mark.parametrize("mechanism", ["linear", "window_linear"])
+def test_transfer_mode_collects_weights_when_asked(make_tiny_model, mechanism):
+    """`weights=True` adds both attention weights to each pair (rows of the student's sum to 1, as the
+    op's parallel form normalizes them); the default hands over outputs only; the mode is undone."""
+    model = make_tiny_model("llama")
+    linearize.linearize_model(model, attention_config(mechanism, window_size=4))
+    for weights in (True, False):
+        pairs = []
+        with torch.no_grad(), linearize.transfer_mode(model, pairs.append, weights=weights):
+            model(ids(12), use_cache=False)
+        assert len(pairs) == 2
+        for pair in pairs:
+            if weights:
+                assert pair.student_weights.shape == pair.teacher_weights.shape == (2, 4, 12, 12)
+                # normalized as the op's output: the normalizer's eps (1e-6) against row sums of O(1)
+                torch.testing.assert_close(pair.student_weights.sum(-1), torch.ones(2, 4, 12), rtol=0, atol=1e-4)
+            else:
+                assert pair.student_weights is None and pair.teacher_weights is None
+    assert all(not a.collect_weights and a.mode == "student" for a in wrapped_attentions(model))
+
+
 def test_conversion_is_recorded_in_the_config(make_tiny_model):
     model = make_tiny_model("llama")
     linearize.linearize_model(model, attention_config("liger", softmax_layers=[0]))

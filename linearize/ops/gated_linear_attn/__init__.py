@@ -29,7 +29,14 @@ FORMS = {
     "parallel": parallel_gated_linear_attn,
     "recurrent": recurrent_gated_linear_attn,
 }
-TRITON_FUNCTION = "chunk_gated_linear_attn_triton"
+
+
+def load_triton():
+    """The Triton chunk function, imported on first use. A relative import, so an export's flat bundle
+    (`models/bundle.py`) ships the kernel file and finds it as a sibling."""
+    from .triton import chunk_gated_linear_attn_triton
+
+    return chunk_gated_linear_attn_triton
 
 
 def chunk_gated_linear_attn(
@@ -55,7 +62,7 @@ def chunk_gated_linear_attn(
     if form != "chunk":
         return FORMS[form](q, k, v, g, **kwargs)
     impl = resolve_chunk_backend(
-        backend, __name__, TRITON_FUNCTION, chunk_gated_linear_attn_torch, q, fla_fn=chunk_gated_linear_attn_fla
+        backend, load_triton, chunk_gated_linear_attn_torch, q, fla_fn=chunk_gated_linear_attn_fla
     )
     return impl(q, k, v, g, chunk_size=chunk_size, **kwargs)
 

@@ -28,7 +28,14 @@ FORMS = {
     "parallel": parallel_linear_attn,
     "recurrent": recurrent_linear_attn,
 }
-TRITON_FUNCTION = "chunk_linear_attn_triton"
+
+
+def load_triton():
+    """The Triton chunk function, imported on first use. A relative import, so an export's flat bundle
+    (`models/bundle.py`) ships the kernel file and finds it as a sibling."""
+    from .triton import chunk_linear_attn_triton
+
+    return chunk_linear_attn_triton
 
 
 def chunk_linear_attn(
@@ -53,7 +60,7 @@ def chunk_linear_attn(
     if form != "chunk":
         return FORMS[form](q, k, v, **kwargs)
     impl = resolve_chunk_backend(
-        backend, __name__, TRITON_FUNCTION, chunk_linear_attn_torch, q, fla_fn=chunk_linear_attn_fla
+        backend, load_triton, chunk_linear_attn_torch, q, fla_fn=chunk_linear_attn_fla
     )
     return impl(q, k, v, chunk_size=chunk_size, **kwargs)
 

@@ -34,7 +34,14 @@ FORMS = {
     "parallel": parallel_window_linear_attn,
     "recurrent": recurrent_window_linear_attn,
 }
-TRITON_FUNCTION = "window_linear_attn_triton"
+
+
+def load_triton():
+    """The Triton chunk function, imported on first use. A relative import, so an export's flat bundle
+    (`models/bundle.py`) ships the kernel file and finds it as a sibling."""
+    from .triton import window_linear_attn_triton
+
+    return window_linear_attn_triton
 
 
 def window_linear_attn(
@@ -65,7 +72,7 @@ def window_linear_attn(
     )
     if form != "chunk":
         return FORMS[form](q, k, v, fq, fk, window_logit, **kwargs)
-    impl = resolve_chunk_backend(backend, __name__, TRITON_FUNCTION, chunk_window_linear_attn_torch, q)
+    impl = resolve_chunk_backend(backend, load_triton, chunk_window_linear_attn_torch, q)
     return impl(q, k, v, fq, fk, window_logit, chunk_size=chunk_size, **kwargs)
 
 

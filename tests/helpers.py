@@ -12,10 +12,22 @@ GPU_TOL = 2e-2
 REL_RMS_FLOOR = 1e-30
 
 
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in float64: the relative RMS error of `a` against the reference `b`."""
+def rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = REL_RMS_FLOOR) -> float:
+    """‖a − b‖ / max(‖b‖, floor) in float64: the relative RMS error of `a` against the reference `b`."""
     a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(REL_RMS_FLOOR)).item()
+    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+
+
+def window_linear_inputs(batch, seq_len, heads, kv_heads, head_dim, feature_dim, value_dim, seed=0):
+    """q, k, v, fq, fk, window_logit for `window_linear_attn` (positive features, as a feature map gives)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq_len, heads, head_dim, generator=gen)
+    k = torch.randn(batch, seq_len, kv_heads, head_dim, generator=gen)
+    v = torch.randn(batch, seq_len, kv_heads, value_dim, generator=gen)
+    fq = torch.rand(batch, seq_len, heads, feature_dim, generator=gen)
+    fk = torch.rand(batch, seq_len, heads, feature_dim, generator=gen)
+    window_logit = torch.randn(heads, generator=gen)
+    return q, k, v, fq, fk, window_logit
 
 
 def use_triton_interpreter() -> bool:

@@ -10,7 +10,7 @@ from linearize.ops.window_linear_attn import (
     window_linear_attn,
 )
 
-from helpers import rel_rms
+from helpers import rel_rms, window_linear_inputs
 
 # fp32 forms differ only by summation order: ~1e-7 observed, 1e-5 leaves room for long sequences
 TOL = 1e-5
@@ -18,14 +18,7 @@ HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM = 4, 2, 16, 12, 8
 
 
 def make_inputs(seq_len, batch=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, seq_len, HEADS, HEAD_DIM, generator=gen)
-    k = torch.randn(batch, seq_len, KV_HEADS, HEAD_DIM, generator=gen)
-    v = torch.randn(batch, seq_len, KV_HEADS, VALUE_DIM, generator=gen)
-    fq = torch.rand(batch, seq_len, HEADS, FEATURE_DIM, generator=gen)
-    fk = torch.rand(batch, seq_len, HEADS, FEATURE_DIM, generator=gen)
-    window_logit = torch.randn(HEADS, generator=gen)
-    return q, k, v, fq, fk, window_logit
+    return window_linear_inputs(batch, seq_len, HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM, seed)
 
 
 def sliced(inputs, start, stop):

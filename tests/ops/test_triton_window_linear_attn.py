@@ -1,7 +1,9 @@
 """Triton fused window + linear attention vs the pure-PyTorch parallel form: output, final state and
 every gradient (Triton backward kernels), on lengths that do not fit the tiles, windows smaller and
 larger than a tile, GQA, split-and-resume through `WindowLinearState`; CPU via the interpreter."""
-from helpers import GPU_TOL, cpu_tests_need_interpreter, rel_rms, use_triton_interpreter  # noqa: F401
+from helpers import (  # noqa: F401  (cpu_tests_need_interpreter: an autouse fixture)
+    GPU_TOL, cpu_tests_need_interpreter, rel_rms, use_triton_interpreter, window_linear_inputs,
+)
 
 INTERPRETED = use_triton_interpreter()  # before the kernel imports below
 
@@ -25,20 +27,9 @@ BATCH, HEADS, KV_HEADS, HEAD_DIM, FEATURE_DIM, VALUE_DIM = 1, 4, 2, 16, 12, 8
 GRAD_NORM_FLOOR = 1e-2
 
 
-
-def rel_rms(a, b, floor=1e-30):
-    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
-
-
 def make_inputs(seq_len, seed=0, head_dim=HEAD_DIM, feature_dim=FEATURE_DIM, value_dim=VALUE_DIM, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(BATCH, seq_len, HEADS, head_dim, generator=gen)
-    k = torch.randn(BATCH, seq_len, KV_HEADS, head_dim, generator=gen)
-    v = torch.randn(BATCH, seq_len, KV_HEADS, value_dim, generator=gen)
-    fq = torch.rand(BATCH, seq_len, HEADS, feature_dim, generator=gen)
-    fk = torch.rand(BATCH, seq_len, HEADS, feature_dim, generator=gen)
-    window_logit = torch.randn(HEADS, generator=gen)
-    return [x.to(device).requires_grad_() for x in (q, k, v, fq, fk, window_logit)]
+    inputs = window_linear_inputs(BATCH, seq_len, HEADS, KV_HEADS, head_dim, feature_dim, value_dim, seed)
+    return [x.to(device).requires_grad_() for x in inputs]
 
 
 def grads_of(outputs, inputs, seed=1):

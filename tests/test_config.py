@@ -246,3 +246,24 @@ def test_a_value_the_loader_accepts_never_fails_later():
     # engine.zero_stage=0 once passed and died inside DeepSpeed with a traceback
     assert "engine.zero_stage" in load_error(CONFIGS_DIR / "demo.yaml", ["engine.zero_stage=0"])
     assert dataclasses.is_dataclass(cfg) and not hasattr(cfg, "_metadata")  # a dataclass, not an OmegaConf node
+
+
+def test_command_line_keys_the_mechanism_ignores_are_warned_about(capsys):
+    cfg = load_config(CONFIGS_DIR / "demo.yaml", ["attention.mechanism=liger", "attention.window_size=32",
+                                                   "attention.gate_norm=8", "seed=2"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["linearize: warning: attention.window_size is ignored by attention.mechanism=liger; "
+                   "it applies to: window_linear, liger_window"]  # gate_norm is liger's; seed is not attention
+    assert cfg.attention.window_size == 32  # a warning, not an error
+    load_config(CONFIGS_DIR / "demo.yaml", ["attention.mechanism=liger"])  # the preset's own keys: no warning
+    assert capsys.readouterr().err == ""
+
+
+def test_the_docs_list_each_mechanisms_keys():
+    """docs/configs.md's "which keys apply" table says what each mechanism declares."""
+    from linearize.attention import COMMON_CONFIG_KEYS, mechanism_config_keys
+
+    docs = (CONFIGS_DIR.parent / "docs" / "configs.md").read_text()
+    for mechanism, keys in mechanism_config_keys().items():
+        own = ", ".join(f"`{key}`" for key in keys if key not in COMMON_CONFIG_KEYS) or "(none)"
+        assert f"| `{mechanism}` | {own} |" in docs

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -355,6 +356,33 @@ def _finish(cfg: DictConfig, provenance: Mapping[str, str], source: str) -> RunC
     return OmegaConf.to_object(cfg)
 
 
+def ignored_attention_keys(cfg: RunConfig, keys: Iterable[str]) -> list[str]:
+    """One warning line for each dotted `attention.*` key in `keys` that cfg's mechanism does not read,
+    naming the mechanisms that do (each mechanism declares its keys: `mechanism_config_keys`)."""
+    from linearize.attention import mechanism_config_keys
+
+    reads = mechanism_config_keys()
+    mechanism = cfg.attention.mechanism
+    warnings = []
+    for dotted in keys:
+        section, _, key = dotted.partition(".")
+        if section != "attention" or key in reads[mechanism]:
+            continue
+        users = [name for name, used in reads.items() if key in used]
+        warnings.append(f"{dotted} is ignored by attention.mechanism={mechanism}; it applies to: {', '.join(users)}")
+    return warnings
+
+
+def _with_overrides(cfg: DictConfig, overrides: Iterable[str], provenance: dict[str, str], source: str) -> RunConfig:
+    """Applies command-line overrides, finishes the config, and warns (stderr, one line each) about
+    attention keys set there that the chosen mechanism ignores."""
+    parsed = parse_overrides(overrides)
+    run_config = _finish(_merge(cfg, parsed, COMMAND_LINE, provenance), provenance, source)
+    for line in ignored_attention_keys(run_config, _dotted_keys(parsed)):
+        print(f"linearize: warning: {line}", file=sys.stderr)
+    return run_config
+
+
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunConfig:
     """The frozen run config of yaml file `path` (and its includes) with `key=value` overrides applied."""
     path = Path(path)
@@ -362,16 +390,14 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunCo
     provenance: dict[str, str] = {}
     for source, data in _config_sources(path):
         cfg = _merge(cfg, data, source, provenance)
-    cfg = _merge(cfg, parse_overrides(overrides), COMMAND_LINE, provenance)
-    return _finish(cfg, provenance, str(path))
+    return _with_overrides(cfg, overrides, provenance, str(path))
 
 
 def config_from_dict(data: Mapping, source: str = "config", overrides: Iterable[str] = ()) -> RunConfig:
     """The frozen run config of a plain mapping (e.g. the resolved config stored in a checkpoint)."""
     provenance: dict[str, str] = {}
     cfg = _merge(OmegaConf.structured(RunConfig), dict(data), source, provenance)
-    cfg = _merge(cfg, parse_overrides(overrides), COMMAND_LINE, provenance)
-    return _finish(cfg, provenance, source)
+    return _with_overrides(cfg, overrides, provenance, source)
 
 
 def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:

@@ -73,24 +73,23 @@ def case_teacher_forward(cfg):
 
 def case_transfer_step(cfg):
     import linearize
-    from linearize.losses import PairCollector, transfer_objective
+    from linearize.losses import transfer_objective
     from linearize.train.student import load_converted
 
     model, _ = load_converted(cfg)
     linearize.freeze_for_transfer(model)
     stage_cfg = TransferConfig()
-    loss_fn = transfer_objective(PairCollector(), stage_cfg.mse_factor, stage_cfg.attn_ce_weight)
+    loss_fn = transfer_objective(stage_cfg.mse_factor, stage_cfg.attn_ce_weight)
     return model, _training_step(model, loss_fn, stage_cfg)
 
 
 def _lora_step(model, **stage_overrides):
+    import linearize
     from linearize import adapters
     from linearize.losses import recovery_objective
-    from linearize.surgery import wrapped_attentions
 
     stage_cfg = LoraRecoveryConfig(**stage_overrides)
-    for layer in wrapped_attentions(model):  # as the LoRA stage sets it
-        layer.recompute = stage_cfg.recompute_attention
+    linearize.set_recompute(model, stage_cfg.recompute_attention)
     peft_model = adapters.wrap(model, rank=stage_cfg.rank, alpha=stage_cfg.alpha, dropout=stage_cfg.dropout,
                                targets=stage_cfg.targets, train_student=stage_cfg.train_student)
     return peft_model, _training_step(peft_model, recovery_objective(stage_cfg.kl_weight), stage_cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import linearize
-from linearize.losses import PairCollector, transfer_objective
+from linearize.losses import transfer_objective
 from linearize.train.student import save_student
 
 from .common import finish_stage, skip_stage, start_stage, train_stage
@@ -24,9 +24,8 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     start = start_stage(cfg, run_dir, STAGE, sources=())  # always a fresh student: this stage makes it
     if not linearize.freeze_for_transfer(start.model):
         return skip_stage(start, f"{cfg.attention.mechanism} adds no trainable parameters")
-    collector = PairCollector(want_weights=cfg.attention_transfer.attn_ce_weight > 0)
     stage_cfg = cfg.attention_transfer
-    loss_fn = transfer_objective(collector, stage_cfg.mse_factor, stage_cfg.attn_ce_weight)
+    loss_fn = transfer_objective(stage_cfg.mse_factor, stage_cfg.attn_ce_weight)
     metrics = train_stage(start, start.model, loss_fn, stage_cfg, accept_changes)
     save_student(start.model, start.stage_dir / STUDENT_FILE)
     return finish_stage(start, metrics)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+import linearize
 from linearize import adapters
 from linearize.losses import recovery_objective
-from linearize.surgery import wrapped_attentions
 from linearize.train.student import save_student
 
 from .common import finish_stage, start_stage, train_stage
@@ -25,8 +25,7 @@ def wrap_with_lora(model: torch.nn.Module, stage_cfg):
     """A PeftModel with LoRA on `stage_cfg.targets`; only the adapters (and, with train_student, the
     student parameters) train. Converted layers recompute their mechanism in backward unless
     `recompute_attention` is off."""
-    for layer in wrapped_attentions(model):
-        layer.recompute = stage_cfg.recompute_attention
+    linearize.set_recompute(model, stage_cfg.recompute_attention)
     return adapters.wrap(model, rank=stage_cfg.rank, alpha=stage_cfg.alpha, dropout=stage_cfg.dropout,
                          targets=stage_cfg.targets, train_student=stage_cfg.train_student)
 

@@ -289,15 +289,15 @@ def test_transfer_loss_with_attention_weights_trains_student_parameters():
     """attn_ce_weight > 0 (parallel form): layers hand over attention weights and the CE term adds in."""
     import linearize
     from linearize.config.schema import AttentionConfig
-    from linearize.losses import PairCollector, transfer_objective
+    from linearize.losses import transfer_objective
 
     model = tiny_model("llama")
     linearize.linearize_model(model, AttentionConfig(mechanism="window_linear", form="parallel", window_size=4,
                                                      feature_dim=8))
     linearize.freeze_for_transfer(model)
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
-    mse_only = transfer_objective(PairCollector(), attn_ce_weight=0.0)(model, ids)
-    with_ce = transfer_objective(PairCollector(want_weights=True), attn_ce_weight=1.0)(model, ids)
+    mse_only = transfer_objective(attn_ce_weight=0.0)(model, ids)
+    with_ce = transfer_objective(attn_ce_weight=1.0)(model, ids)
     assert with_ce > mse_only  # the CE of a row distribution against another is positive
     with_ce.backward()
     trained = [name for name, p in model.named_parameters() if p.grad is not None]

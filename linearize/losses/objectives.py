@@ -12,17 +12,20 @@ from .lm import next_token_loss
 from .transfer import PairCollector, attention_ce, transfer_mse
 
 
-def transfer_objective(collector: PairCollector, mse_factor: float = 1.0, attn_ce_weight: float = 0.0):
+def transfer_objective(mse_factor: float = 1.0, attn_ce_weight: float = 0.0):
     """mse_factor · MSE (+ attn_ce_weight · attention-weight cross-entropy) over one teacher-forced
-    forward through the decoder (the LM head is skipped: transfer needs only the per-layer pairs)."""
+    forward through the decoder (the LM head is skipped: transfer needs only the per-layer pairs). The
+    layers hand over their attention weights only when the cross-entropy term needs them."""
+    collector = PairCollector()
+    weights = attn_ce_weight > 0
 
     def loss_fn(model, input_ids):
         collector.take()
-        with transfer_mode(model, collector):
+        with transfer_mode(model, collector, weights=weights):
             model.get_decoder()(input_ids=input_ids, use_cache=False)  # no decode state in training
         pairs = collector.take()
         loss = transfer_mse(pairs, mse_factor)
-        if attn_ce_weight > 0:
+        if weights:
             loss = loss + attn_ce_weight * attention_ce(pairs)
         return loss
 

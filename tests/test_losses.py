@@ -1,11 +1,11 @@
-"""Unit tests of the transfer MSE, attention-weight cross-entropy and distillation KL."""
+"""Unit tests of the transfer MSE, attention-weight cross-entropy, distillation KL and the next-token loss."""
 from collections import namedtuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from linearize.losses import PairCollector, attention_ce, distill_kl, transfer_mse
+from linearize.losses import PairCollector, attention_ce, distill_kl, kl_per_position, next_token_loss, transfer_mse
 
 Pair = namedtuple("Pair", "layer_idx student teacher student_weights teacher_weights")
 
@@ -70,6 +70,7 @@ def test_distill_kl_matches_definition_and_mask():
     # same math through a different torch kernel
     torch.testing.assert_close(distill_kl(s, t), per_pos.mean(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(distill_kl(s, t, mask), per_pos[mask.bool()].mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(kl_per_position(s, t), per_pos, rtol=1e-5, atol=1e-6)  # the [B, T] evaluation sums
     assert distill_kl(t, t).abs() < 1e-6  # KL of a distribution with itself; fp32 rounding
 
 
@@ -85,3 +86,15 @@ def test_collector_take_empties():
     c = PairCollector(want_weights=True)
     c(_pair(0))
     assert len(c.take()) == 1 and c.take() == [] and c.want_weights
+
+
+def test_next_token_loss_is_the_shifted_cross_entropy_in_every_reduction():
+    """Position t's logits predict token t+1: the float64 log-softmax picked at the next token."""
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(2, 5, 7, generator=g), torch.randint(0, 7, (2, 5), generator=g)
+    picked = -logits.double().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # [B, T−1]
+    # fp32 cross-entropy against the float64 reference: rounding of 7-way log-sum-exps only
+    torch.testing.assert_close(next_token_loss(logits, ids, reduction="none").double(), picked, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(next_token_loss(logits, ids).double(), picked.mean(), rtol=1e-6, atol=1e-6)
+    summed = next_token_loss(logits, ids, reduction="sum").double()
+    torch.testing.assert_close(summed, picked.sum(), rtol=1e-6, atol=1e-6)

@@ -140,23 +140,36 @@ def freeze_for_transfer(model: nn.Module) -> list[nn.Parameter]:
     return trainable
 
 
+def set_recompute(model: nn.Module, recompute: bool) -> nn.Module:
+    """Whether the converted layers recompute their mechanism in backward when the whole model trains
+    through them (student mode with gradients, no cache: LoRA recovery): less memory for about one more
+    mechanism forward per step. On by default."""
+    for attn in wrapped_attentions(model):
+        attn.recompute = bool(recompute)
+    return model
+
+
 @contextlib.contextmanager
-def _mode(model: nn.Module, mode: str, collector: Callable | None = None):
+def _mode(model: nn.Module, mode: str, collector: Callable | None = None, weights: bool = False):
     attns = list(wrapped_attentions(model))
-    previous = [(a.mode, a.collector) for a in attns]
+    previous = [(a.mode, a.collector, a.collect_weights) for a in attns]
     for a in attns:
-        a.mode, a.collector = mode, collector
+        a.mode, a.collector, a.collect_weights = mode, collector, weights
     try:
         yield model
     finally:
-        for a, (m, c) in zip(attns, previous):
-            a.mode, a.collector = m, c
+        for a, (m, c, w) in zip(attns, previous):
+            a.mode, a.collector, a.collect_weights = m, c, w
 
 
-def transfer_mode(model: nn.Module, collector: Callable):
+def transfer_mode(model: nn.Module, collector: Callable, weights: bool | None = None):
     """Within the block each converted layer hands `TransferPair`s to `collector` and returns the
-    teacher's output."""
-    return _mode(model, "transfer", collector)
+    teacher's output. `weights=True` adds the student and teacher attention weights `[B, H, T, T]` to
+    each pair (mechanisms with a parallel weight form: linear, window_linear). `weights=None` reads the
+    collector's `want_weights` attribute once, here (what `PairCollector(want_weights=...)` sets)."""
+    if weights is None:
+        weights = bool(getattr(collector, "want_weights", False))
+    return _mode(model, "transfer", collector, weights)
 
 
 def teacher_mode(model: nn.Module):

@@ -1,7 +1,7 @@
 """Triton chunked gated linear attention (GLA form), the one kernel template for both chunked ops:
 `chunk_gated_linear_attn_triton` (same contract as `chunk.chunk_gated_linear_attn_torch`) and its no-gate
 case, which `linear_attn.triton.chunk_linear_attn_triton` calls with `g=None` (math, shapes, state layout:
-see each op's `reference.py`).
+see each op's `naive.py`).
 
 One program per (value tile, batch·head) walks the chunks holding the fp32 state `S [K, V]`. GQA by
 indexing (query head h reads kv head `h // group`); nothing is repeated. Normalized: the kernels run on

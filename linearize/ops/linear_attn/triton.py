@@ -1,5 +1,5 @@
 """Triton chunked causal linear attention: `chunk_linear_attn_triton`, same contract as
-`chunk.chunk_linear_attn_torch` (math, shapes, state layout: see `reference.py`).
+`chunk.chunk_linear_attn_torch` (math, shapes, state layout: see `naive.py`).
 
 Linear attention is gated linear attention with g = 0: this is the gated kernel template
 (`gated_linear_attn/triton.py`) run without a gate, where every decay is 1, the scores are one masked

@@ -1,5 +1,5 @@
 """Triton fused LoLCATs hybrid attention (sliding-window softmax + linear attention over older keys):
-`window_linear_attn_triton`, same contract as `naive.chunk_window_linear_attn_torch` (math, shapes and
+`window_linear_attn_triton`, same contract as `chunk.chunk_window_linear_attn_torch` (math, shapes and
 `WindowLinearState`: see `naive.py`).
 
 Keys are the cached prefix (P ≤ W keys from `initial_state`) followed by the T new ones; query t sits at

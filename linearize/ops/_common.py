@@ -212,5 +212,26 @@ def resolve_chunk_backend(
     except ImportError as err:
         # auto falls back so CUDA machines without triton still run; the warning keeps a broken kernel
         # module from going unnoticed.
-        warnings.warn(f"{err}; using the torch chunk form", stacklevel=3)
+        warnings.warn(f"{err}; using the torch chunk form", stacklevel=4)  # the op's caller (via run_form)
         return torch_fn
+
+
+def run_form(
+    forms: dict[str, Callable],
+    load_triton: Callable[[], Callable],
+    args: tuple,
+    kwargs: dict,
+    *,
+    form: str,
+    backend: str,
+    chunk_size: int,
+    fla_fn: Callable | None = None,
+):
+    """The dispatch every op's public function shares: `forms[form](*args, **kwargs)`, where the chunk form
+    runs on the implementation `backend` selects (`resolve_chunk_backend`) with `chunk_size`. Raises on an
+    unknown form or backend first (`check_form`)."""
+    check_form(form, backend, BACKENDS if fla_fn is None else FLA_BACKENDS)
+    if form != "chunk":
+        return forms[form](*args, **kwargs)
+    impl = resolve_chunk_backend(backend, load_triton, forms["chunk"], args[0], fla_fn=fla_fn)
+    return impl(*args, chunk_size=chunk_size, **kwargs)

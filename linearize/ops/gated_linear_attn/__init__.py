@@ -19,7 +19,7 @@ without a gate). Math, shapes and state layout: see `naive.py`.
 """
 from __future__ import annotations
 
-from .._common import FLA_BACKENDS, check_form, resolve_chunk_backend
+from .._common import run_form
 from .._fla import chunk_gated_linear_attn_fla
 from .chunk import chunk_gated_linear_attn_torch
 from .naive import parallel_gated_linear_attn, recurrent_gated_linear_attn
@@ -55,16 +55,13 @@ def chunk_gated_linear_attn(
 ):
     """Gated linear attention; q `[B, T, H, K]`, k and g `[B, T, H_kv, K]`, v `[B, T, H_kv, V]` →
     (o `[B, T, H, V]`, state `[B, H, K, V(+1)]` or None)."""
-    check_form(form, backend, FLA_BACKENDS)
     kwargs = dict(
         scale=scale, normalize=normalize, initial_state=initial_state, output_final_state=output_final_state
     )
-    if form != "chunk":
-        return FORMS[form](q, k, v, g, **kwargs)
-    impl = resolve_chunk_backend(
-        backend, load_triton, chunk_gated_linear_attn_torch, q, fla_fn=chunk_gated_linear_attn_fla
+    return run_form(
+        FORMS, load_triton, (q, k, v, g), kwargs, form=form, backend=backend, chunk_size=chunk_size,
+        fla_fn=chunk_gated_linear_attn_fla,
     )
-    return impl(q, k, v, g, chunk_size=chunk_size, **kwargs)
 
 
 __all__ = [

@@ -20,7 +20,7 @@ Math, shapes and the state layout: see `naive.py`.
 """
 from __future__ import annotations
 
-from .._common import BACKENDS, check_form, resolve_chunk_backend
+from .._common import BACKENDS, run_form
 from .chunk import chunk_window_linear_attn_torch
 from .naive import (
     WindowLinearState,
@@ -66,14 +66,13 @@ def window_linear_attn(
             "backend='fla' is not available for window_linear_attn (fla has no sliding-window + linear "
             f"hybrid op); valid backends: {', '.join(BACKENDS)}"
         )
-    check_form(form, backend)
     kwargs = dict(
         window_size=window_size, scale=scale, initial_state=initial_state, output_final_state=output_final_state
     )
-    if form != "chunk":
-        return FORMS[form](q, k, v, fq, fk, window_logit, **kwargs)
-    impl = resolve_chunk_backend(backend, load_triton, chunk_window_linear_attn_torch, q)
-    return impl(q, k, v, fq, fk, window_logit, chunk_size=chunk_size, **kwargs)
+    return run_form(
+        FORMS, load_triton, (q, k, v, fq, fk, window_logit), kwargs, form=form, backend=backend,
+        chunk_size=chunk_size,
+    )
 
 
 __all__ = [

@@ -10,11 +10,11 @@ from linearize.config import config_to_dict
 from linearize.errors import UserError
 from linearize.train import check_same_config, distributed, latest_checkpoint, verify_checkpoint
 from linearize.train.checkpoint import read_checkpoint_config
-from linearize.train.report import write_report
+from stages.report import write_report
 from linearize.train.state import RESTART_HINT
 from stages import export
 from stages.registry import STAGES, TRAINING_STAGES, stage_runner
-from stages.rundir import (DONE_FILE, check_owned, clear_done, discard_stage, mark_stage, read_done,
+from stages.rundir import (DONE_FILE, SKIPPED, check_owned, clear_done, discard_stage, mark_stage, read_done,
                            remove_discard_leftovers, run_lock, same_config_as_done)
 
 RUN_CONFIG = "config.yaml"
@@ -41,8 +41,8 @@ def _plan(stage_dir: Path, stage: str, config: dict, force: bool, accept_changes
     done = read_done(stage_dir)
     if done is not None:
         changed = same_config_as_done(done, config, stage, stage_dir / DONE_FILE, accept_changes)
-        if changed and stage in TRAINING_STAGES:
-            _check_steps_left(stage_dir, stage, config)
+        if changed and stage in TRAINING_STAGES and SKIPPED not in done["metrics"]:
+            _check_steps_left(stage_dir, stage, config)  # a skipped stage trained nothing: it simply runs again
         return RUN if changed else SKIP
     checkpoint = latest_checkpoint(stage_dir)
     if checkpoint is not None:

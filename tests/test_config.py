@@ -267,3 +267,11 @@ def test_the_docs_list_each_mechanisms_keys():
     for mechanism, keys in mechanism_config_keys().items():
         own = ", ".join(f"`{key}`" for key in keys if key not in COMMON_CONFIG_KEYS) or "(none)"
         assert f"| `{mechanism}` | {own} |" in docs
+
+
+def test_stage_sections_of_the_schema_are_the_registered_stages():
+    """The library knows a stage's config section from the schema; the runners know it from the registry."""
+    from linearize.config import stage_sections
+    from stages.registry import STAGES
+
+    assert stage_sections() == tuple(STAGES)

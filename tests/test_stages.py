@@ -68,6 +68,7 @@ def copy_run(cfg, run_dir, dest):
     return config_from_dict(config_to_dict(cfg), "test", [f"output_dir={dest}"]), dest / "tiny"
 
 
+@pytest.mark.parity
 def test_every_stage_then_load_export_and_generate(tiny_run):
     cfg, run_dir, results, printed = tiny_run
     assert list(results) == STAGE_NAMES
@@ -262,6 +263,11 @@ def test_a_stage_with_nothing_to_train_is_skipped_and_recorded(tmp_path, tiny_to
     assert f"skipped: {reason}" in (run_dir / "report.md").read_text()
     assert run_stages(cfg)["attention_transfer"] == {"skipped": reason}
     assert capsys.readouterr().out.count("done, skipping") == 4
+    from stages.config_loader import config_from_dict, config_to_dict
+
+    changed = config_from_dict(config_to_dict(cfg), "test", ["attention_transfer.lr=0.5"])
+    # a skipped stage trained nothing, so --accept-changes runs it again rather than finding "no step left"
+    assert run_stages(changed, ["attention_transfer"], accept_changes=True)["attention_transfer"] == {"skipped": reason}
 
 
 def test_evaluate_target_on_run_and_export_dirs(tiny_run, tmp_path):

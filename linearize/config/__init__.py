@@ -12,10 +12,11 @@ from .schema import (
     RunConfig,
     TrainStageConfig,
     TransferConfig,
+    stage_sections,
 )
 
 __all__ = [
     "AttentionConfig", "DataConfig", "EngineConfig", "EvaluateConfig", "ExportConfig",
     "LoraRecoveryConfig", "ModelConfig", "RunConfig", "TrainStageConfig", "TransferConfig", "changed_keys",
-    "config_to_dict", "flatten",
+    "config_to_dict", "flatten", "stage_sections",
 ]

@@ -3,7 +3,7 @@ so an unknown key or a wrong type is an error. Defaults follow the LoLCATs recip
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 # sigmoid(logit(0.1)) = 0.1: LoLCATs starts every head giving the window 10% weight.
@@ -128,6 +128,11 @@ class EngineConfig:
     precision: str = "fp32"  # a name of linearize.train.distributed.PRECISIONS
 
 
+# Marks the RunConfig sections that belong to one pipeline stage: a stage's checkpoints and DONE record
+# ignore the other stages' sections (stages/registry.py maps the same names to their runners).
+STAGE_SECTION = {"stage": True}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     run_name: str = "demo"
@@ -139,8 +144,13 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    attention_transfer: TransferConfig = field(default_factory=TransferConfig)
-    lora_recovery: LoraRecoveryConfig = field(default_factory=LoraRecoveryConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+    attention_transfer: TransferConfig = field(default_factory=TransferConfig, metadata=STAGE_SECTION)
+    lora_recovery: LoraRecoveryConfig = field(default_factory=LoraRecoveryConfig, metadata=STAGE_SECTION)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata=STAGE_SECTION)
+    export: ExportConfig = field(default_factory=ExportConfig, metadata=STAGE_SECTION)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def stage_sections() -> tuple[str, ...]:
+    """The RunConfig sections that configure one stage each, in pipeline order."""
+    return tuple(f.name for f in fields(RunConfig) if f.metadata.get("stage"))

@@ -7,10 +7,10 @@ from .loop import METRICS_FILE, PLOT_FILE, TrainResult, evaluate_loss, train
 from .metrics import MetricsLog, plot_metrics
 from .sampler import sample_indices
 from .schedule import SCHEDULES, build_schedule
-from .state import STAGE_NAMES, changed_keys, check_same_config, config_to_dict, seed_everything, stage_view
+from .state import changed_keys, check_same_config, config_to_dict, seed_everything, stage_view
 
 __all__ = [
-    "AUTOCAST_DTYPES", "Engine", "METRICS_FILE", "MetricsLog", "PLOT_FILE", "SCHEDULES", "STAGE_NAMES",
+    "AUTOCAST_DTYPES", "Engine", "METRICS_FILE", "MetricsLog", "PLOT_FILE", "SCHEDULES",
     "TrainResult", "TrainerState", "autocast_context", "build_engine", "build_schedule", "changed_keys",
     "check_same_config", "checkpoint_dirs", "config_to_dict", "default_device",
     "evaluate_loss", "latest_checkpoint", "load_checkpoint", "plot_metrics",

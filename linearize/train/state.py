@@ -7,10 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from ..config import changed_keys, config_to_dict  # noqa: F401  (linearize.train re-exports them)
+from ..config import changed_keys, config_to_dict, stage_sections  # noqa: F401  (linearize.train re-exports the first two)
 from ..errors import UserError
 
-STAGE_NAMES = ("attention_transfer", "lora_recovery", "evaluate", "export")
 # Keys that name or order a run but change nothing a stage computes.
 NON_COMPUTING_KEYS = ("run_name", "output_dir", "stages")
 
@@ -18,7 +17,7 @@ NON_COMPUTING_KEYS = ("run_name", "output_dir", "stages")
 def stage_view(config: dict, stage: str) -> dict:
     """The part of a full config dict that stage `stage` depends on: everything except run naming and
     the sections of the other stages."""
-    skip = set(NON_COMPUTING_KEYS) | (set(STAGE_NAMES) - {stage})
+    skip = set(NON_COMPUTING_KEYS) | (set(stage_sections()) - {stage})
     return {key: value for key, value in config.items() if key not in skip}
 
 

@@ -54,7 +54,7 @@ def test_load_export_and_auto_classes_give_the_original_logits(tmp_path, tiny_to
     assert config["auto_map"]["AutoModelForCausalLM"].startswith(bundle.MODELING_MODULE + ".")
     ids = _ids()
     loaded, _ = load_export(out)
-    auto = AutoModelForCausalLM.from_pretrained(out).eval()  # registered by `import linearize.models`
+    auto = AutoModelForCausalLM.from_pretrained(out).eval()  # registered by load_export (register_auto_classes)
     with torch.no_grad():
         want = model(ids).logits
         for got in (loaded(ids).logits, auto(ids).logits):
@@ -116,7 +116,6 @@ STANDALONE = textwrap.dedent("""
         generated = model.generate(ids, max_new_tokens={new}, do_sample=False, pad_token_id=0)
     # The CUDA-only Triton hookup, exercised on CPU: the ops must find the bundled kernels by their names.
     modeling = sys.modules[type(model).__module__]
-    modeling._expose_bundled_triton()
     common = sys.modules[modeling.__package__ + ".lz_ops__common"]
     kernel = common.load_triton_function(modeling.__package__ + ".lz_ops_linear_attn", "chunk_linear_attn_triton")
     torch.save({{"logits": logits, "generated": generated, "module": type(model).__module__,

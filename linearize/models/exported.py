@@ -5,8 +5,9 @@ the training run's files. An unmerged LoRA adapter, if any, sits in `adapter/` a
 
 config.json names the model type `linearize_<base>` and maps the Auto classes (`auto_map`) to the
 bundled `modeling_linearize.py` (see `bundle.py`), so plain transformers loads the directory with
-`trust_remote_code=True` even where linearize is not installed; after `import linearize.models` the Auto
-classes load it without remote code (`hf.register_auto_classes`).
+`trust_remote_code=True` even where linearize is not installed; after
+`linearize.models.register_auto_classes()` (which `load_export` calls) the Auto classes load it without
+remote code.
 
 What an export promises (docs/guarantees.md):
 - the section records the sha256 of every bundled code file and the transformers version it was

@@ -184,8 +184,3 @@ def register_auto_classes() -> None:
     for config_class, model_class in CLASSES.values():
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
-
-
-def _expose_bundled_triton() -> None:
-    """Nothing to do: the ops import their Triton kernels themselves, in the flat bundle too (each op's
-    `load_triton`). Kept while tests/test_export_hf.py still calls it."""

@@ -373,11 +373,33 @@ def ignored_attention_keys(cfg: RunConfig, keys: Iterable[str]) -> list[str]:
     return warnings
 
 
+def _switched_feature_map(cfg: DictConfig, parsed: Mapping) -> dict:
+    """When the command line switches attention.mechanism without naming a feature map, and the new
+    mechanism takes only some maps, its default map replaces the one the files chose for another
+    mechanism (e.g. demo's hedgehog under `attention.mechanism=liger`). Returns the override to merge."""
+    attention = parsed.get("attention") or {}
+    if "mechanism" not in attention or "feature_map" in attention:
+        return {}
+    from linearize.attention import MECHANISMS
+
+    factory = MECHANISMS.get(attention["mechanism"])
+    default = getattr(factory, "default_feature_map", None)
+    if default is None or cfg.attention.feature_map == default:
+        return {}
+    print(f"linearize: note: attention.feature_map={default}, {attention['mechanism']}'s default, replaces "
+          f"{cfg.attention.feature_map} (set attention.feature_map to choose another)", file=sys.stderr)
+    return {"attention": {"feature_map": default}}
+
+
 def _with_overrides(cfg: DictConfig, overrides: Iterable[str], provenance: dict[str, str], source: str) -> RunConfig:
     """Applies command-line overrides, finishes the config, and warns (stderr, one line each) about
     attention keys set there that the chosen mechanism ignores."""
     parsed = parse_overrides(overrides)
-    run_config = _finish(_merge(cfg, parsed, COMMAND_LINE, provenance), provenance, source)
+    cfg = _merge(cfg, parsed, COMMAND_LINE, provenance)
+    switched = _switched_feature_map(cfg, parsed)
+    if switched:
+        cfg = _merge(cfg, switched, f"the default of attention.mechanism={cfg.attention.mechanism}", provenance)
+    run_config = _finish(cfg, provenance, source)
     for line in ignored_attention_keys(run_config, _dotted_keys(parsed)):
         print(f"linearize: warning: {line}", file=sys.stderr)
     return run_config

@@ -275,3 +275,13 @@ def test_stage_sections_of_the_schema_are_the_registered_stages():
     from stages.registry import STAGES
 
     assert stage_sections() == tuple(STAGES)
+
+
+def test_switching_to_liger_on_the_command_line_brings_its_feature_map(capsys):
+    switched = load_config(CONFIGS_DIR / "demo.yaml", ["attention.mechanism=liger"])
+    assert switched.attention.feature_map == "softmax_dim"  # demo's hedgehog does not fit liger's gate
+    assert "note: attention.feature_map=softmax_dim, liger's default, replaces hedgehog" in capsys.readouterr().err
+    chosen = load_config(CONFIGS_DIR / "demo.yaml", ["attention.mechanism=liger", "attention.feature_map=elu"])
+    assert chosen.attention.feature_map == "elu" and capsys.readouterr().err == ""  # named: kept
+    kept = load_config(CONFIGS_DIR / "demo.yaml", ["attention.mechanism=linear"])
+    assert kept.attention.feature_map == "hedgehog"  # linear takes any map: the file's stays

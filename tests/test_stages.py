@@ -246,6 +246,20 @@ def test_no_transfer_baseline_and_unknown_stage(tmp_path, tiny_tokenizer):
         run_stages(cfg, ["distill"])
 
 
+def test_switching_a_presets_mechanism_on_the_command_line_runs_end_to_end(tmp_path, tiny_tokenizer, capsys):
+    """`linearize run configs/demo.yaml attention.mechanism=liger`, on the tiny model: liger brings its own
+    feature map, stage 1 has nothing to train and is skipped, the other stages run."""
+    from stages.config_loader import config_from_dict, config_to_dict
+    from stages.pipeline import run_stages
+
+    preset = tiny_run_config(tmp_path, tiny_tokenizer)  # window_linear + hedgehog, like demo.yaml
+    cfg = config_from_dict(config_to_dict(preset), "test", ["attention.mechanism=liger"])
+    results = run_stages(cfg)
+    assert results["attention_transfer"] == {"skipped": "liger adds no trainable parameters"}
+    assert results["lora_recovery"]["step"] == 3 and results["evaluate"]["student_ppl"] > 1.0
+    assert results["export"]["merged_lora"] is True
+
+
 def test_a_stage_with_nothing_to_train_is_skipped_and_recorded(tmp_path, tiny_tokenizer, capsys):
     """liger adds no parameters: attention_transfer says so in one line, records {"skipped": reason} and
     writes no student; the later stages run as after a run without that stage, and a re-run skips it."""

@@ -74,6 +74,9 @@ class Mechanism(nn.Module):
 
     name: str = ""
     reads: tuple[str, ...] = ()
+    # The feature map to use when the mechanism is switched on the command line without naming one: set
+    # by mechanisms that take only some maps (None: any map works, the config's stays).
+    default_feature_map: Optional[str] = None
 
     def __init__(self, cfg: AttentionConfig, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int):
         super().__init__()

@@ -17,6 +17,7 @@ from .window_linear import sliding_window
 class LigerAttention(Mechanism):
     name = "liger"
     reads = ("feature_map", "feature_dim", "gate_norm")
+    default_feature_map = "softmax_dim"  # Liger's parameter-free map over the head dim
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)

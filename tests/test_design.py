@@ -35,7 +35,8 @@ LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 # `python -m linearize` is the command line's entry point: it belongs to the top layer.
 ENTRY_POINTS = {"linearize/__main__.py": "stages"}
 # The one module that may import each of these packages.
-SOLE_IMPORTERS = {"peft": "linearize/adapters.py", "deepspeed": "linearize/train/distributed.py"}
+SOLE_IMPORTERS = {"peft": "linearize/adapters.py", "deepspeed": "linearize/train/distributed.py",
+                  "omegaconf": "stages/config_loader.py"}  # the library receives frozen dataclasses
 
 
 def _module_name(path: Path) -> str:

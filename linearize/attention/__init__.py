@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..errors import UserError
 from .base import COMMON_CONFIG_KEYS, Mechanism, Projected, RunOptions
 from .cache import StudentCache, StudentCacheLayer, cache_nbytes, map_state, state_nbytes
 from .lawcat import LawcatAttention
@@ -45,10 +46,15 @@ def mechanism_config_keys() -> dict[str, tuple[str, ...]]:
     }
 
 
+def mechanism_factory(name: str) -> Callable[..., Mechanism] | None:
+    """The registered class of mechanism `name` (None for `softmax`): the library's one check of the name."""
+    if name not in MECHANISMS:
+        raise UserError(f"unknown mechanism {name!r}; valid mechanisms: {', '.join(MECHANISMS)}")
+    return MECHANISMS[name]
+
+
 def build_mechanism(cfg, num_heads: int, num_kv_heads: int, head_dim: int, hidden_size: int) -> Mechanism:
-    if cfg.mechanism not in MECHANISMS:
-        raise ValueError(f"unknown mechanism {cfg.mechanism!r}; valid mechanisms: {', '.join(MECHANISMS)}")
-    factory = MECHANISMS[cfg.mechanism]
+    factory = mechanism_factory(cfg.mechanism)
     if factory is None:
         raise ValueError("mechanism 'softmax' keeps the teacher attention; there is no student to build")
     return factory(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
@@ -57,5 +63,5 @@ def build_mechanism(cfg, num_heads: int, num_kv_heads: int, head_dim: int, hidde
 __all__ = [
     "COMMON_CONFIG_KEYS", "MECHANISMS", "MODES", "LinearizedAttention", "Mechanism", "Projected", "RunOptions",
     "StudentCache", "StudentCacheLayer", "TransferPair", "available_mechanisms", "build_mechanism", "cache_nbytes",
-    "map_state", "mechanism_config_keys", "state_nbytes",
+    "map_state", "mechanism_config_keys", "mechanism_factory", "state_nbytes",
 ]

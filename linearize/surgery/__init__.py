@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..attention import MECHANISMS, LinearizedAttention, RunOptions, build_mechanism
+from ..attention import LinearizedAttention, RunOptions, build_mechanism, mechanism_factory
 from ..config import AttentionConfig
 from ..errors import UserError
 from ..ops._common import BACKENDS, FORM_NAMES
@@ -45,21 +45,15 @@ def decoder_layers(model: nn.Module) -> tuple[list[nn.Module], DecoderLayout]:
 
 
 def as_attention_config(cfg: Any) -> AttentionConfig:
-    """Accept the dataclass, an OmegaConf node or a plain dict (e.g. read back from an export)."""
+    """Accept the dataclass or a plain mapping of its keys (e.g. read back from an export)."""
     if isinstance(cfg, AttentionConfig):
         return cfg
-    if not isinstance(cfg, dict):
-        from omegaconf import OmegaConf  # only when handed an OmegaConf node
-
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    return AttentionConfig(**cfg)
+    return AttentionConfig(**dict(cfg))
 
 
 def selected_layers(cfg: AttentionConfig, num_layers: int) -> list[int]:
     """The layers to convert: `cfg.layers` (or all) minus `cfg.softmax_layers`; none for `softmax`."""
-    if cfg.mechanism not in MECHANISMS:
-        raise UserError(f"unknown mechanism {cfg.mechanism!r}; valid mechanisms: {', '.join(MECHANISMS)}")
-    if MECHANISMS[cfg.mechanism] is None:
+    if mechanism_factory(cfg.mechanism) is None:
         return []
     candidates = list(range(num_layers)) if cfg.layers is None else list(cfg.layers)
     for idx in [*candidates, *cfg.softmax_layers]:

@@ -257,3 +257,17 @@ def test_left_padding_detection_reads_every_mask_layout():
     additive = [torch.zeros(2, 1, 3, 3).masked_fill(~m, torch.finfo(torch.float32).min) for m in as_bool]  # eager
     assert hides_earlier_keys(additive[0]) and not hides_earlier_keys(additive[1])
     assert not hides_earlier_keys(None)
+
+
+def test_an_unknown_mechanism_is_one_user_error_wherever_the_library_meets_it(make_tiny_model):
+    """The library checks a mechanism name in one place (mechanism_factory), with one exception type."""
+    import linearize
+    from linearize.attention import build_mechanism
+    from linearize.config import AttentionConfig
+    from linearize.errors import UserError
+
+    bad = AttentionConfig(mechanism="mamba")
+    with pytest.raises(UserError, match="unknown mechanism 'mamba'; valid mechanisms: linear"):
+        linearize.linearize_model(make_tiny_model("llama"), bad)
+    with pytest.raises(UserError, match="unknown mechanism 'mamba'"):
+        build_mechanism(bad, 4, 2, 16, 64)

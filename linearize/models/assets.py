@@ -9,7 +9,6 @@ folder in the repository root (so commands run from elsewhere still find the fet
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..files import sha256_file
 from ..errors import UserError
 
 CACHE_ENV = "LINEARIZE_CACHE"
@@ -67,14 +67,6 @@ def pinned_hashes() -> dict[tuple[str, str], frozenset[str]]:
     return pins
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _project_version(wheel: Path) -> tuple[str, str]:
     project, version = (wheel.name.split("-") + ["", ""])[:2]  # wheel names: {project}-{version}-{tags}.whl
     return _canonical(project), version
@@ -87,7 +79,7 @@ def verify_wheel(wheel: Path) -> Path:
     if accepted is None:
         raise UserError(f"{wheel} is not a pinned asset (its project and version are not in {PINS_FILE.name}): "
                         f"delete it and {FETCH_HINT}")
-    if _sha256(wheel) not in accepted:
+    if sha256_file(wheel) not in accepted:
         raise UserError(f"{wheel} does not match the sha256 pinned in {PINS_FILE.name}: delete it and {FETCH_HINT}")
     return wheel
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -39,6 +38,7 @@ import linearize
 from .. import adapters
 from ..config.schema import AttentionConfig
 from ..dtypes import DTYPES, torch_dtype
+from ..files import sha256_file
 from ..errors import UserError
 from . import bundle, hf
 
@@ -88,14 +88,6 @@ def is_export_dir(path: Path) -> bool:
 
 def _layers(section: dict) -> dict[int, str]:
     return {int(idx): mechanism for idx, mechanism in section["layers"].items()}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -200,7 +192,7 @@ def _write(model, tokenizer, out: Path, dtype: Optional[str], run_config: Option
     os.chmod(out / WEIGHTS_FILE, SHARED_FILE_MODE)
     model.config.save_pretrained(out)
     code_files = bundle.write_bundle(out)
-    _finish_config(out / CONFIG_FILE, {name: _sha256(out / name) for name in code_files})
+    _finish_config(out / CONFIG_FILE, {name: sha256_file(out / name) for name in code_files})
     model.generation_config.save_pretrained(out)
     _drop_loaded_from(out / "generation_config.json")
     tokenizer.save_pretrained(out)
@@ -341,7 +333,7 @@ def verify_bundle(path: Path, section: dict) -> None:
             raise UserError(f"{path / CONFIG_FILE}: `{SECTION}.{BUNDLE_KEY}` names {name!r}, not a file of the export")
         if not file.is_file():
             raise UserError(f"{file} is missing: the export's bundled code is incomplete; re-export it")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise UserError(f"{file} does not match the sha256 recorded in {CONFIG_FILE}: the bundled code "
                             "was changed; re-export it")
     unrecorded = sorted(present - set(recorded))

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..files import sha256_file
 from ..errors import UserError
 from .state import RESTART_HINT
 
@@ -48,7 +49,6 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
 # The safetensors metadata key under which a state tree's structure (JSON) is stored.
 STRUCTURE_KEY = "linearize.structure"
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-HASH_BLOCK = 1 << 20
 # The manifest's "engine" key of checkpoints written through DeepSpeed (linearize.train.distributed).
 DEEPSPEED_ENGINE = "deepspeed"
 ADVICE = "delete it to resume from an earlier checkpoint, or delete the stage dir to start over"
@@ -86,14 +86,6 @@ def write_fault(target: Path, err: OSError, stage_dir: Path) -> UserError:
         last = None
     kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written yet"
     return UserError(f"cannot write {target}: {err}; {kept}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_path(path: Path) -> None:
@@ -239,7 +231,7 @@ def write_run_files(tmp: Path, schedule_state: dict, state: TrainerState, config
 def write_manifest(tmp: Path, header: dict) -> None:
     """`manifest.json` = header + the sha256 of every file under `tmp`; then fsyncs files and folders."""
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    manifest = {**header, "files": {name: _sha256(tmp / name) for name in files}}
+    manifest = {**header, "files": {name: sha256_file(tmp / name) for name in files}}
     _write_json(tmp / MANIFEST, manifest, indent=2)
     for name in files + [MANIFEST]:
         _fsync_path(tmp / name)
@@ -365,7 +357,7 @@ def _check_files(path: Path, files: dict) -> None:
     for name, expected in files.items():
         if not (path / name).resolve().is_relative_to(root):
             raise _malformed(path, MANIFEST, f"{name} links outside the checkpoint")
-        if _sha256(path / name) != expected:
+        if sha256_file(path / name) != expected:
             raise UserError(f"checkpoint {path} is corrupt: {name} does not match its sha256; {ADVICE}")
 
 

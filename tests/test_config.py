@@ -251,12 +251,12 @@ def test_a_value_the_loader_accepts_never_fails_later():
 def test_command_line_keys_the_mechanism_ignores_are_warned_about(capsys):
     cfg = load_config(CONFIGS_DIR / "demo.yaml", ["attention.mechanism=liger", "attention.window_size=32",
                                                    "attention.gate_norm=8", "seed=2"])
-    err = capsys.readouterr().err.splitlines()
-    assert err == ["linearize: warning: attention.window_size is ignored by attention.mechanism=liger; "
-                   "it applies to: window_linear, liger_window"]  # gate_norm is liger's; seed is not attention
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["linearize: warning: attention.window_size is ignored by attention.mechanism=liger; "
+                        "it applies to: window_linear, liger_window"]  # gate_norm is liger's; seed is not attention
     assert cfg.attention.window_size == 32  # a warning, not an error
     load_config(CONFIGS_DIR / "demo.yaml", ["attention.mechanism=liger"])  # the preset's own keys: no warning
-    assert capsys.readouterr().err == ""
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_the_docs_list_each_mechanisms_keys():

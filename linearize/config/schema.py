@@ -31,6 +31,7 @@ class AttentionConfig:
     gate_rank: int = 16  # lawcat: low-rank gate projection width
     gate_norm: float = 16.0  # liger/lawcat: g = logsigmoid(.) / gate_norm
     conv_kernel: int = 4  # lawcat: causal depthwise conv width
+    delta_rope: bool = False  # gated_delta: q/k after RoPE (default: before, not yet chosen by measurement)
     softmax_layers: list[int] = field(default_factory=list)  # layers that keep teacher attention
     layers: Optional[list[int]] = None  # layers to convert (None = all not in softmax_layers)
     form: str = "chunk"  # how the student computes a full sequence: a name of linearize.ops.FORM_NAMES

@@ -1,0 +1,100 @@
+"""`gated_delta`: Gated DeltaNet on the teacher's own projections.
+
+Per kv head, the state `S [K, V]` follows the gated delta rule (`linearize.ops.gated_delta_rule`):
+`S_t = (I − β_t k_t k_tᵀ) · exp(g_t) · S_{t−1} + β_t k_t v_tᵀ`, `o_t = D^-1/2 · S_tᵀ q_t`, with
+- q, k: the frozen teacher projections, L2-normalized per head over the head dim (the delta rule's
+  `I − β k kᵀ` is a contraction only for ‖k‖ ≤ 1), before RoPE unless `attention.delta_rope`;
+- β = sigmoid(x·W_β + b_β) per kv head, from the layer input x;
+- g = −exp(A_log) · softplus(x·W_dt + dt_bias) per kv head (Mamba2's A/dt decay);
+- the output: RMSNorm per head (learnable weight), times a sigmoid gate sigmoid(x·W_g + b_g) per channel.
+
+The new parameters start so that the layer is the plain delta rule at β = 0.5, a half-life of a few
+hundred tokens and an open output gate (see the constants below). A calibrated initialization from the
+teacher's attention statistics is not written yet."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..ops.gated_delta_rule import FORMS, chunk_gated_delta_rule
+from .base import Mechanism
+
+# Initial decay half-lives in tokens, spread geometrically over the kv heads (one head: their geometric
+# mean, 256): long enough that the state keeps context well past a typical sliding window, short enough
+# that old keys fade within a 512–2K training sequence.
+INIT_HALF_LIFE_MIN, INIT_HALF_LIFE_MAX = 128.0, 512.0
+# Output gate bias: sigmoid(6) ≈ 0.9975, so the gate starts open and the layer starts as the plain
+# (normalized) delta-rule output; a random or half-closed gate would scale the output away from the
+# teacher's at step 0.
+INIT_OUT_GATE_BIAS = 6.0
+RMS_EPS = 1e-6
+
+
+def init_dt_bias(num_heads: int) -> torch.Tensor:
+    """dt_bias `[num_heads]` such that, with A_log = 0 and W_dt = 0, each head decays by half over its
+    half-life h: exp(g·h) = 1/2 with g = −exp(0)·softplus(dt_bias), so softplus(dt_bias) = ln 2 / h and
+    dt_bias = softplus⁻¹(ln 2 / h) = log(expm1(ln 2 / h)) (h = 256: ≈ −5.91)."""
+    if num_heads == 1:
+        half_lives = torch.tensor([math.sqrt(INIT_HALF_LIFE_MIN * INIT_HALF_LIFE_MAX)])
+    else:
+        half_lives = torch.logspace(math.log10(INIT_HALF_LIFE_MIN), math.log10(INIT_HALF_LIFE_MAX), num_heads)
+    return torch.log(torch.expm1(math.log(2.0) / half_lives.double())).float()
+
+
+class GatedDeltaAttention(Mechanism):
+    name = "gated_delta"
+    reads = ("delta_rope",)
+
+    def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
+        super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
+        self.use_rope = bool(cfg.delta_rope)
+        # β: zero weights and bias give sigmoid(0) = 0.5 for every token, the middle of (0, 1): each write
+        # replaces half of what the state held for that key, and sigmoid's slope is largest there, so
+        # transfer can move β either way from the first step.
+        self.beta_proj = nn.Linear(hidden_size, num_kv_heads, bias=True)
+        nn.init.zeros_(self.beta_proj.weight)
+        nn.init.zeros_(self.beta_proj.bias)
+        # decay: W_dt = 0 and A_log = 0 (A = 1) leave softplus(dt_bias) alone to set the start half-life.
+        self.decay_proj = nn.Linear(hidden_size, num_kv_heads, bias=False)
+        nn.init.zeros_(self.decay_proj.weight)
+        self.A_log = nn.Parameter(torch.zeros(num_kv_heads))
+        self.dt_bias = nn.Parameter(init_dt_bias(num_kv_heads))
+        self.out_norm_weight = nn.Parameter(torch.ones(head_dim))
+        self.out_gate = nn.Linear(hidden_size, num_heads * head_dim, bias=True)
+        nn.init.zeros_(self.out_gate.weight)
+        nn.init.constant_(self.out_gate.bias, INIT_OUT_GATE_BIAS)
+
+    def forward(self, p, state, opts, want_state):
+        if opts.form not in FORMS:
+            # The delta rule has no T×T parallel form here (its inverse of I + strictly-lower β·KKᵀ is what
+            # the chunk form computes blockwise).
+            raise UserError(
+                f"mechanism gated_delta has no {opts.form!r} form; set attention.form to one of: {', '.join(FORMS)}"
+            )
+        b, t, h, d = p.q.shape
+        q, k = (p.q_rope, p.k_rope) if self.use_rope else (p.q, p.k)
+        q = F.normalize(q.float(), dim=-1)  # [B, T, H, D], unit norm per head
+        k = F.normalize(k.float(), dim=-1)  # [B, T, H_kv, D]
+        x = p.hidden.float()  # [B, T, hidden]; fp32 even when the model was cast to bf16 after conversion
+        beta = torch.sigmoid(F.linear(x, self.beta_proj.weight.float(), self.beta_proj.bias.float()))  # [B, T, H_kv]
+        dt = F.softplus(F.linear(x, self.decay_proj.weight.float()) + self.dt_bias.float())  # [B, T, H_kv]
+        g = -torch.exp(self.A_log.float()) * dt  # [B, T, H_kv], log decay ≤ 0
+        o, state = chunk_gated_delta_rule(
+            q, k, p.v.float(), g, beta, scale=d**-0.5, initial_state=state, output_final_state=want_state,
+            **opts.op_kwargs(state, t),
+        )  # o [B, T, H, D] fp32, state [B, H_kv, D, D] fp32 or None
+        o = o.float()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + RMS_EPS) * self.out_norm_weight.float()
+        gate = torch.sigmoid(F.linear(x, self.out_gate.weight.float(), self.out_gate.bias.float()))  # [B, T, H·D]
+        o = o * gate.view(b, t, h, d)
+        return o.to(p.v.dtype), (state if want_state else None)
+
+    def param_groups(self):
+        # β and the decay decide what the state keeps: gates. The output norm and gate rescale what the
+        # layer emits: mixing (as window_linear's window weight).
+        groups = {"beta_proj": "gates", "decay_proj": "gates", "A_log": "gates", "dt_bias": "gates"}
+        return {name: groups.get(name.split(".")[0], "mixing") for name, _ in self.named_parameters()}

@@ -56,3 +56,13 @@ def sliding_window_softmax(p, window: int) -> torch.Tensor:
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, T, T]
     scores = scores.masked_fill(~((lag >= 0) & (lag < window)), float("-inf"))
     return (scores.softmax(-1) @ v).transpose(1, 2)  # [B, T, H, D]
+
+
+def greedy_by_full_forwards(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The greedy continuation computed without a cache: every step recomputes the whole sequence, the
+    oracle for cached `generate`."""
+    sequence = prompt
+    for _ in range(new_tokens):
+        nxt = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, nxt], dim=1)
+    return sequence

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import linearize
-from attn_helpers import attention_config, converted, rel_rms, set_form
+from attn_helpers import attention_config, converted, greedy_by_full_forwards, rel_rms, set_form
 from linearize.attention import COMMON_CONFIG_KEYS, RunOptions, build_mechanism
 from linearize.errors import UserError
 from test_config_keys import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, RecordingConfig, projected
@@ -90,11 +90,7 @@ def test_greedy_and_beam_generate_match_full_forwards(make_tiny_model):
     prompt = ids(8)
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        expected = prompt
-        for _ in range(6):  # no cache: every step recomputes the whole sequence
-            nxt = model(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            expected = torch.cat([expected, nxt], dim=1)
-        assert torch.equal(out, expected)
+        assert torch.equal(out, greedy_by_full_forwards(model, prompt, 6))
         # beam search reorders the cache each step: the delta-rule states must follow their beams
         beams = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(prompt, **beams), model.generate(prompt, use_cache=False, **beams))

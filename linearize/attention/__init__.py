@@ -9,6 +9,7 @@
 | lawcat | causal conv on q/k, shared feature map, low-rank gate, normalized gated linear attention |
 | softmax | the teacher attention is kept (no layer is converted) |
 | gated_delta | Gated DeltaNet: L2-normalized teacher q/k, β and Mamba2 decay from small projections, gated output |
+| kda | Kimi Delta Attention: gated_delta with a per-key-channel decay from a low-rank projection |
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Callable
 from ..errors import UserError
 from .base import COMMON_CONFIG_KEYS, Mechanism, Projected, RunOptions
 from .cache import StudentCache, StudentCacheLayer, cache_nbytes, map_state, state_nbytes
-from .gated_delta import GatedDeltaAttention
+from .gated_delta import GatedDeltaAttention, KimiDeltaAttention
 from .lawcat import LawcatAttention
 from .liger import LigerAttention, LigerWindowAttention
 from .linear import LinearAttention
@@ -34,6 +35,7 @@ MECHANISMS: dict[str, Callable[..., Mechanism] | None] = {
     # Later mechanisms are appended: error messages list the names in this order, and appending keeps the
     # earlier list a prefix of the new one.
     "gated_delta": GatedDeltaAttention,
+    "kda": KimiDeltaAttention,
 }
 
 

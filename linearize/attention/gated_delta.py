@@ -68,12 +68,18 @@ class GatedDeltaAttention(Mechanism):
         nn.init.zeros_(self.out_gate.weight)
         nn.init.constant_(self.out_gate.bias, INIT_OUT_GATE_BIAS)
 
+    def decay(self, x: torch.Tensor) -> torch.Tensor:
+        """The log decay g ≤ 0 from the layer input x `[B, T, hidden]` (fp32): `[B, T, H_kv]`, one per kv head.
+        The one step a subclass replaces (`kda`: one per key channel)."""
+        dt = F.softplus(F.linear(x, self.decay_proj.weight.float()) + self.dt_bias.float())  # [B, T, H_kv]
+        return -torch.exp(self.A_log.float()) * dt
+
     def forward(self, p, state, opts, want_state):
         if opts.form not in FORMS:
             # The delta rule has no T×T parallel form here (its inverse of I + strictly-lower β·KKᵀ is what
             # the chunk form computes blockwise).
             raise UserError(
-                f"mechanism gated_delta has no {opts.form!r} form; set attention.form to one of: {', '.join(FORMS)}"
+                f"mechanism {self.name} has no {opts.form!r} form; set attention.form to one of: {', '.join(FORMS)}"
             )
         b, t, h, d = p.q.shape
         q, k = (p.q_rope, p.k_rope) if self.use_rope else (p.q, p.k)
@@ -81,8 +87,7 @@ class GatedDeltaAttention(Mechanism):
         k = F.normalize(k.float(), dim=-1)  # [B, T, H_kv, D]
         x = p.hidden.float()  # [B, T, hidden]; fp32 even when the model was cast to bf16 after conversion
         beta = torch.sigmoid(F.linear(x, self.beta_proj.weight.float(), self.beta_proj.bias.float()))  # [B, T, H_kv]
-        dt = F.softplus(F.linear(x, self.decay_proj.weight.float()) + self.dt_bias.float())  # [B, T, H_kv]
-        g = -torch.exp(self.A_log.float()) * dt  # [B, T, H_kv], log decay ≤ 0
+        g = self.decay(x)  # [B, T, H_kv] (kda: [B, T, H_kv, D]), log decay ≤ 0
         o, state = chunk_gated_delta_rule(
             q, k, p.v.float(), g, beta, scale=d**-0.5, initial_state=state, output_final_state=want_state,
             **opts.op_kwargs(state, t),
@@ -98,3 +103,36 @@ class GatedDeltaAttention(Mechanism):
         # layer emits: mixing (as window_linear's window weight).
         groups = {"beta_proj": "gates", "decay_proj": "gates", "A_log": "gates", "dt_bias": "gates"}
         return {name: groups.get(name.split(".")[0], "mixing") for name, _ in self.named_parameters()}
+
+
+class KimiDeltaAttention(GatedDeltaAttention):
+    """`kda` (Kimi Delta Attention): `gated_delta` with one decay per key channel instead of per kv head,
+    g = −exp(A_log)[:, None] · softplus(up(down(x)) + dt_bias) `[B, T, H_kv, D]`, through a low-rank
+    projection `hidden → gate_rank → H_kv·D` (down without bias, up zero-init). A_log `[H_kv]` and dt_bias
+    `[H_kv, D]` start at gated_delta's per-head half-lives, broadcast over the key channels, so the layer
+    starts as gated_delta does and transfer can then spread the half-lives within a head."""
+
+    name = "kda"
+    reads = GatedDeltaAttention.reads + ("gate_rank",)
+
+    def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
+        super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
+        del self.decay_proj, self.dt_bias  # replaced by the low-rank per-channel decay below
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        # down keeps its default (random) init and up is zero: the decay starts at dt_bias alone, and the
+        # gradient reaches up from the first step (it would not reach either if both were zero).
+        self.decay_down = nn.Linear(hidden_size, cfg.gate_rank, bias=False)
+        self.decay_up = nn.Linear(cfg.gate_rank, num_kv_heads * head_dim, bias=False)
+        nn.init.zeros_(self.decay_up.weight)
+        self.dt_bias = nn.Parameter(init_dt_bias(num_kv_heads)[:, None].repeat(1, head_dim))  # [H_kv, D]
+
+    def decay(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        z = F.linear(F.linear(x, self.decay_down.weight.float()), self.decay_up.weight.float())
+        dt = F.softplus(z.view(b, t, self.num_kv_heads, self.head_dim) + self.dt_bias.float())  # [B, T, H_kv, D]
+        return -torch.exp(self.A_log.float())[:, None] * dt
+
+    def param_groups(self):
+        groups = super().param_groups()
+        groups.update({name: "gates" for name in groups if name.split(".")[0] in ("decay_down", "decay_up")})
+        return groups

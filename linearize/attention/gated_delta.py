@@ -58,19 +58,22 @@ class GatedDeltaAttention(Mechanism):
         self.beta_proj = nn.Linear(hidden_size, num_kv_heads, bias=True)
         nn.init.zeros_(self.beta_proj.weight)
         nn.init.zeros_(self.beta_proj.bias)
-        # decay: W_dt = 0 and A_log = 0 (A = 1) leave softplus(dt_bias) alone to set the start half-life.
-        self.decay_proj = nn.Linear(hidden_size, num_kv_heads, bias=False)
-        nn.init.zeros_(self.decay_proj.weight)
+        # A_log = 0 (A = 1) and a zero decay projection leave softplus(dt_bias) alone to set the start half-life.
         self.A_log = nn.Parameter(torch.zeros(num_kv_heads))
-        self.dt_bias = nn.Parameter(init_dt_bias(num_kv_heads))
+        self.init_decay(cfg, hidden_size)
         self.out_norm_weight = nn.Parameter(torch.ones(head_dim))
         self.out_gate = nn.Linear(hidden_size, num_heads * head_dim, bias=True)
         nn.init.zeros_(self.out_gate.weight)
         nn.init.constant_(self.out_gate.bias, INIT_OUT_GATE_BIAS)
 
+    def init_decay(self, cfg, hidden_size: int) -> None:
+        """The decay's own parameters, with `decay` the two steps a subclass replaces (`kda`)."""
+        self.decay_proj = nn.Linear(hidden_size, self.num_kv_heads, bias=False)
+        nn.init.zeros_(self.decay_proj.weight)
+        self.dt_bias = nn.Parameter(init_dt_bias(self.num_kv_heads))
+
     def decay(self, x: torch.Tensor) -> torch.Tensor:
-        """The log decay g ≤ 0 from the layer input x `[B, T, hidden]` (fp32): `[B, T, H_kv]`, one per kv head.
-        The one step a subclass replaces (`kda`: one per key channel)."""
+        """The log decay g ≤ 0 from the layer input x `[B, T, hidden]` (fp32): `[B, T, H_kv]`, one per kv head."""
         dt = F.softplus(F.linear(x, self.decay_proj.weight.float()) + self.dt_bias.float())  # [B, T, H_kv]
         return -torch.exp(self.A_log.float()) * dt
 
@@ -91,8 +94,7 @@ class GatedDeltaAttention(Mechanism):
         o, state = chunk_gated_delta_rule(
             q, k, p.v.float(), g, beta, scale=d**-0.5, initial_state=state, output_final_state=want_state,
             **opts.op_kwargs(state, t),
-        )  # o [B, T, H, D] fp32, state [B, H_kv, D, D] fp32 or None
-        o = o.float()
+        )  # o [B, T, H, D] fp32 (fp32 inputs), state [B, H_kv, D, D] fp32 or None
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + RMS_EPS) * self.out_norm_weight.float()
         gate = torch.sigmoid(F.linear(x, self.out_gate.weight.float(), self.out_gate.bias.float()))  # [B, T, H·D]
         o = o * gate.view(b, t, h, d)
@@ -115,10 +117,8 @@ class KimiDeltaAttention(GatedDeltaAttention):
     name = "kda"
     reads = GatedDeltaAttention.reads + ("gate_rank",)
 
-    def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
-        super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
-        del self.decay_proj, self.dt_bias  # replaced by the low-rank per-channel decay below
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+    def init_decay(self, cfg, hidden_size: int) -> None:
+        num_kv_heads, head_dim = self.num_kv_heads, self.head_dim
         # down keeps its default (random) init and up is zero: the decay starts at dt_bias alone, and the
         # gradient reaches up from the first step (it would not reach either if both were zero).
         self.decay_down = nn.Linear(hidden_size, cfg.gate_rank, bias=False)

@@ -42,6 +42,15 @@ def _mechanisms() -> tuple[str, ...]:
     return tuple(MECHANISMS)
 
 
+def _attention_names(module: str, attr: str) -> Callable[[], tuple[str, ...]]:
+    def names() -> tuple[str, ...]:
+        import importlib
+
+        return tuple(getattr(importlib.import_module(f"linearize.attention.{module}"), attr))
+
+    return names
+
+
 def _feature_maps() -> tuple[str, ...]:
     from linearize.feature_maps import available_feature_maps
 
@@ -97,6 +106,9 @@ CHOICES: dict[str, Callable[[], Iterable[Any]]] = {
     "model.dtype": _dtypes,
     "attention.mechanism": _mechanisms,
     "attention.feature_map": _feature_maps,
+    "attention.init": _attention_names("calibrate", "INITS"),
+    "attention.decay_from": _attention_names("gated_delta", "DECAY_SOURCES"),
+    "attention_transfer.cache_dtype": lambda: _dtypes() + (None,),
     "attention.form": _ops_names("FORM_NAMES"),
     "attention.backend": _ops_names("BACKENDS"),
     **{f"{section}.scheduler": _schedulers for section in TRAIN_SECTIONS},
@@ -112,12 +124,14 @@ LIST_CHOICES: dict[str, Callable[[], Iterable[Any]]] = {"stages": _stage_names}
 POSITIVE = (
     "data.seq_len", "data.max_eval_sequences", "attention.feature_dim", "attention.window_size",
     "attention.chunk_size", "attention.gate_rank", "attention.gate_norm", "attention.conv_kernel",
+    "attention.calibration_tokens",
     "lora_recovery.rank", "evaluate.max_sequences",
     *(f"{s}.{k}" for s in TRAIN_SECTIONS for k in ("micro_batch_size", "grad_accum", "save_every", "eval_every", "keep_last")),
 )
 NON_NEGATIVE = (
     "evaluate.sample_tokens", "attention.liger_alpha", "attention.liger_beta", "lora_recovery.dropout",
     "lora_recovery.kl_weight", "attention_transfer.mse_factor", "attention_transfer.attn_ce_weight",
+    "attention_transfer.block_size", "attention_transfer.cache_gb",
     *(f"{s}.{k}" for s in TRAIN_SECTIONS for k in ("max_steps", "lr", "weight_decay", "warmup_steps", "min_lr", "grad_clip",
                                                     "eval_sequences", "plateau_patience", "plateau_factor")),
 )

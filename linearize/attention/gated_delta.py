@@ -5,7 +5,9 @@ Per kv head, the state `S [K, V]` follows the gated delta rule (`linearize.ops.g
 - q, k: the frozen teacher projections, L2-normalized per head over the head dim (the delta rule's
   `I − β k kᵀ` is a contraction only for ‖k‖ ≤ 1), before RoPE unless `attention.delta_rope`;
 - β = sigmoid(x·W_β + b_β) per kv head, from the layer input x;
-- g = −exp(A_log) · softplus(x·W_dt + dt_bias) per kv head (Mamba2's A/dt decay);
+- the decay, by `attention.decay_from`: `projection` (default), g = −exp(A_log) · softplus(x·W_dt + dt_bias)
+  per kv head (Mamba2's A/dt decay); `key` (Liger-style, no new parameters), g = logsigmoid(k_proj(x)) /
+  gate_norm from the teacher's own key projection, averaged over the head dim (kda: per key channel);
 - the output: RMSNorm per head (learnable weight), times a sigmoid gate sigmoid(x·W_g + b_g) per channel.
 
 The new parameters start so that the layer is the plain delta rule at β = 0.5, a half-life of a few
@@ -32,6 +34,9 @@ INIT_HALF_LIFE_MIN, INIT_HALF_LIFE_MAX = 128.0, 512.0
 # teacher's at step 0.
 INIT_OUT_GATE_BIAS = 6.0
 RMS_EPS = 1e-6
+# Where the decay comes from (`attention.decay_from`): a small projection of the layer input, or the frozen
+# key projection (no new parameters).
+DECAY_SOURCES = ("projection", "key")
 
 
 def init_dt_bias(num_heads: int) -> torch.Tensor:
@@ -47,7 +52,7 @@ def init_dt_bias(num_heads: int) -> torch.Tensor:
 
 class GatedDeltaAttention(Mechanism):
     name = "gated_delta"
-    reads = ("delta_rope",)
+    reads = ("delta_rope", "decay_from", "gate_norm", "init", "calibration_tokens")
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
@@ -59,18 +64,46 @@ class GatedDeltaAttention(Mechanism):
         nn.init.zeros_(self.beta_proj.weight)
         nn.init.zeros_(self.beta_proj.bias)
         # A_log = 0 (A = 1) and a zero decay projection leave softplus(dt_bias) alone to set the start half-life.
-        self.A_log = nn.Parameter(torch.zeros(num_kv_heads))
-        self.init_decay(cfg, hidden_size)
+        self.decay_from = cfg.decay_from
+        self.gate_norm = cfg.gate_norm
+        self.calibration_tokens = cfg.calibration_tokens  # read by linearize.calibrate
+        if self.decay_from == "projection":
+            self.A_log = nn.Parameter(torch.zeros(num_kv_heads))
+            self.init_decay(cfg, hidden_size)
         self.out_norm_weight = nn.Parameter(torch.ones(head_dim))
         self.out_gate = nn.Linear(hidden_size, num_heads * head_dim, bias=True)
         nn.init.zeros_(self.out_gate.weight)
         nn.init.constant_(self.out_gate.bias, INIT_OUT_GATE_BIAS)
+        if cfg.init == "copy":
+            self.random_init()
+
+    def random_init(self) -> None:
+        """`attention.init=copy`: the new projections at PyTorch's default (random) init and the decay at
+        Mamba2's random A ~ U(1, 16), dt ~ logU(1e-3, 1e-1): what an anchor that only copies q/k/v/o starts
+        from. The output norm stays 1."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        if self.decay_from == "projection":
+            with torch.no_grad():
+                self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+                dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+                self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
 
     def init_decay(self, cfg, hidden_size: int) -> None:
         """The decay's own parameters, with `decay` the two steps a subclass replaces (`kda`)."""
         self.decay_proj = nn.Linear(hidden_size, self.num_kv_heads, bias=False)
         nn.init.zeros_(self.decay_proj.weight)
         self.dt_bias = nn.Parameter(init_dt_bias(self.num_kv_heads))
+
+    def key_decay(self, p) -> torch.Tensor:
+        """Liger-style log decay from the frozen key projection, `[B, T, H_kv, D]` (before any averaging)."""
+        return F.logsigmoid(p.k_raw.float()) / self.gate_norm
+
+    def log_decay(self, p, x: torch.Tensor) -> torch.Tensor:
+        if self.decay_from == "key":
+            return self.key_decay(p).mean(-1)  # [B, T, H_kv]: one decay per head, the channels' mean
+        return self.decay(x)
 
     def decay(self, x: torch.Tensor) -> torch.Tensor:
         """The log decay g ≤ 0 from the layer input x `[B, T, hidden]` (fp32): `[B, T, H_kv]`, one per kv head."""
@@ -90,7 +123,7 @@ class GatedDeltaAttention(Mechanism):
         k = F.normalize(k.float(), dim=-1)  # [B, T, H_kv, D]
         x = p.hidden.float()  # [B, T, hidden]; fp32 even when the model was cast to bf16 after conversion
         beta = torch.sigmoid(F.linear(x, self.beta_proj.weight.float(), self.beta_proj.bias.float()))  # [B, T, H_kv]
-        g = self.decay(x)  # [B, T, H_kv] (kda: [B, T, H_kv, D]), log decay ≤ 0
+        g = self.log_decay(p, x)  # [B, T, H_kv] (kda: [B, T, H_kv, D]), log decay ≤ 0
         o, state = chunk_gated_delta_rule(
             q, k, p.v.float(), g, beta, scale=d**-0.5, initial_state=state, output_final_state=want_state,
             **opts.op_kwargs(state, t),
@@ -131,6 +164,9 @@ class KimiDeltaAttention(GatedDeltaAttention):
         z = F.linear(F.linear(x, self.decay_down.weight.float()), self.decay_up.weight.float())
         dt = F.softplus(z.view(b, t, self.num_kv_heads, self.head_dim) + self.dt_bias.float())  # [B, T, H_kv, D]
         return -torch.exp(self.A_log.float())[:, None] * dt
+
+    def log_decay(self, p, x: torch.Tensor) -> torch.Tensor:
+        return self.key_decay(p) if self.decay_from == "key" else self.decay(x)  # [B, T, H_kv, D]
 
     def param_groups(self):
         groups = super().param_groups()

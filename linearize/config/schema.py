@@ -32,6 +32,9 @@ class AttentionConfig:
     gate_norm: float = 16.0  # liger/lawcat: g = logsigmoid(.) / gate_norm
     conv_kernel: int = 4  # lawcat: causal depthwise conv width
     delta_rope: bool = False  # gated_delta: q/k after RoPE (default: before, not yet chosen by measurement)
+    decay_from: str = "projection"  # gated_delta family: a name of linearize.attention.gated_delta.DECAY_SOURCES
+    init: str = "calibrated"  # gated_delta family: a name of linearize.attention.calibrate.INITS
+    calibration_tokens: int = 1024  # init=calibrated: teacher tokens the statistics are read from
     softmax_layers: list[int] = field(default_factory=list)  # layers that keep teacher attention
     layers: Optional[list[int]] = None  # layers to convert (None = all not in softmax_layers)
     form: str = "chunk"  # how the student computes a full sequence: a name of linearize.ops.FORM_NAMES
@@ -79,6 +82,9 @@ class TrainStageConfig:
 class TransferConfig(TrainStageConfig):
     mse_factor: float = 1000.0
     attn_ce_weight: float = 0.0  # >0 needs attention.form=parallel
+    block_size: int = 0  # decoder layers per block-wise transfer block; 0 = every layer at once
+    cache_gb: float = 64.0  # block-wise: disk budget for the cached teacher hidden states
+    cache_dtype: Optional[str] = None  # block-wise: a name of linearize.dtypes.DTYPES; None = model.dtype
 
 
 @dataclass(frozen=True)

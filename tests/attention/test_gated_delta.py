@@ -35,7 +35,8 @@ def test_declared_keys_are_the_keys_read():
     module = build_mechanism(cfg, HEADS, KV_HEADS, HEAD_DIM, HIDDEN)
     module(projected(), None, RunOptions(), want_state=True)
     declared = linearize.mechanism_config_keys()["gated_delta"]
-    assert cfg.read - {"mechanism"} == set(declared) - set(COMMON_CONFIG_KEYS) == {"delta_rope"}
+    assert cfg.read - {"mechanism"} == set(declared) - set(COMMON_CONFIG_KEYS) == {
+        "delta_rope", "decay_from", "gate_norm", "init", "calibration_tokens"}
 
 
 def test_init_values():

@@ -4,16 +4,26 @@ teacher → linearize → freeze all but the student parameters → transfer mod
 teacher and student on the same q/k/v, hands both to the collector, and passes the *teacher* output
 on, so every layer trains on exact teacher inputs) → loss = mse_factor · MSE (+ attn_ce_weight ·
 attention-weight cross-entropy) → `<run>/attention_transfer/student.safetensors`. A mechanism without
-student parameters (liger) has nothing to learn here: the stage is recorded as skipped."""
+student parameters (liger) has nothing to learn here: the stage is recorded as skipped.
+
+With `attention_transfer.block_size: K > 0` the same per-layer objective is trained block by block
+(`linearize.train.blockwise`): K decoder layers at a time, lazily loaded, on the teacher's hidden states
+at the block's input (cached on disk within `cache_gb`), each block with its own optimizer, schedule and
+checkpoints, spread over the launched ranks; the blocks' students are joined into the same file."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import linearize
 from linearize.losses import transfer_objective
+from linearize.models.teacher import load_model_tokenizer
+from linearize.train import config_to_dict, distributed
+from linearize.train.blockwise import train_blocks
 from linearize.train.student import save_student
+from safetensors.torch import save_file
 
-from .common import finish_stage, skip_stage, start_stage, train_stage
+from .common import StageStart, finish_stage, skip_stage, start_stage, train_stage
 from .rundir import STUDENT_FILE
 
 STAGE = "attention_transfer"
@@ -21,6 +31,8 @@ STAGE = "attention_transfer"
 
 def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Trains the student parameters of every linearized layer; returns the final metrics."""
+    if cfg.attention_transfer.block_size > 0:
+        return run_blockwise(cfg, run_dir, accept_changes)
     start = start_stage(cfg, run_dir, STAGE, sources=())  # always a fresh student: this stage makes it
     if not linearize.freeze_for_transfer(start.model):
         return skip_stage(start, f"{cfg.attention.mechanism} adds no trainable parameters")
@@ -29,3 +41,20 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     metrics = train_stage(start, start.model, loss_fn, stage_cfg, accept_changes)
     save_student(start.model, start.stage_dir / STUDENT_FILE)
     return finish_stage(start, metrics)
+
+
+def run_blockwise(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
+    """Block-wise transfer: never builds the whole model (`model=None` in the StageStart)."""
+    start = StageStart(cfg, Path(run_dir) / STAGE, None, load_model_tokenizer(cfg.model), None, config_to_dict(cfg))
+    main = distributed.is_main_process()
+    result = train_blocks(cfg, start.stage_dir, start.tokenizer, start.config, stage=STAGE,
+                          accept_changes=accept_changes, log=print if main else lambda line: None)
+    if result.skipped:
+        return skip_stage(start, result.skipped)
+    if main:
+        path = start.stage_dir / STUDENT_FILE
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(result.student, tmp)
+        os.replace(tmp, path)
+    distributed.barrier()  # the joined student is on disk before any rank records the stage
+    return finish_stage(start, result.metrics) if main else result.metrics

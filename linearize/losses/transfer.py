@@ -36,14 +36,23 @@ def _require_pairs(pairs) -> None:
         raise ValueError("no transfer pairs were collected: is any layer linearized and in transfer mode?")
 
 
-def transfer_mse(pairs, factor: float = 1.0) -> torch.Tensor:
-    """Mean over layers of MSE(student, teacher) × factor.
+def _over_layers(per_layer: list[torch.Tensor], num_layers: int | None) -> torch.Tensor:
+    """The mean of the per-layer losses; with `num_layers`, their sum / num_layers: a block of layers
+    then weighs each layer as the whole model does (1 / all converted layers), so the per-layer gradients,
+    and Adam's steps with them (its epsilon is not scale-free), do not depend on the block size."""
+    if num_layers is None:
+        return torch.stack(per_layer).mean()
+    return torch.stack(per_layer).sum() / num_layers
+
+
+def transfer_mse(pairs, factor: float = 1.0, num_layers: int | None = None) -> torch.Tensor:
+    """Mean over layers of MSE(student, teacher) × factor (`num_layers`: see `_over_layers`).
 
     Each pair carries per-head outputs `student`, `teacher` of shape `[B, T, H, D]`; the teacher is a
     target (no gradient flows into it)."""
     _require_pairs(pairs)
     per_layer = [F.mse_loss(p.student.float(), p.teacher.detach().float()) for p in pairs]
-    return torch.stack(per_layer).mean() * factor
+    return _over_layers(per_layer, num_layers) * factor
 
 
 def _soft_cross_entropy(student_weights: torch.Tensor, teacher_weights: torch.Tensor) -> torch.Tensor:
@@ -56,9 +65,10 @@ def _soft_cross_entropy(student_weights: torch.Tensor, teacher_weights: torch.Te
     return -(teacher * student.clamp_min(ROW_EPS).log()).sum(dim=-1).mean()
 
 
-def attention_ce(pairs) -> torch.Tensor:
+def attention_ce(pairs, num_layers: int | None = None) -> torch.Tensor:
     """Mean over layers (that returned weights) of the soft cross-entropy between teacher attention
-    rows and normalized student rows (Hedgehog's loss). Weights are `[B, H, T, T]`."""
+    rows and normalized student rows (Hedgehog's loss; `num_layers`: see `_over_layers`). Weights are
+    `[B, H, T, T]`."""
     _require_pairs(pairs)
     weighted = [p for p in pairs if p.student_weights is not None and p.teacher_weights is not None]
     if not weighted:
@@ -67,4 +77,4 @@ def attention_ce(pairs) -> torch.Tensor:
             "and use attention.form=parallel"
         )
     per_layer = [_soft_cross_entropy(p.student_weights, p.teacher_weights) for p in weighted]
-    return torch.stack(per_layer).mean()
+    return _over_layers(per_layer, num_layers)

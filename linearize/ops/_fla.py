@@ -1,8 +1,9 @@
-"""`backend="fla"`: run `chunk_linear_attn` / `chunk_gated_linear_attn` on the Triton kernels of fla
-(flash-linear-attention, `pip install 'linearize[fla]'`; written against 0.6.0). fla is imported only
-when a call asks for it, and it needs CUDA tensors.
+"""`backend="fla"`: run `chunk_linear_attn` / `chunk_gated_linear_attn` / `chunk_gated_delta_rule` on the
+Triton kernels of fla (flash-linear-attention, `pip install 'linearize[fla]'`; written against 0.6.0, whose
+source the mappings below were read from). fla is imported only when a call asks for it, and it needs CUDA
+tensors.
 
-Mapping onto fla 0.6.0 (both ops take `[B, T, H, D]` inputs with equal heads and keep states `[B, H, K, V]`
+Mapping onto fla 0.6.0 (the linear ops take `[B, T, H, D]` inputs with equal heads and keep states `[B, H, K, V]`
 in fp32, `initial_state` must be fp32):
 - linear: `fla.ops.linear_attn.chunk_linear_attn(q, k, v, scale, initial_state, output_final_state,
   normalize=False)`, i.e. `o_t = scale · Σ_{s≤t} (q_t·k_s) v_s`, state `S = S0 + Σ k_s v_sᵀ`.
@@ -17,6 +18,17 @@ in fp32, `initial_state` must be fp32):
 - GQA: fla wants as many k/v/g heads as query heads, so they are expanded with `repeat_interleave`
   (query head h reads kv head h // group), which copies them; our torch and Triton kernels index the
   shared heads instead.
+- gated delta rule (`chunk_gated_delta_rule`): fla's `fla.ops.gated_delta_rule.chunk_gated_delta_rule(q, k, v,
+  g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel)` for a per-head g `[B, T, H]`,
+  `fla.ops.kda.chunk_kda(...)` with the same arguments for a per-channel g `[B, T, H, K]`; both take g as the
+  natural-log decay (they convert to base 2 inside), beta after the sigmoid (`use_beta_sigmoid_in_kernel`
+  left False, so β ∈ (0, 2] passes as given), states `[B, H, K, V]` (`state_v_first` left False), and compute
+  `S_t = (I − β_t k_t k_tᵀ) Diag(exp(g_t)) S_{t−1} + β_t k_t v_tᵀ`, `o_t = scale · S_tᵀ q_t`, as ours (checked
+  against their `naive_recurrent_gated_delta_rule` / `naive_recurrent_kda`). `use_qk_l2norm_in_kernel=False`:
+  our mechanisms normalize q and k themselves. fla's own grouping (GVA) goes the other way (more value heads
+  than q/k heads), so our GQA expands k, v, g, beta and the initial state to the query heads; the group's
+  copies of the state stay identical, and the final state is the first copy of each group. `chunk_kda`
+  asserts an fp32 initial state; both keep the state in fp32 and return o in q's dtype.
 - q, k, v are brought to one dtype (fla's dots need matching operands); fla accumulates in fp32 but
   writes o (and so the normalizer column) in that dtype, whereas the torch backend stays fp32 until the
   final cast. The output is returned in v's dtype, the final state in fp32. `chunk_size` is ignored
@@ -123,3 +135,56 @@ def chunk_gated_linear_attn_fla(
     fla_gla = load_fla_function("fla.ops.gla", "chunk_gla")
     o, final = fla_gla(qf, kf, vf, gf, scale=fla_scale, initial_state=s0, output_final_state=output_final_state)
     return _finish(o, final, normalize, v.dtype, output_final_state)
+
+
+# fla 0.6.0's gated delta rule functions by the rank of g: per head `[B, T, H]`, per key channel `[B, T, H, K]`.
+FLA_DELTA_FUNCTIONS = {
+    3: ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+    4: ("fla.ops.kda", "chunk_kda"),
+}
+
+
+def _check_delta(q, k, v, g, beta, initial_state):
+    """The torch forms' shape checks of the gated delta rule (see its `naive.py`)."""
+    check_same_tokens(q=q, k=k, v=v)
+    batch, seq_len, heads, key_dim = q.shape
+    kv_heads = k.shape[2]
+    check_heads(heads, kv_heads)
+    if k.shape[3] != key_dim or v.shape[2] != kv_heads:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share kv heads, and k q's width {key_dim}")
+    if g.shape not in ((batch, seq_len, kv_heads), (batch, seq_len, kv_heads, key_dim)):
+        raise ValueError(
+            f"g must be [B, T, H_kv] = {(batch, seq_len, kv_heads)} or [B, T, H_kv, K] = "
+            f"{(batch, seq_len, kv_heads, key_dim)}, got {tuple(g.shape)}"
+        )
+    if beta.shape != (batch, seq_len, kv_heads):
+        raise ValueError(f"beta must be [B, T, H_kv] = {(batch, seq_len, kv_heads)}, got {tuple(beta.shape)}")
+    state_shape = (batch, kv_heads, key_dim, v.shape[3])
+    if initial_state is not None and initial_state.shape != state_shape:
+        raise ValueError(f"initial_state must be [B, H_kv, K, V] = {state_shape}, got {tuple(initial_state.shape)}")
+
+
+def chunk_gated_delta_rule_fla(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, chunk_size=None
+):
+    """`chunk_gated_delta_rule` semantics on fla's `chunk_gated_delta_rule` (per-head g) or `chunk_kda`
+    (per-channel g); see the module docstring. `chunk_size` is ignored (fla's default, 64)."""
+    _check_delta(q, k, v, g, beta, initial_state)
+    check_device(q, k, v, g, beta, initial_state)
+    kv_heads = k.shape[2]
+    group = q.shape[2] // kv_heads
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    s0 = None if initial_state is None else initial_state.float()  # fla asserts an fp32 state
+    if group > 1:
+        kf, vf, g, beta = (x.repeat_interleave(group, dim=2) for x in (kf, vf, g, beta))  # [B, T, H, ...] copies
+        s0 = None if s0 is None else s0.repeat_interleave(group, dim=1)  # [B, H, K, V]
+    fla_delta = load_fla_function(*FLA_DELTA_FUNCTIONS[g.dim()])
+    o, final = fla_delta(
+        qf, kf, vf, g, beta, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        initial_state=None if s0 is None else s0.contiguous(), output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=False,
+    )
+    if output_final_state:
+        final = final.unflatten(1, (kv_heads, group))[:, :, 0]  # [B, H_kv, K, V]: the group's copies are equal
+    return o.to(q.dtype), (final if output_final_state else None)

@@ -7,15 +7,18 @@ chunk_size=64, backend="auto", form="chunk") -> (o [B, T, H, V], final_state [B,
 - `form`: "chunk" (default; the WY / UT-transform chunked form, `chunk.py`) or "recurrent" (token by
   token, `naive.py`: the oracle, and the decoding step). `FORMS` maps each name to its function, all with
   the same arguments; "recurrent" ignores `chunk_size`.
-- `backend`: "auto" and "torch" run the torch forms. There is no Triton kernel and no fla adapter yet:
-  "triton" and "fla" raise a UserError.
+- `backend` (chunk form only): "auto" uses `triton.chunk_gated_delta_rule_triton` for CUDA tensors when that
+  module imports, else torch; "triton" forces it (ImportError if unavailable); "torch" forces the torch chunk
+  form; "fla" runs fla's `chunk_gated_delta_rule` (per-head g) or `chunk_kda` (per-channel g) (optional extra
+  `linearize[fla]`, CUDA tensors only, never picked by "auto"; same results and state layout, see `.._fla`).
 
-Math, shapes, dtypes and state layout: see `naive.py`; the chunk derivation: see `chunk.py`.
+Math, shapes, dtypes and state layout: see `naive.py`; the chunk derivation: see `chunk.py`; the kernels:
+`triton.py`.
 """
 from __future__ import annotations
 
-from ...errors import UserError
-from .._common import FLA_BACKENDS, check_backend, run_form
+from .._common import run_form
+from .._fla import chunk_gated_delta_rule_fla
 from .chunk import chunk_gated_delta_rule_torch
 from .naive import recurrent_gated_delta_rule
 
@@ -24,17 +27,13 @@ FORMS = {
     "recurrent": recurrent_gated_delta_rule,
 }
 
-# Backends the other ops have that this one does not have yet.
-UNIMPLEMENTED_BACKENDS = ("triton", "fla")
-
 
 def load_triton():
-    """No kernel module exists yet; the public function refuses `backend="triton"` before this is reached."""
-    raise UserError(_unimplemented("triton"))
+    """The Triton chunk function, imported on first use. A relative import, so an export's flat bundle
+    (`models/bundle.py`) ships the kernel file and finds it as a sibling."""
+    from .triton import chunk_gated_delta_rule_triton
 
-
-def _unimplemented(backend):
-    return f"backend={backend!r} is not implemented yet for gated_delta_rule; use backend='torch' (or 'auto')"
+    return chunk_gated_delta_rule_triton
 
 
 def chunk_gated_delta_rule(
@@ -55,14 +54,12 @@ def chunk_gated_delta_rule(
     `[B, T, H_kv, K]` (log-decay ≤ 0), beta `[B, T, H_kv]` → (o `[B, T, H, V]` in q's dtype, state
     `[B, H_kv, K, V]` fp32 or None)."""
     if form not in FORMS:
+        # the shared check names every form of every op; this op has no parallel form
         raise ValueError(f"unknown form {form!r} for gated_delta_rule; valid forms: {', '.join(FORMS)}")
-    check_backend(backend, FLA_BACKENDS)
-    if backend in UNIMPLEMENTED_BACKENDS:
-        raise UserError(_unimplemented(backend))
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state)
-    # "auto" would look for a Triton kernel on CUDA tensors; with none written yet it means torch
     return run_form(
-        FORMS, load_triton, (q, k, v, g, beta), kwargs, form=form, backend="torch", chunk_size=chunk_size
+        FORMS, load_triton, (q, k, v, g, beta), kwargs, form=form, backend=backend, chunk_size=chunk_size,
+        fla_fn=chunk_gated_delta_rule_fla,
     )
 
 

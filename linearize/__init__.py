@@ -11,6 +11,8 @@ from .config import AttentionConfig
 from .errors import UserError
 from .feature_maps import available_feature_maps, build_feature_map
 from .surgery import (
+    calibrating,
+    calibration_tokens,
     freeze_for_transfer,
     linearize_model,
     set_recompute,
@@ -22,7 +24,7 @@ from .surgery import (
 
 __all__ = [
     "AttentionConfig", "LinearizedAttention", "StudentCache", "TransferPair", "UserError",
-    "available_feature_maps", "available_mechanisms", "build_feature_map", "cache_nbytes", "freeze_for_transfer",
+    "available_feature_maps", "calibrating", "calibration_tokens", "available_mechanisms", "build_feature_map", "cache_nbytes", "freeze_for_transfer",
     "linearize_model", "mechanism_config_keys", "set_recompute", "student_parameters", "teacher_mode",
     "transfer_mode", "unlinearize_model",
 ]

@@ -7,13 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import math
+
 import torch
 
+import linearize
 from linearize import adapters
 from linearize.data import build_datasets, in_stage_eval
 from linearize.train import config_to_dict, distributed, seed_everything, train
+from linearize.train.state import write_json_atomic
 from linearize.train.student import load_converted, load_student
 
+from .registry import TRAINING_STAGES
 from .rundir import SKIPPED, STUDENT_SOURCES, adapter_dir, find_student_file, mark_done
 
 
@@ -46,11 +51,42 @@ def attach_adapter(model: torch.nn.Module, run_dir: Path):
     return model if adapter is None else adapters.attach(model, adapter)
 
 
+CALIBRATION_FILE = "calibration.json"
+
+
 def start_stage(cfg, run_dir: Path, stage: str, sources=STUDENT_SOURCES) -> StageStart:
-    """Seeds every RNG with cfg.seed (parameter inits, dropout), then builds the student from `sources`."""
+    """Seeds every RNG with cfg.seed (parameter inits, dropout), then builds the student from `sources`; a
+    fresh student (no earlier stage's file) is calibrated when its layers ask for it."""
     seed_everything(cfg.seed)
     model, tokenizer, source = build_student(cfg, run_dir, sources)
-    return StageStart(cfg, Path(run_dir) / stage, model, tokenizer, source, config_to_dict(cfg))
+    start = StageStart(cfg, Path(run_dir) / stage, model, tokenizer, source, config_to_dict(cfg))
+    if source is None:
+        calibrate_fresh_student(start)
+    return start
+
+
+def calibrate_fresh_student(start: StageStart) -> None:
+    """`attention.init=calibrated`: one teacher forward over the first training tokens (at least
+    `attention.calibration_tokens`, whole sequences) sets each converted layer's new parameters from its
+    teacher attention statistics (`linearize.calibrating`). A training stage records what was set in
+    `<stage>/calibration.json`. Deterministic (same data, same values), so a resumed stage, whose checkpoint
+    then overwrites the parameters, and a later stage that starts fresh agree."""
+    wanted = linearize.calibration_tokens(start.model)
+    if wanted == 0:
+        return
+    cfg = start.cfg
+    train_tokens, _ = build_datasets(cfg.data, start.tokenizer, cfg.seed)
+    rows = min(len(train_tokens), math.ceil(wanted / cfg.data.seq_len))
+    batch = train_tokens[:rows].to(next(start.model.parameters()).device)  # [rows, L]
+    with torch.no_grad(), linearize.calibrating(start.model) as records:
+        start.model(input_ids=batch)
+    if start.stage_dir.name in TRAINING_STAGES and distributed.is_main_process():
+        write_json_atomic(start.stage_dir / CALIBRATION_FILE,
+                          {"init": cfg.attention.init, "tokens": int(batch.numel()),
+                           "layers": {str(i): records[i] for i in sorted(records)}})
+    if distributed.is_main_process():
+        print(f"{start.stage_dir.name}: calibrated {len(records)} layers from the teacher's attention on "
+              f"{batch.numel()} tokens")
 
 
 def train_stage(start: StageStart, model: torch.nn.Module, loss_fn: Callable, stage_cfg,

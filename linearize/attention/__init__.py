@@ -10,6 +10,7 @@
 | softmax | the teacher attention is kept (no layer is converted) |
 | gated_delta | Gated DeltaNet: L2-normalized teacher q/k, β and Mamba2 decay from small projections, gated output |
 | kda | Kimi Delta Attention: gated_delta with a per-key-channel decay from a low-rank projection |
+| gated_delta_window | sliding-window softmax over W keys + the gated delta rule, summed with a learned window weight |
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Callable
 from ..errors import UserError
 from .base import COMMON_CONFIG_KEYS, Mechanism, Projected, RunOptions
 from .cache import StudentCache, StudentCacheLayer, cache_nbytes, map_state, state_nbytes
-from .gated_delta import GatedDeltaAttention, KimiDeltaAttention
+from .gated_delta import GatedDeltaAttention, GatedDeltaWindowAttention, KimiDeltaAttention
 from .lawcat import LawcatAttention
 from .liger import LigerAttention, LigerWindowAttention
 from .linear import LinearAttention
@@ -36,6 +37,7 @@ MECHANISMS: dict[str, Callable[..., Mechanism] | None] = {
     # earlier list a prefix of the new one.
     "gated_delta": GatedDeltaAttention,
     "kda": KimiDeltaAttention,
+    "gated_delta_window": GatedDeltaWindowAttention,
 }
 
 

@@ -89,6 +89,15 @@ class Mechanism(nn.Module):
     def param_groups(self) -> dict[str, str]:
         return {}
 
+    def calibration_tokens(self) -> int:
+        """Teacher tokens `linearize.calibrating` should show this layer before training; 0 = none."""
+        return 0
+
+    def calibrate(self, p: Projected, y_teacher: torch.Tensor, weights: torch.Tensor, opts: RunOptions) -> dict:
+        """Sets the new parameters from the teacher's output `[B, T, H, D]` and weights `[B, H, T, T]` on
+        `p`; returns a JSON-able record of what was set. Only mechanisms with `calibration_tokens() > 0`."""
+        raise ValueError(f"mechanism {self.name!r} has no calibrated initialization")
+
     def attention_weights(self, p: Projected) -> Optional[torch.Tensor]:
         """Normalized student attention `[B, H, T, T]` for the attention-weight loss (parallel only)."""
         raise ValueError(f"mechanism {self.name!r} has no attention-weight form; use mechanism linear or window_linear")

@@ -5,7 +5,10 @@ Modes:
 - `student`: the student's output (inference, LoRA recovery, export);
 - `transfer`: teacher and student from the same q/k/v; the pair of per-head outputs goes to the
   caller's collector and the *teacher's* output is returned, so every layer sees exact teacher inputs;
-- `teacher`: the pretrained module itself (the KL teacher in LoRA recovery, without a second model).
+- `teacher`: the pretrained module itself (the KL teacher in LoRA recovery, without a second model);
+- `calibrate`: the mechanism sets its new parameters from the teacher attention of this call's inputs
+  (`Mechanism.calibrate`), hands the record to the collector as `(layer_idx, record)`, and the teacher's
+  output is returned (`linearize.calibrating`).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from ..ops._common import sliding_window_mask
 from .base import Mechanism, Projected, RunOptions, repeat_heads
 from .cache import student_layer
 
-MODES = ("student", "transfer", "teacher")
+MODES = ("student", "transfer", "teacher", "calibrate")
 # Student mode under autograd recomputes the mechanism in backward (see `run_mechanism`); set it for a
 # model with `linearize.set_recompute`.
 RECOMPUTE_IN_BACKWARD = True
@@ -186,6 +189,8 @@ class LinearizedAttention(nn.Module):
                 "include the padding); pad on the right or generate one sequence at a time"
             )
         p = self.project(hidden_states, position_embeddings)
+        if self.mode == "calibrate":
+            return self.output(self.calibrate(p), hidden_states), None
         cache = student_layer(model_cache, self.layer_idx) if model_cache is not None else None
         state = cache.state if cache is not None else None
         y, new_state = self.run_mechanism(p, state, want_state=cache is not None)
@@ -193,9 +198,22 @@ class LinearizedAttention(nn.Module):
             cache.advance(new_state, hidden_states.shape[1])
         if self.mode == "transfer":
             y = self.transfer(p, y)
+        return self.output(y, hidden_states), None
+
+    def output(self, y: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         b, t = hidden_states.shape[:2]
-        out = self.base_layer.o_proj(y.to(hidden_states.dtype).reshape(b, t, -1))  # [B, T, H·D]
-        return out, None
+        return self.base_layer.o_proj(y.to(hidden_states.dtype).reshape(b, t, -1))  # [B, T, H·D]
+
+    @torch.no_grad()
+    def calibrate(self, p: Projected) -> torch.Tensor:
+        """Calibrates the mechanism on `p` when it asks for calibration; returns the teacher's output."""
+        wanted = self.mechanism.calibration_tokens() > 0
+        y_teacher, weights = teacher_attention(p, wanted, self.scaling, self.window)
+        if wanted:
+            record = self.mechanism.calibrate(p, y_teacher, weights, self.opts)
+            if self.collector is not None:
+                self.collector((self.layer_idx, record))
+        return y_teacher
 
     def run_mechanism(self, p: Projected, state, want_state: bool):
         """The mechanism's (`[B, T, H, D]`, state). When training the whole model through it (student mode

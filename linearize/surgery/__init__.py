@@ -166,6 +166,27 @@ def transfer_mode(model: nn.Module, collector: Callable, weights: bool | None = 
     return _mode(model, "transfer", collector, weights)
 
 
+@contextlib.contextmanager
+def calibrating(model: nn.Module) -> Iterator[dict]:
+    """Within the block, a forward of `model` (or of any module holding converted layers) calibrates every
+    converted layer that asks for it (`attention.init=calibrated`) from the teacher attention of that call's
+    inputs, and returns the teacher's outputs, so each layer sees exact teacher inputs. Yields a dict that
+    fills with {layer_idx: record of what was set}."""
+    records: dict = {}
+
+    def collect(item) -> None:
+        layer_idx, record = item
+        records[layer_idx] = record
+
+    with _mode(model, "calibrate", collect):
+        yield records
+
+
+def calibration_tokens(model: nn.Module) -> int:
+    """The most calibration tokens any converted layer under `model` asks for; 0 = nothing to calibrate."""
+    return max((a.mechanism.calibration_tokens() for a in wrapped_attentions(model)), default=0)
+
+
 def teacher_mode(model: nn.Module):
     """Within the block every converted layer runs its original softmax attention."""
     return _mode(model, "teacher")

@@ -1,5 +1,5 @@
-"""`gated_delta` (Gated DeltaNet on the teacher's projections) and `kda` (its per-key-channel decay
-subclass): forms agree, cached decoding and `generate` follow the full forward, stage 1 trains only the
+"""`gated_delta` (Gated DeltaNet on the teacher's projections), `kda` (its per-key-channel decay
+subclass) and `gated_delta_window` (with a sliding-window softmax half): forms agree, cached decoding and `generate` follow the full forward, stage 1 trains only the
 new parameters, and a tiny run goes through every stage to an export that loads and decodes."""
 import dataclasses
 import json
@@ -20,10 +20,13 @@ FORM_TOL = 1e-4
 # Cached decoding runs the recurrent form per token, the full forward the chunk form: the same rounding
 # argument as FORM_TOL, with the margin the other mechanisms' decode tests use.
 DECODE_TOL = 2e-3
-DELTA_MECHANISMS = ("gated_delta", "kda")
-# The new parameters of each layer, beyond gated_delta's β, A_log, output norm and gate.
+DELTA_MECHANISMS = ("gated_delta", "kda", "gated_delta_window")
+# The decay's parameters of each layer, beyond gated_delta's β, A_log, output norm and gate.
 DECAY_PARAMS = {"gated_delta": {"decay_proj.weight", "dt_bias"},
-                "kda": {"decay_down.weight", "decay_up.weight", "dt_bias"}}
+                "kda": {"decay_down.weight", "decay_up.weight", "dt_bias"},
+                "gated_delta_window": {"decay_proj.weight", "dt_bias"}}
+# Mixing parameters beyond the output norm and gate: the window weight.
+MIXING_PARAMS = {"gated_delta_window": {"window_logit"}}
 
 
 def ids(n, seed=0):
@@ -111,8 +114,11 @@ def test_prefill_then_token_by_token_decoding_equals_full_forward(make_tiny_mode
         steps = [model(tokens[:, :12], past_key_values=cache, use_cache=True).logits]  # prefill: chunk form
         steps += [model(tokens[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(12, 30)]
     assert rel_rms(torch.cat(steps, dim=1), full) <= DECODE_TOL
-    layer = cache.layers[0]
-    assert layer.state.shape == (1, 2, 16, 16) and layer.state.dtype == torch.float32  # [B, H_kv, K, V]
+    state = cache.layers[0].state
+    if mechanism == "gated_delta_window":  # (window keys/values, delta state)
+        window_state, state = state
+        assert window_state is not None
+    assert state.shape == (1, 2, 16, 16) and state.dtype == torch.float32  # [B, H_kv, K, V]
 
 
 @pytest.mark.parametrize("mechanism", DELTA_MECHANISMS)
@@ -136,7 +142,7 @@ def test_transfer_trains_only_the_new_parameters_and_they_round_trip(make_tiny_m
     trainable = linearize.freeze_for_transfer(model)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     per_layer = {"A_log", "beta_proj.weight", "beta_proj.bias", "out_norm_weight", "out_gate.weight",
-                 "out_gate.bias"} | DECAY_PARAMS[mechanism]
+                 "out_gate.bias"} | DECAY_PARAMS[mechanism] | MIXING_PARAMS.get(mechanism, set())
     assert names == {f"model.layers.{i}.self_attn.mechanism.{n}" for i in range(2) for n in per_layer}
     assert len(trainable) == len(names)
     pairs = []

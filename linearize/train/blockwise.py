@@ -58,16 +58,19 @@ def layer_blocks(num_layers: int, block_size: int) -> list[list[int]]:
     return [list(range(first, min(first + block_size, num_layers))) for first in range(0, num_layers, block_size)]
 
 
-def initial_mechanisms(attention_cfg, text_cfg, converted: list[int]) -> dict[int, dict[str, torch.Tensor]]:
-    """The student parameters of every converted layer as `linearize_model` initializes them: built in
-    layer order from the current RNG state (call right after seeding), fp32."""
-    states = {}
+def initial_mechanisms(attention_cfg, text_cfg, converted: list[int]) -> tuple[dict[int, dict[str, torch.Tensor]], int]:
+    """(the student parameters of every converted layer as `linearize_model` initializes them: built in
+    layer order from the current RNG state, so call right after seeding, fp32; the most calibration tokens
+    any of them asks for)."""
+    states, calibration = {}, 0
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     for idx in converted:
         mechanism = build_mechanism(attention_cfg, text_cfg.num_attention_heads, text_cfg.num_key_value_heads,
-                                    getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads,
-                                    text_cfg.hidden_size).to(torch.float32)
+                                    head_dim, text_cfg.hidden_size).to(torch.float32)
         states[idx] = mechanism.state_dict()
-    return states
+        if hasattr(mechanism, "calibration_tokens"):
+            calibration = max(calibration, mechanism.calibration_tokens())
+    return states, calibration
 
 
 def wrap_block(decoder: LazyDecoder, layers: list[int], converted: list[int], attention_cfg,
@@ -155,7 +158,7 @@ def train_blocks(cfg, stage_dir: Path, tokenizer, config: dict, *, stage: str, a
     check_run_options(cfg.attention)
     converted = selected_layers(cfg.attention, lazy.num_layers)
     seed_everything(cfg.seed)
-    initial = initial_mechanisms(cfg.attention, lazy.config.get_text_config(decoder=True), converted)
+    initial, calibration = initial_mechanisms(cfg.attention, lazy.config.get_text_config(decoder=True), converted)
     if not any(t.numel() for state in initial.values() for t in state.values()):
         return BlockwiseResult(None, {}, skipped=f"{cfg.attention.mechanism} adds no trainable parameters")
     train_tokens, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
@@ -164,7 +167,7 @@ def train_blocks(cfg, stage_dir: Path, tokenizer, config: dict, *, stage: str, a
     run = _Blockwise(cfg, stage, Path(stage_dir), config, accept_changes, reader, dtype, converted, initial,
                      train_tokens, eval_tokens, None, None, default_device(), log, lazy.embed_name,
                      lazy.config.get_text_config(decoder=True).hidden_size)
-    _prepare_cache(run, lazy, blocks, settings)
+    _prepare_cache(run, lazy, blocks, settings, calibration_rows(calibration, train_tokens))
     trainable = [b for b, layers in enumerate(blocks) if set(layers) & set(converted)]
     for b in trainable:
         if b % settings.world_size == settings.rank:
@@ -181,9 +184,14 @@ def train_blocks(cfg, stage_dir: Path, tokenizer, config: dict, *, stage: str, a
     return BlockwiseResult(student, {**metrics, "blocks": len(blocks), "block_size": stage_cfg.block_size})
 
 
-def _prepare_cache(run: _Blockwise, lazy: LazyDecoder, blocks: list[list[int]], settings) -> None:
+def calibration_rows(tokens_wanted: int, train_tokens: torch.Tensor) -> int:
+    """The first training rows calibration reads (whole sequences covering `tokens_wanted`)."""
+    return min(len(train_tokens), math.ceil(tokens_wanted / train_tokens.shape[1]))
+
+
+def _prepare_cache(run: _Blockwise, lazy: LazyDecoder, blocks: list[list[int]], settings, first_rows: int) -> None:
     stage_cfg = run.cfg.attention_transfer
-    rows = wanted_rows(run.train_tokens, run.eval_tokens, stage_cfg, run.cfg.seed, run.cfg.data.shuffle)
+    rows = wanted_rows(run.train_tokens, run.eval_tokens, stage_cfg, run.cfg.seed, run.cfg.data.shuffle, first_rows)
     dtype = cache_dtype(stage_cfg.cache_dtype, run.dtype)
     identity = {"model": str(run.reader.model_dir), "model_dtype": run.cfg.model.dtype, "autocast": stage_cfg.autocast}
     run.cache = HiddenCache(run.stage_dir / CACHE_DIR, rows, dtype, identity)
@@ -260,8 +268,7 @@ def _calibrate(run: _Blockwise, lazy: LazyDecoder, inputs: BlockInputs, folder: 
     wanted = linearize.calibration_tokens(lazy)
     if wanted == 0:
         return
-    rows = min(len(run.train_tokens), math.ceil(wanted / run.train_tokens.shape[1]))
-    batch = run.train_tokens[:rows].to(run.device)  # [rows, L]
+    batch = run.train_tokens[:calibration_rows(wanted, run.train_tokens)].to(run.device)  # [rows, L]
     with torch.no_grad(), linearize.calibrating(lazy) as records:
         lazy(inputs(batch))
     write_json_atomic(folder / CALIBRATION_FILE, {"init": run.cfg.attention.init, "tokens": int(batch.numel()),

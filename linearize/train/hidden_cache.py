@@ -46,13 +46,14 @@ def row_key(row: torch.Tensor) -> str:
 
 
 def wanted_rows(train_tokens: torch.Tensor, eval_tokens: torch.Tensor, stage_cfg, seed: int,
-                shuffle: bool) -> torch.Tensor:
-    """The distinct sequences `[R, L]` a stage will read: the training rows at stream positions
-    0 .. max_steps × micro_batch_size × grad_accum − 1 (in first-read order), then the eval rows."""
+                shuffle: bool, first_rows: int = 0) -> torch.Tensor:
+    """The distinct sequences `[R, L]` a stage will read: the first `first_rows` training rows
+    (calibration), the training rows at stream positions 0 .. max_steps × micro_batch_size × grad_accum − 1
+    (in first-read order), then the eval rows."""
     positions = stage_cfg.max_steps * stage_cfg.micro_batch_size * stage_cfg.grad_accum
     order = sample_indices(0, positions, len(train_tokens), seed, shuffle) if positions else torch.zeros(0, dtype=torch.long)
     rows, seen = [], set()
-    for row in [*train_tokens[order], *eval_tokens]:
+    for row in [*train_tokens[:first_rows], *train_tokens[order], *eval_tokens]:
         key = row_key(row)
         if key not in seen:
             seen.add(key)

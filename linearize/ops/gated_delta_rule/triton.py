@@ -44,7 +44,7 @@ MAX_BLOCK_T_PER_CHANNEL = 16
 
 @triton.jit
 def _load_chunk(k, v, g, beta, row_kv, o_k, o_v, m_t, m_k, m_v,
-                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, PER_CHANNEL: tl.constexpr):
+                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PER_CHANNEL: tl.constexpr):
     """One chunk's k `[BT, BK]`, v `[BT, BV]`, β `[BT]` (fp32) and its log-decays: Γ `[BT, BK]` cumulative
     from the chunk start (per head: the row's value in every column), Γ per row `[BT]` (per head only; per
     channel it is unused) and Γ_last `[BK]`. Padded rows load k = v = β = g = 0: they write nothing and decay
@@ -59,7 +59,7 @@ def _load_chunk(k, v, g, beta, row_kv, o_k, o_v, m_t, m_k, m_v,
     else:
         b_g1 = tl.load(g + row_kv, mask=m_t, other=0.0).to(tl.float32)  # [BT]
         b_gh = tl.cumsum(b_g1, axis=0)  # [BT]
-        b_g = tl.broadcast_to(b_g1[:, None], (b_g1.shape[0], BK))  # [BT, BK]
+        b_g = tl.broadcast_to(b_g1[:, None], (BT, BK))  # [BT, BK]
     b_gc = tl.cumsum(b_g, axis=0)  # [BT, BK]
     b_glast = tl.sum(b_g, axis=0)  # [BK]: padded rows add 0, so this is Γ of the last real row
     return b_k, b_v.to(tl.float32), b_beta, b_gc, b_gh, b_glast
@@ -163,7 +163,7 @@ def _gdr_fwd_kernel(
         m_t = t < T
         row_kv = (i_b * T + t) * HKV + i_hk  # [BT]
         b_k, b_v, b_beta, b_gc, b_gh, b_glast = _load_chunk(
-            k, v, g, beta, row_kv, o_k, o_v, m_t, m_k, m_v, K, V, BK, PER_CHANNEL
+            k, v, g, beta, row_kv, o_k, o_v, m_t, m_k, m_v, K, V, BT, BK, PER_CHANNEL
         )
         _, _, _, _, _, b_u = _new_values(b_k, b_v, b_beta, b_gc, b_gh, b_s, strict, BT, PER_CHANNEL)
         if WRITE_OUTPUT:
@@ -217,7 +217,7 @@ def _gdr_bwd_kernel(
         row_kv = (i_b * T + t) * HKV + i_hk  # [BT]
         b_s = tl.load(states + (i_bh * num_chunks + i_t) * K * V + p_state, mask=m_kv, other=0.0)  # [BK, BV]
         b_k, b_v, b_beta, b_gc, b_gh, b_glast = _load_chunk(
-            k, v, g, beta, row_kv, o_k, o_v, m_t, m_k, m_v, K, V, BK, PER_CHANNEL
+            k, v, g, beta, row_kv, o_k, o_v, m_t, m_k, m_v, K, V, BT, BK, PER_CHANNEL
         )
         b_e_strict, b_m, b_tinv, b_kg, b_res, b_u = _new_values(
             b_k, b_v, b_beta, b_gc, b_gh, b_s, strict, BT, PER_CHANNEL

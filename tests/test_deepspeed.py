@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from linearize.errors import UserError
+from test_stages import DELTA_MECHANISMS
 
 # find_spec, not import: the test process itself never loads DeepSpeed, only the launched ranks do.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
@@ -45,11 +46,15 @@ def _sections(batch: dict, transfer_steps: int = 3, lora_steps: int = 3) -> dict
                                   keep_last=3)}
 
 
-def _config(root: Path, tokenizer_dir: Path, batch: dict, stages: list[str], **steps) -> dict:
+def _config(root: Path, tokenizer_dir: Path, batch: dict, stages: list[str], attention: dict | None = None,
+            **steps) -> dict:
     from stages.config_loader import config_to_dict
     from test_stages import tiny_run_config
 
-    cfg = config_to_dict(tiny_run_config(root, tokenizer_dir, **_sections(batch, **steps)))
+    sections = _sections(batch, **steps)
+    if attention:
+        sections["attention"] = attention
+    cfg = config_to_dict(tiny_run_config(root, tokenizer_dir, **sections))
     cfg["stages"] = stages
     return cfg
 
@@ -129,6 +134,29 @@ def test_zero2_both_stages_match_single_process(tmp_path, tiny_tokenizer, single
         assert any(name.startswith("engine/") for name in manifest["files"])
     _assert_same_export(run_dir, single_run)
     assert (run_dir / "report.md").is_file()
+
+
+# A 2-rank launch costs about a minute on 2 cores: the first delta mechanism runs in the default tier, the
+# others (the same ZeRO path with a different decay) only in the slow one.
+DELTA_CASES = [pytest.param(m, marks=() if i == 0 else pytest.mark.slow) for i, m in enumerate(DELTA_MECHANISMS)]
+
+
+@pytest.mark.parametrize("mechanism", DELTA_CASES)
+def test_zero2_delta_student_with_softmax_layers_matches_single_process(tmp_path, tiny_tokenizer, mechanism):
+    """A delta-rule student with layer 1 of 2 kept as softmax attention: transfer (calibrated init, MSE)
+    and LoRA with KL under ZeRO-2 on 2 ranks give the single process's per-step losses."""
+    attention = {"mechanism": mechanism, "softmax_layers": [1]}
+    for name in ("single", "ranks"):
+        (tmp_path / name).mkdir()
+    single = _config(tmp_path / "single", tiny_tokenizer, SINGLE, list(TRAIN_STAGES), attention)
+    assert single["lora_recovery"]["kl_weight"] > 0
+    _run_single(single)
+    config = _config(tmp_path / "ranks", tiny_tokenizer, PER_RANK, list(TRAIN_STAGES), attention)
+    done = _launch(config, tmp_path / "ranks.yaml", zero_stage=2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    for stage in TRAIN_STAGES:
+        _assert_close_losses(_losses(tmp_path / "ranks" / "runs" / "tiny" / stage),
+                             _losses(tmp_path / "single" / "runs" / "tiny" / stage))
 
 
 @pytest.mark.slow

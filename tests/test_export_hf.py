@@ -18,11 +18,23 @@ from linearize.models import bundle
 from linearize.models.exported import load_export, save_export
 
 from conftest import tiny_model
+from test_stages import DELTA_MECHANISMS
 
 # The export stores fp32 weights and every path recomputes the same ops: only float reordering differs.
 ATOL = 1e-5
 PROMPT_LEN = 12
 NEW_TOKENS = 6
+NUDGE = 0.05  # noise on the converted layers' own parameters: well off their init, far from unstable
+
+
+def _nudge_student_parameters(model, seed: int = 0) -> None:
+    """Moves every parameter the conversion added (feature maps, gates, decays) off its deterministic init:
+    an export that dropped or re-initialized one of them would otherwise still match the original."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".mechanism." in name:
+                param.add_(NUDGE * torch.randn(param.shape, generator=gen))
 
 
 def _export(tmp_path: Path, tokenizer_dir, arch: str = "llama", mechanism: str = "linear", **attention):
@@ -30,6 +42,7 @@ def _export(tmp_path: Path, tokenizer_dir, arch: str = "llama", mechanism: str =
 
     model = tiny_model(arch)
     linearize.linearize_model(model, AttentionConfig(mechanism=mechanism, **attention))
+    _nudge_student_parameters(model)
     out = save_export(model, AutoTokenizer.from_pretrained(tokenizer_dir), tmp_path / "export")
     return model, out
 
@@ -38,9 +51,11 @@ def _ids(batch: int = 2, length: int = PROMPT_LEN, seed: int = 1) -> torch.Tenso
     return torch.randint(0, 200, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+# The delta-rule students with a softmax layer kept (layer 1 of 2): a mixed cache in every decode test.
+DELTA_CASES = [("llama", mechanism, {"softmax_layers": [1]}) for mechanism in DELTA_MECHANISMS]
 CASES = [("llama", "linear", {}), ("llama", "window_linear", {"window_size": 4}),
          ("qwen3", "liger", {"feature_map": "softmax_dim"}), ("mistral", "lawcat", {}),
-         ("qwen2", "linear", {"softmax_layers": [1]})]
+         ("qwen2", "linear", {"softmax_layers": [1]}), *DELTA_CASES]
 
 
 @pytest.mark.parity
@@ -150,7 +165,7 @@ def test_standalone_load_without_linearize(tmp_path, tiny_tokenizer):
 
 
 GENERATION_CASES = [("llama", "linear", {}), ("qwen2", "window_linear", {"window_size": 4, "softmax_layers": [1]}),
-                    ("mistral", "lawcat", {})]
+                    ("mistral", "lawcat", {}), *DELTA_CASES]
 
 
 @pytest.mark.parity
@@ -170,8 +185,10 @@ def test_cached_generation_logits_equal_a_full_forward(tmp_path, tiny_tokenizer,
 @pytest.mark.parity
 @pytest.mark.parametrize("mode", [dict(do_sample=False), dict(do_sample=True, top_k=20),
                                   dict(do_sample=False, num_beams=3, num_return_sequences=2)])
-def test_greedy_sampling_and_beams_equal_uncached_generation(tmp_path, tiny_tokenizer, mode):
-    _, out = _export(tmp_path, tiny_tokenizer, "llama", "window_linear", window_size=4)
+@pytest.mark.parametrize("arch,mechanism,attention", [("llama", "window_linear", {"window_size": 4}), *DELTA_CASES])
+def test_greedy_sampling_and_beams_equal_uncached_generation(tmp_path, tiny_tokenizer, mode, arch, mechanism,
+                                                             attention):
+    _, out = _export(tmp_path, tiny_tokenizer, arch, mechanism, **attention)
     model, _ = load_export(out)
     ids = _ids()
     sequences = []
@@ -191,7 +208,7 @@ def _greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("arch,mechanism,attention", GENERATION_CASES[:2])
+@pytest.mark.parametrize("arch,mechanism,attention", [*GENERATION_CASES[:2], *DELTA_CASES])
 def test_left_padded_batch_generation_is_exact(tmp_path, tiny_tokenizer, arch, mechanism, attention):
     _, out = _export(tmp_path, tiny_tokenizer, arch, mechanism, **attention)
     model, _ = load_export(out)

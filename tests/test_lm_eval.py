@@ -14,6 +14,7 @@ from linearize.config import AttentionConfig
 from linearize.models.exported import load_export, save_export
 
 from conftest import tiny_model
+from test_stages import DELTA_MECHANISMS
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -28,6 +29,9 @@ GEN_DOCS = [{"prompt": "The quick brown", "target": " fox"},
 MAX_GEN_TOKENS = 4
 # lm-eval and this test sum the same fp32 log-softmax values; batching changes float reduction order only.
 ATOL = 1e-4
+# The hybrid, and each delta-rule student with a softmax layer kept (layer 1 of 2).
+STUDENTS = [("window_linear", {"window_size": 4, "feature_dim": 8}),
+            *[(mechanism, {"softmax_layers": [1]}) for mechanism in DELTA_MECHANISMS]]
 
 TASKS = {
     "linearize_tiny_mc": """
@@ -81,19 +85,26 @@ def _loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     return float(logprobs[len(ctx) - 1:].gather(-1, targets[:, None]).sum())
 
 
-def test_lm_eval_on_an_export(tmp_path, tiny_tokenizer):
+@pytest.fixture(scope="module")
+def task_manager(tmp_path_factory):
+    """The two local tasks alone: lm-eval's own task index (thousands of yaml files) takes 15-20 s to build."""
     from lm_eval.tasks import TaskManager
+
+    task_dir = tmp_path_factory.mktemp("tasks")
+    _write_tasks(task_dir, {"linearize_tiny_mc": MC_DOCS, "linearize_tiny_gen": GEN_DOCS})
+    return TaskManager(include_path=str(task_dir), include_defaults=False)
+
+
+@pytest.mark.parametrize("mechanism,attention", STUDENTS)
+def test_lm_eval_on_an_export(tmp_path, tiny_tokenizer, task_manager, mechanism, attention):
     from transformers import AutoTokenizer
 
     model = tiny_model("llama")
-    linearize.linearize_model(model, AttentionConfig(mechanism="window_linear", window_size=4, feature_dim=8))
+    linearize.linearize_model(model, AttentionConfig(mechanism=mechanism, **attention))
     export = save_export(model, AutoTokenizer.from_pretrained(tiny_tokenizer), tmp_path / "export")
-    task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
-    _write_tasks(task_dir, {"linearize_tiny_mc": MC_DOCS, "linearize_tiny_gen": GEN_DOCS})
     results = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={export},trust_remote_code=True,dtype=float32",
-        tasks=list(TASKS), task_manager=TaskManager(include_path=str(task_dir)), batch_size=2, device="cpu",
+        tasks=list(TASKS), task_manager=task_manager, batch_size=2, device="cpu",
         log_samples=True, bootstrap_iters=0,
     )
     ours, tokenizer = load_export(export)

@@ -15,6 +15,8 @@ from linearize.errors import UserError
 from linearize.train.evaluation import greedy_sample
 
 STAGE_NAMES = ["attention_transfer", "lora_recovery", "evaluate", "export"]
+# The delta-rule students, covered by every end-to-end test file (pipeline, CLI, DeepSpeed, export, lm-eval).
+DELTA_MECHANISMS = ("gated_delta", "kda")
 EVAL_KEYS = {"teacher_ppl", "student_ppl", "kl", "top1_agreement", "samples"}
 
 
@@ -322,3 +324,39 @@ def test_transfer_loss_with_attention_weights_trains_student_parameters():
     with_ce.backward()
     trained = [name for name, p in model.named_parameters() if p.grad is not None]
     assert trained and all(p.requires_grad for name, p in model.named_parameters() if name in trained)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("mechanism", DELTA_MECHANISMS)
+def test_delta_student_with_softmax_layers_through_the_cli(tmp_path, tiny_tokenizer, capsys, mechanism):
+    """`linearize run` with layer 1 of 2 kept as softmax attention (transfer MSE, LoRA with KL, evaluate,
+    export), then `linearize eval` on the run and on its export, and `linearize generate` on the export."""
+    import yaml
+
+    from linearize.models.exported import load_export
+    from stages import cli
+    from stages.config_loader import config_to_dict
+
+    cfg = tiny_run_config(tmp_path, tiny_tokenizer, attention={"mechanism": mechanism, "softmax_layers": [1]})
+    assert cfg.lora_recovery.kl_weight > 0
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    assert cli.main(["run", str(config)]) == 0
+    run_dir, export = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny" / "export"
+    assert (run_dir / "attention_transfer" / "student.safetensors").is_file()  # stage 1 trained, not skipped
+    assert json.loads((export / "config.json").read_text())["linearize"]["layers"] == {"0": mechanism, "1": "softmax"}
+    capsys.readouterr()
+
+    evaluations = []
+    for target in (run_dir, export):  # an export keeps only the eval file's name: point it at the file
+        assert cli.main(["eval", str(target), f"data.eval={cfg.data.eval}"]) == 0
+        evaluations.append(json.loads(capsys.readouterr().out))
+    on_run, on_export = evaluations
+    assert EVAL_KEYS - {"samples"} <= on_run.keys() and on_run["student_ppl"] > 1.0
+    # merged vs unmerged LoRA: the same function up to fp32 rounding of W + BA
+    assert on_export["student_ppl"] == pytest.approx(on_run["student_ppl"], rel=1e-4)
+
+    assert cli.main(["generate", str(export), "The quick", "--max-new-tokens", "5"]) == 0
+    model, tokenizer = load_export(export)
+    assert capsys.readouterr().out == "The quick" + greedy_sample(model, tokenizer, "The quick", 5) + "\n"
+

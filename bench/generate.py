@@ -5,7 +5,8 @@ Times: for each context length one process builds every model, prefills each, an
 round-robin (one step of each model per round, median over rounds), so load from other processes on a
 shared machine hits all models alike: compare the ratios within one context. Memory: the cache's size
 after prefill (KV cache for the teacher; recurrent state, window keys/values and softmax layers' KV for
-students) and, with `--rss`, each case's peak RSS alone in its own process (weights and prefill included).
+students), in total and per sequence (one row of the batch), and, with `--rss`, each case's peak RSS alone
+in its own process (weights and prefill included).
 
     python bench/generate.py                                   # 1K–8K, prints a markdown table
     python bench/generate.py --contexts 1024,2048 --rss --write docs/export.md --png docs/generate.png
@@ -32,7 +33,7 @@ from bench._docs import publish  # noqa: E402
 MODEL = "smollm2-135m-instruct"
 TEACHER = "teacher"
 DEFAULT_CONTEXTS = "1024,2048,4096,8192"
-DEFAULT_MECHANISMS = "window_linear,liger,linear"
+DEFAULT_MECHANISMS = "window_linear,liger,linear,gated_delta,kda"
 # liger needs a parameter-free feature map that keeps the head dim (attention/liger.py).
 MECHANISM_OVERRIDES = {"liger": {"feature_map": "softmax_dim"}, "liger_window": {"feature_map": "softmax_dim"}}
 SECTION_TITLE = "## Decode speed and memory vs context (bench/generate.py)"
@@ -132,14 +133,15 @@ def table(results: list[dict], args) -> str:
              f"SmolLM2-135M-Instruct, {args.dtype}, batch {args.batch} (one prefill repeated per row), untrained student parameters; decode: median of "
              f"{args.new_tokens} greedy steps after a prefill of the context, models interleaved per step; {platform.processor() or platform.machine()}, {args.threads} threads, "
              f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-             "| model | context | decode tokens/s | vs teacher | cache (MiB) | peak RSS (MiB) | prefill (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | context | decode tokens/s | vs teacher | cache (MiB) | cache per sequence (MiB) | peak RSS (MiB) "
+             "| prefill (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         ref = teacher.get(r["context"])
         ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}×" if ref else "–"
         rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "–"
         lines.append(f"| {r['case']} | {r['context']} | {r['decode_tok_s']:.1f} | {ratio} | {r['cache_mib']:.2f} | "
-                     f"{rss} | {r['prefill_s']:.1f} |")
+                     f"{r['cache_mib'] / r['batch']:.2f} | {rss} | {r['prefill_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -51,8 +51,9 @@ def _ids(batch: int = 2, length: int = PROMPT_LEN, seed: int = 1) -> torch.Tenso
     return torch.randint(0, 200, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-# The delta-rule students with a softmax layer kept (layer 1 of 2): a mixed cache in every decode test.
-DELTA_CASES = [("llama", mechanism, {"softmax_layers": [1]}) for mechanism in DELTA_MECHANISMS]
+# The delta-rule students with a softmax layer kept (layer 1 of 2): a mixed cache in every decode test. A
+# window of 4 < the prompts makes gated_delta_window use both its halves; the others do not read it.
+DELTA_CASES = [("llama", mechanism, {"softmax_layers": [1], "window_size": 4}) for mechanism in DELTA_MECHANISMS]
 CASES = [("llama", "linear", {}), ("llama", "window_linear", {"window_size": 4}),
          ("qwen3", "liger", {"feature_map": "softmax_dim"}), ("mistral", "lawcat", {}),
          ("qwen2", "linear", {"softmax_layers": [1]}), *DELTA_CASES]

@@ -29,9 +29,10 @@ GEN_DOCS = [{"prompt": "The quick brown", "target": " fox"},
 MAX_GEN_TOKENS = 4
 # lm-eval and this test sum the same fp32 log-softmax values; batching changes float reduction order only.
 ATOL = 1e-4
-# The hybrid, and each delta-rule student with a softmax layer kept (layer 1 of 2).
+# The hybrid, and each delta-rule student with a softmax layer kept (layer 1 of 2); a window of 4 < the
+# prompts makes gated_delta_window use both its halves (the others do not read it).
 STUDENTS = [("window_linear", {"window_size": 4, "feature_dim": 8}),
-            *[(mechanism, {"softmax_layers": [1]}) for mechanism in DELTA_MECHANISMS]]
+            *[(mechanism, {"softmax_layers": [1], "window_size": 4}) for mechanism in DELTA_MECHANISMS]]
 
 TASKS = {
     "linearize_tiny_mc": """

@@ -16,7 +16,7 @@ from linearize.train.evaluation import greedy_sample
 
 STAGE_NAMES = ["attention_transfer", "lora_recovery", "evaluate", "export"]
 # The delta-rule students, covered by every end-to-end test file (pipeline, CLI, DeepSpeed, export, lm-eval).
-DELTA_MECHANISMS = ("gated_delta", "kda")
+DELTA_MECHANISMS = ("gated_delta", "kda", "gated_delta_window")
 EVAL_KEYS = {"teacher_ppl", "student_ppl", "kl", "top1_agreement", "samples"}
 
 

@@ -33,7 +33,7 @@ from bench._docs import publish  # noqa: E402
 MODEL = "smollm2-135m-instruct"
 TEACHER = "teacher"
 DEFAULT_CONTEXTS = "1024,2048,4096,8192"
-DEFAULT_MECHANISMS = "window_linear,liger,linear,gated_delta,kda"
+DEFAULT_MECHANISMS = "window_linear,liger,linear,gated_delta,kda,gated_delta_window"
 # liger needs a parameter-free feature map that keeps the head dim (attention/liger.py).
 MECHANISM_OVERRIDES = {"liger": {"feature_map": "softmax_dim"}, "liger_window": {"feature_map": "softmax_dim"}}
 SECTION_TITLE = "## Decode speed and memory vs context (bench/generate.py)"

@@ -134,21 +134,17 @@ def _to_query_heads(x, *names):
 
 
 def _fla_delta_cases() -> dict[str, Callable]:
-    """fla's `chunk_gated_delta_rule` and `chunk_kda` when fla imports (GPU only), each on its own."""
-    found = {}
+    """fla's `chunk_gated_delta_rule` and `chunk_kda` when fla imports (GPU only), and our op's
+    `backend="fla"` adapter (the same kernels behind our layout) beside them; else nothing."""
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdn
-
-        found["fla chunk_gated_delta_rule"] = lambda x: fla_gdn(
-            x["qn"], *_to_query_heads(x, "kn", "v", "g_head", "beta"))[0]
-    except ImportError:
-        pass
-    try:
         from fla.ops.kda import chunk_kda
-
-        found["fla chunk_kda"] = lambda x: chunk_kda(x["qn"], *_to_query_heads(x, "kn", "v", "g_chan", "beta"))[0]
     except ImportError:
-        pass
+        return {}
+    found = {f"ours {name} (fla adapter)": fn for name, fn in _ours_delta("fla").items() if "delta" in name}
+    found["fla chunk_gated_delta_rule"] = lambda x: fla_gdn(
+        x["qn"], *_to_query_heads(x, "kn", "v", "g_head", "beta"))[0]
+    found["fla chunk_kda"] = lambda x: chunk_kda(x["qn"], *_to_query_heads(x, "kn", "v", "g_chan", "beta"))[0]
     return found
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 from linearize.config import config_to_dict
 from linearize.errors import UserError
 from linearize.train import check_same_config, distributed, latest_checkpoint, verify_checkpoint
+from linearize.train.blockwise import init_block_ranks
 from linearize.train.checkpoint import read_checkpoint_config
+from linearize.train.distributed import DistributedSettings
 from stages.report import write_report
 from linearize.train.state import RESTART_HINT
 from stages import export
@@ -98,10 +100,19 @@ def _print_summary(run_dir: Path, results: dict, sample, report: Path) -> None:
     print(f"report: {report}")
 
 
-def _runs_here(name: str, distributed_run: bool) -> bool:
-    """Under deepspeed every rank runs the training stages together; the others run on rank 0 while the
-    rest wait, since they neither train nor need more than one process."""
-    return not distributed_run or name in TRAINING_STAGES or distributed.is_main_process()
+def _block_ranks(cfg, names) -> bool:
+    """Block-wise transfer launched on several ranks with the single engine (e.g. `torchrun
+    --nproc_per_node N -m linearize run ...`): the ranks share the blocks of stage 1 (`blockwise`)."""
+    return (cfg.engine.name != "deepspeed" and "attention_transfer" in names
+            and cfg.attention_transfer.block_size > 0 and DistributedSettings.from_env().world_size > 1)
+
+
+def _runs_here(name: str, cfg, distributed_run: bool) -> bool:
+    """Under deepspeed every rank runs the training stages together; with the single engine, launched
+    ranks share the blocks of a block-wise stage 1. The other stages run on rank 0 while the rest wait,
+    since they neither train together nor need more than one process."""
+    together = TRAINING_STAGES if cfg.engine.name == "deepspeed" else ("attention_transfer",)
+    return not distributed_run or name in together or distributed.is_main_process()
 
 
 def run_stages(cfg, stage_names=None, force: bool = False, accept_changes: bool = False) -> dict:
@@ -116,6 +127,8 @@ def run_stages(cfg, stage_names=None, force: bool = False, accept_changes: bool 
     _check_names(names)
     if cfg.engine.name == "deepspeed":
         distributed.init()
+    elif _block_ranks(cfg, names):
+        init_block_ranks()
     run_dir = run_dir_of(cfg)
     lock = run_lock(run_dir) if distributed.is_main_process() else contextlib.nullcontext()
     with lock:
@@ -125,7 +138,7 @@ def run_stages(cfg, stage_names=None, force: bool = False, accept_changes: bool 
 def _run_locked(cfg, run_dir: Path, names: list[str], force: bool, accept_changes: bool) -> dict:
     from stages.config_loader import save_resolved
 
-    distributed_run = cfg.engine.name == "deepspeed"
+    distributed_run = cfg.engine.name == "deepspeed" or _block_ranks(cfg, names)
     main = distributed.is_main_process()
     if main:
         remove_discard_leftovers(run_dir)
@@ -149,7 +162,7 @@ def _run_locked(cfg, run_dir: Path, names: list[str], force: bool, accept_change
             mark_stage(stage_dir, name)
         distributed.barrier()  # rank 0 has discarded before any rank looks for a checkpoint
         statuses[name] = _status(stage_dir)
-        if _runs_here(name, distributed_run):
+        if _runs_here(name, cfg, distributed_run):
             results[name] = stage_runner(name)(cfg, run_dir, accept_changes=accept_changes)
         distributed.barrier()  # the stage's files are complete before anyone reads or discards them
         if main:

@@ -231,3 +231,24 @@ def test_calibrated_blocks_match_the_calibrated_whole_model(tmp_path, tiny_token
     # The calibration statistics come from teacher forwards batched differently (2 rows at once vs rows
     # read back from the cache); mse_factor 1000 makes this loss large, so Adam's steps amplify that a little.
     _assert_same_student(load_file(blocks / STUDENT), load_file(whole / STUDENT), tol=2e-4)
+
+
+def test_blocks_trained_on_two_ranks_join_into_the_one_rank_student(all_at_once, tiny_tokenizer, tmp_path):
+    """torchrun with 2 ranks and the single engine: the ranks share the cache pass and the 4 one-layer
+    blocks (rank r trains blocks r, r+2); rank 0 joins them into the stage's student file."""
+    from stages.config_loader import save_resolved
+
+    root, whole, _ = all_at_once
+    cfg = _config(root, tiny_tokenizer, run_name="ranks", output_dir=str(tmp_path),
+                  **{"attention_transfer.block_size": 1})
+    save_resolved(cfg, tmp_path / "config.yaml")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + os.getpid() % 1000), "-m", "linearize", "run", str(tmp_path / "config.yaml")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stage = tmp_path / "ranks" / "attention_transfer"
+    trained_by = {b: json.loads((stage / f"block_{b}" / "result.json").read_text())["rank"] for b in range(4)}
+    assert trained_by == {0: 0, 1: 1, 2: 0, 3: 1}
+    assert (stage / "DONE").is_file()
+    _assert_same_student(load_file(stage / "student.safetensors"), load_file(whole / STUDENT))

@@ -15,6 +15,7 @@ The teacher's hidden states come from `hidden_cache`; the teacher layers from `m
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -47,6 +48,22 @@ BLOCK_STUDENT = "student.safetensors"
 RESULT_FILE = "result.json"
 CALIBRATION_FILE = "calibration.json"
 CACHE_DIR = "hidden"
+
+
+# Ranks wait at barriers while rank peers build their share of the hidden-state cache or train a block.
+BLOCK_RANK_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def init_block_ranks(settings: Optional[DistributedSettings] = None) -> DistributedSettings:
+    """A process group for ranks that share the blocks of a block-wise stage 1 under the single engine
+    (torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): gloo, used for barriers only."""
+    settings = settings or DistributedSettings.from_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(settings.local_rank)  # each rank trains its blocks on its own device
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", rank=settings.rank, world_size=settings.world_size,
+                                             timeout=BLOCK_RANK_TIMEOUT)
+    return settings
 
 
 def block_dir(stage_dir: Path, block: int) -> Path:
@@ -143,6 +160,7 @@ class _Blockwise:
     log: Callable[[str], None]
     embed_name: str
     hidden_size: int
+    rank: int
 
 
 def train_blocks(cfg, stage_dir: Path, tokenizer, config: dict, *, stage: str, accept_changes: bool = False,
@@ -166,7 +184,7 @@ def train_blocks(cfg, stage_dir: Path, tokenizer, config: dict, *, stage: str, a
     blocks = layer_blocks(lazy.num_layers, stage_cfg.block_size)
     run = _Blockwise(cfg, stage, Path(stage_dir), config, accept_changes, reader, dtype, converted, initial,
                      train_tokens, eval_tokens, None, None, default_device(), log, lazy.embed_name,
-                     lazy.config.get_text_config(decoder=True).hidden_size)
+                     lazy.config.get_text_config(decoder=True).hidden_size, settings.rank)
     _prepare_cache(run, lazy, blocks, settings, calibration_rows(calibration, train_tokens))
     trainable = [b for b, layers in enumerate(blocks) if set(layers) & set(converted)]
     for b in trainable:
@@ -254,7 +272,7 @@ def _train_block(run: _Blockwise, lazy: LazyDecoder, b: int, layers: list[int], 
                    seed=run.cfg.seed, engine_cfg=engine_cfg, config=run.config, shuffle=run.cfg.data.shuffle,
                    accept_changes=run.accept_changes)
     _save_atomic(student_state(lazy), folder / BLOCK_STUDENT)
-    write_json_atomic(folder / RESULT_FILE, {"layers": layers, "step": result.step, "loss": result.loss,
+    write_json_atomic(folder / RESULT_FILE, {"layers": layers, "rank": run.rank, "step": result.step, "loss": result.loss,
                                              "eval_loss": result.eval_loss, "tokens": result.tokens,
                                              "config": run.config})
     lazy.release(layers)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from bench._docs import publish  # noqa: E402
 
 PRESETS = ["lolcats", "hedgehog_linear", "lawcat", "liger", "liger_window", "baseline_window_only",
-           "baseline_no_transfer"]
+           "baseline_no_transfer", "gated_delta", "kda", "gated_delta_window"]
 SECTION_TITLE = "## Quality at a fixed budget (bench/quality.py)"
 
 
@@ -84,20 +84,26 @@ def table(results: list[dict], args) -> str:
              f"(presets without a transfer stage: LoRA only); held-out news perplexity on "
              f"{args.eval_sequences} × {args.seq_len} tokens of `lee_background.cor`; "
              f"{time.strftime('%Y-%m-%d')}, 2-core CPU, {args.threads} thread(s) per run.", "",
-             "| preset | stages | student ppl | × teacher | KL | top-1 agreement | minutes |",
-             "|---|---|---|---|---|---|---|"]
+             "| preset | stages | student ppl | × teacher | KL | top-1 agreement | passkey (student / teacher) | minutes |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         stages = ", ".join(s for s in stages_of(r["preset"]) if s in ("attention_transfer", "lora_recovery"))
         if "student_ppl" not in r:
-            lines.append(f"| {r['preset']} | {stages} | failed (rc {r['rc']}, see {r['log']}) | | | | |")
+            lines.append(f"| {r['preset']} | {stages} | failed (rc {r['rc']}, see {r['log']}) | | | | | |")
             continue
         ratio = f"{r['student_ppl'] / teacher:.3f}" if teacher else "–"
         lines.append(f"| {r['preset']} | {stages} | {r['student_ppl']:.2f} | {ratio} | {r['kl']:.3f} | "
-                     f"{r['top1_agreement']:.3f} | {r['minutes']:.0f} |")
+                     f"{r['top1_agreement']:.3f} | {passkey(r)} | {r['minutes']:.0f} |")
     lines += ["", f"Teacher perplexity on the same tokens: {teacher:.2f}." if teacher else ""]
     return "\n".join(lines) + "\n"
 
 
+
+
+def passkey(result: dict) -> str:
+    """Mean passkey accuracy of student and teacher, when `evaluate.long_context.passkey_lengths` was set."""
+    scores = [result.get(key, {}).get("passkey", {}).get("mean_accuracy") for key in ("long_context", "long_context_teacher")]
+    return " / ".join("–" if s is None else f"{s:.2f}" for s in scores)
 
 
 def main() -> None:

@@ -253,7 +253,7 @@ def test_command_line_keys_the_mechanism_ignores_are_warned_about(capsys):
                                                    "attention.gate_norm=8", "seed=2"])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warnings == ["linearize: warning: attention.window_size is ignored by attention.mechanism=liger; "
-                        "it applies to: window_linear, liger_window"]  # gate_norm is liger's; seed is not attention
+                        "it applies to: window_linear, liger_window, gated_delta_window"]  # gate_norm is liger's; seed is not attention
     assert cfg.attention.window_size == 32  # a warning, not an error
     load_config(CONFIGS_DIR / "demo.yaml", ["attention.mechanism=liger"])  # the preset's own keys: no warning
     assert "warning" not in capsys.readouterr().err

@@ -12,7 +12,7 @@ import linearize
 from attn_helpers import attention_config, converted, greedy_by_full_forwards, rel_rms, set_form
 from linearize.attention import COMMON_CONFIG_KEYS, RunOptions, build_mechanism
 from linearize.errors import UserError
-from test_config_keys import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, RecordingConfig, projected
+from test_config_keys import BATCH, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, TOKENS, RecordingConfig, projected
 
 # Chunk and recurrent forms of the op differ only by fp32 rounding (the op's own tests bound each against
 # a float64 loop); through two layers and the LM head that stays far below this.
@@ -223,3 +223,22 @@ def test_export_loads_and_decodes_without_linearize(tmp_path, tiny_tokenizer, me
         uncached = loaded.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, use_cache=False)
     torch.testing.assert_close(got["logits"], want_logits, atol=ATOL, rtol=0)
     assert torch.equal(got["generated"], want_generated) and torch.equal(want_generated, uncached)
+
+
+@pytest.mark.parametrize("mechanism,shape", [("gated_delta", (BATCH, TOKENS, KV_HEADS)),
+                                             ("kda", (BATCH, TOKENS, KV_HEADS, HEAD_DIM))])
+def test_key_decay_has_no_parameters_and_follows_the_key_projection(mechanism, shape):
+    """decay_from=key: g = logsigmoid(k_proj(x)) / gate_norm (gated_delta: the mean over the head dim), and
+    no decay parameters exist."""
+    module = build_mechanism(attention_config(mechanism, decay_from="key", gate_norm=8.0), HEADS, KV_HEADS,
+                             HEAD_DIM, HIDDEN)
+    names = {n for n, _ in module.named_parameters()}
+    assert names == {"beta_proj.weight", "beta_proj.bias", "out_norm_weight", "out_gate.weight", "out_gate.bias"}
+    p = projected()
+    g = module.log_decay(p, p.hidden.float())
+    want = torch.nn.functional.logsigmoid(p.k_raw.float()) / 8.0  # [B, T, H_kv, D]
+    want = want.mean(-1) if mechanism == "gated_delta" else want
+    assert g.shape == shape and torch.allclose(g, want)
+    with torch.no_grad():
+        o, _ = module(p, None, RunOptions(), want_state=False)
+    assert torch.isfinite(o).all()

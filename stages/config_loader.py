@@ -129,7 +129,7 @@ POSITIVE = (
     *(f"{s}.{k}" for s in TRAIN_SECTIONS for k in ("micro_batch_size", "grad_accum", "save_every", "eval_every", "keep_last")),
 )
 NON_NEGATIVE = (
-    "evaluate.sample_tokens", "attention.liger_alpha", "attention.liger_beta", "lora_recovery.dropout",
+    "evaluate.sample_tokens", "attention.sink_tokens", "attention.liger_alpha", "attention.liger_beta", "lora_recovery.dropout",
     "lora_recovery.kl_weight", "attention_transfer.mse_factor", "attention_transfer.attn_ce_weight",
     "attention_transfer.block_size", "attention_transfer.cache_gb",
     *(f"{s}.{k}" for s in TRAIN_SECTIONS for k in ("max_steps", "lr", "weight_decay", "warmup_steps", "min_lr", "grad_clip",

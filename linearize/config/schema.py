@@ -24,6 +24,7 @@ class AttentionConfig:
     feature_dim: int = 64  # f: hedgehog output width is 2f
     tie_qk_feature_map: bool = False  # one map shared by q and k (lawcat always ties)
     window_size: int = 64  # W for window mechanisms
+    sink_tokens: int = 0  # window mechanisms: the first N tokens stay in every query's softmax part
     window_only: bool = False  # window_linear without the linear branch: the sliding-window baseline
     init_window_logit: float = INIT_WINDOW_LOGIT
     liger_alpha: float = 0.5  # liger_window: weight of the sliding-window softmax half

@@ -151,7 +151,7 @@ def measure(case: dict, cap_gib: float | None = None) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         errors = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line] or ["?"]
-        return {"failed": errors[-1].strip()[:160], "returncode": done.returncode}
+        return {"failed": errors[-1].strip().replace(f"{WORK}/", "")[:160], "returncode": done.returncode}
     return json.loads(lines[-1])
 
 
@@ -194,8 +194,8 @@ def cap_table(model: str, cap_gib: float) -> str:
     for k in (0, 1):
         result = measure({"name": f"cap-{model}-{k}", "model": str(path), "seq_len": WIDE_SEQ_LEN, "block_size": k},
                          cap_gib=cap_gib)
-        rows.append(f"| {k or 'all at once'} | {_fmt_rss(result)} | "
-                    f"{result.get('seconds', float('nan')):.0f} |")
+        seconds = f"{result['seconds']:.0f}" if "seconds" in result else "-"
+        rows.append(f"| {k or 'all at once'} | {_fmt_rss(result)} | {seconds} |")
         print(rows[-1], flush=True)
     return ("## A model larger than the memory limit (bench/blockwise.py cap)\n\n"
             f"{_machine(1)}. `{model}`: a random Llama, {WIDE_MODELS[model][0]} layers, hidden "

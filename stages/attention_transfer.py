@@ -12,16 +12,14 @@ at the block's input (cached on disk within `cache_gb`), each block with its own
 checkpoints, spread over the launched ranks; the blocks' students are joined into the same file."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import linearize
 from linearize.losses import transfer_objective
 from linearize.models.teacher import load_model_tokenizer
 from linearize.train import config_to_dict, distributed
-from linearize.train.blockwise import train_blocks
+from linearize.train.blockwise import save_atomic, train_blocks
 from linearize.train.student import save_student
-from safetensors.torch import save_file
 
 from .common import StageStart, finish_stage, skip_stage, start_stage, train_stage
 from .rundir import STUDENT_FILE
@@ -52,9 +50,6 @@ def run_blockwise(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     if result.skipped:
         return skip_stage(start, result.skipped)
     if main:
-        path = start.stage_dir / STUDENT_FILE
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(result.student, tmp)
-        os.replace(tmp, path)
+        save_atomic(result.student, start.stage_dir / STUDENT_FILE)
     distributed.barrier()  # the joined student is on disk before any rank records the stage
     return finish_stage(start, result.metrics) if main else result.metrics

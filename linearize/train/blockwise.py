@@ -271,7 +271,7 @@ def _train_block(run: _Blockwise, lazy: LazyDecoder, b: int, layers: list[int], 
     result = train(lazy, loss_fn, run.train_tokens, run.eval_tokens, stage_cfg, stage_dir=folder, stage=run.stage,
                    seed=run.cfg.seed, engine_cfg=engine_cfg, config=run.config, shuffle=run.cfg.data.shuffle,
                    accept_changes=run.accept_changes)
-    _save_atomic(student_state(lazy), folder / BLOCK_STUDENT)
+    save_atomic(student_state(lazy), folder / BLOCK_STUDENT)
     write_json_atomic(folder / RESULT_FILE, {"layers": layers, "rank": run.rank, "step": result.step, "loss": result.loss,
                                              "eval_loss": result.eval_loss, "tokens": result.tokens,
                                              "config": run.config})
@@ -293,7 +293,8 @@ def _calibrate(run: _Blockwise, lazy: LazyDecoder, inputs: BlockInputs, folder: 
                                                    "layers": {str(i): records[i] for i in sorted(records)}})
 
 
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+def save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written under a temporary name, then renamed: readers never see half of it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(state, tmp)
     os.replace(tmp, path)

@@ -6,6 +6,10 @@ from helpers import GPU_TOL, cpu_tests_need_interpreter, rel_rms, use_triton_int
 
 INTERPRETED = use_triton_interpreter()  # before the kernel imports below
 
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -174,6 +178,49 @@ def test_bad_shapes_raise():
         chunk_gated_delta_rule_triton(q, k, v, g[:, :, :1], beta)
     with pytest.raises(ValueError, match="initial_state must be"):
         chunk_gated_delta_rule_triton(q, k, v, g, beta, initial_state=s0[:, :1])
+
+
+# Compiles both kernels for an sm_90 target in a fresh interpreter without TRITON_INTERPRET (here the kernels are
+# interpreted functions) and prints the larger shared-memory need; triton compiles without a GPU.
+COMPILE_SCRIPT = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from linearize.ops.gated_delta_rule import triton as kernels
+
+key_dim, per_channel, chunk_size = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
+meta = kernels.launch_meta(key_dim, 128, 8, 2, per_channel, chunk_size)
+flags = {
+    kernels._gdr_fwd_kernel: dict(USE_INITIAL_STATE=True, STORE_FINAL_STATE=True, WRITE_OUTPUT=True,
+                                  STORE_STATES=False, states=None),
+    kernels._gdr_bwd_kernel: dict(USE_FINAL_GRAD=True),
+}
+types = dict(scale="fp32", T="i32", q="*bf16", k="*bf16", v="*bf16")
+shared = 0
+for kernel, kernel_flags in flags.items():
+    constants = dict(meta, **kernel_flags)
+    signature = {name: "constexpr" if name in constants else types.get(name, "*fp32") for name in kernel.arg_names}
+    positions = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=positions), target=GPUTarget("cuda", 90, 32))
+    shared = max(shared, compiled.metadata.shared)
+print(meta["BT"], shared)
+"""
+HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on an H100 / H200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key_dim,per_channel,tile", [(64, False, 64), (128, False, 32), (128, True, 16)])
+def test_kernels_compile_for_hopper_within_shared_memory(key_dim, per_channel, tile):
+    """The interpreter checks neither compilation nor resources: compile for sm_90 (no GPU needed, ~15 s per
+    case) at chunk_size 64 and check the time tile the wrapper picks fits in shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [str(key_dim), str(int(per_channel)), "64"]
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, *args], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    picked, shared = map(int, result.stdout.split())
+    assert picked == tile
+    assert shared <= HOPPER_SHARED_BYTES
 
 
 @pytest.mark.gpu

@@ -17,8 +17,9 @@ Every exponent is a difference "later minus earlier" ≤ 0 (masked entries are z
 nothing overflows however strong the decay.
 
 Per-head decay makes the pair decays one `[BT, BT]` tile and every score one `tl.dot`, so the time tile follows
-`chunk_size` up to 64. Per-channel decay (KDA) needs an explicit `[BT, BT, BK]` pair-decay tile, so its time
-tile is capped at 16 (as in the gated linear attention template); the result does not depend on the tile.
+`chunk_size` up to 64 (32 for K = 128, 16 for K = 256: MAX_TILE_ELEMENTS). Per-channel decay (KDA) needs an
+explicit `[BT, BT, BK]` pair-decay tile, so its time tile is capped at 16 (as in the gated linear attention
+template); the result does not depend on the tile.
 
 Backward: the chunk-start states are recomputed by rerunning the forward kernel without outputs (so they exist
 only while one layer's backward runs, `[B, H_kv, N, K, V]` fp32), then one kernel walks the chunks in reverse
@@ -35,11 +36,14 @@ import triton
 import triton.language as tl
 
 from .._common import check_heads, check_same_tokens
-from .._triton_utils import block_k, block_t, block_v, contiguous, new_output
+from .._triton_utils import MIN_BLOCK, block_k, block_t, block_v, contiguous, new_output
 
 # Time tile caps: per-channel decay holds a [BT, BT, BK] pair-decay tile, so it stays small.
 MAX_BLOCK_T_PER_HEAD = 64
 MAX_BLOCK_T_PER_CHANNEL = 16
+# Largest [BT, BK] tile: compiled for sm_90, the backward kernel needs 144 KiB of shared memory at BT = 64,
+# BK = 64 but 240 KiB at BT = 64, BK = 128, over a Hopper SM's 227 KiB; so wide keys get a shorter tile.
+MAX_TILE_ELEMENTS = 64 * 64
 
 
 @triton.jit
@@ -275,17 +279,20 @@ def _gdr_bwd_kernel(
     tl.store(ds0 + i_bh * K * V + p_state, b_ds, mask=m_kv)
 
 
-def _launch(q, k, v, g, chunk_size):
-    """Grid, shape constants and block sizes shared by the kernels."""
-    batch, seq_len, heads, key_dim = q.shape
-    kv_heads, value_dim = k.shape[2], v.shape[-1]
-    per_channel = g.dim() == 4
-    bt = block_t(chunk_size, MAX_BLOCK_T_PER_CHANNEL if per_channel else MAX_BLOCK_T_PER_HEAD)
-    bv = block_v(value_dim)
-    grid = (triton.cdiv(value_dim, bv), batch * kv_heads)
-    meta = dict(H=heads, HKV=kv_heads, K=key_dim, V=value_dim, BT=bt, BK=block_k(key_dim), BV=bv,
+def launch_meta(key_dim, value_dim, heads, kv_heads, per_channel, chunk_size):
+    """The kernels' shape constants and block sizes. The time tile is the largest power of two ≤ chunk_size
+    within the decay shape's cap and MAX_TILE_ELEMENTS."""
+    bk = block_k(key_dim)
+    cap = MAX_BLOCK_T_PER_CHANNEL if per_channel else MAX_BLOCK_T_PER_HEAD
+    bt = block_t(chunk_size, min(cap, max(MIN_BLOCK, MAX_TILE_ELEMENTS // bk)))
+    return dict(H=heads, HKV=kv_heads, K=key_dim, V=value_dim, BT=bt, BK=bk, BV=block_v(value_dim),
                 PER_CHANNEL=per_channel)
-    return grid, meta
+
+
+def _launch(q, k, v, g, chunk_size):
+    """Grid `(value tiles, batch · kv heads)` and `launch_meta` for these inputs."""
+    meta = launch_meta(q.shape[3], v.shape[3], q.shape[2], k.shape[2], g.dim() == 4, chunk_size)
+    return (triton.cdiv(meta["V"], meta["BV"]), q.shape[0] * meta["HKV"]), meta
 
 
 def gated_delta_forward_fp32(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):

@@ -22,6 +22,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_MODULE = "linearize.models.hf"
 # The Triton kernels an export ships. The ops import them only when a call runs on Triton.
 KERNEL_MODULES = (
+    "linearize.ops.gated_delta_rule.triton",
     "linearize.ops.gated_linear_attn.triton",
     "linearize.ops.linear_attn.triton",
     "linearize.ops.window_linear_attn.triton",

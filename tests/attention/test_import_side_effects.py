@@ -28,7 +28,10 @@ def test_auto_classes_are_registered_by_the_call_not_the_import():
 
 def test_bundle_lists_the_kernel_modules_explicitly():
     kernels = {bundle.flat_name(name) + ".py" for name in bundle.KERNEL_MODULES}
-    assert kernels == {f"lz_ops_{op}_triton.py" for op in ("linear_attn", "gated_linear_attn", "window_linear_attn")}
+    # every op's Triton module is listed: an unlisted one would silently be missing from exports
+    ops_with_kernels = {path.parent.name for path in bundle.PACKAGE_ROOT.glob("ops/*/triton.py")}
+    assert ops_with_kernels >= {"linear_attn", "gated_linear_attn", "window_linear_attn", "gated_delta_rule"}
+    assert kernels == {f"lz_ops_{op}_triton.py" for op in ops_with_kernels}
     assert kernels <= set(bundle.collect_modules())
     # a listed kernel module that no relative import reaches would not be copied out of an export
     with pytest.raises(ValueError, match="kernel modules"):

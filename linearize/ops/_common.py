@@ -235,3 +235,22 @@ def run_form(
         return forms[form](*args, **kwargs)
     impl = resolve_chunk_backend(backend, load_triton, forms["chunk"], args[0], fla_fn=fla_fn)
     return impl(*args, chunk_size=chunk_size, **kwargs)
+
+
+def sink_mask(num_queries: int, num_keys: int, sink_tokens: int, query_offset: int = 0, device=None) -> torch.Tensor:
+    """`[Tq, Tk]` bool: the attention-sink keys each query sees, the first `sink_tokens` keys at or before
+    it (`j < sink_tokens`, `lag ≥ 0`; key and query positions as in `key_lag`)."""
+    lag = key_lag(num_queries, num_keys, query_offset, device)  # [Tq, Tk]
+    is_sink = torch.arange(num_keys, device=device) < sink_tokens  # [Tk]
+    return is_sink[None, :] & (lag >= 0)
+
+
+def sliding_window_sink_mask(
+    num_queries: int, num_keys: int, window_size: int, sink_tokens: int = 0, query_offset: int = 0, device=None
+) -> torch.Tensor:
+    """`[Tq, Tk]` bool: each query's softmax keys, its sliding window (`sliding_window_mask`) plus the
+    sinks (`sink_mask`)."""
+    window = sliding_window_mask(num_queries, num_keys, window_size, query_offset, device)
+    if sink_tokens <= 0:
+        return window
+    return window | sink_mask(num_queries, num_keys, sink_tokens, query_offset, device)

@@ -1,6 +1,7 @@
 """Triton fused window + linear attention vs the pure-PyTorch parallel form: output, final state and
 every gradient (Triton backward kernels), on lengths that do not fit the tiles, windows smaller and
-larger than a tile, GQA, split-and-resume through `WindowLinearState`; CPU via the interpreter."""
+larger than a tile, GQA, split-and-resume through `WindowLinearState`, attention sinks; CPU via the
+interpreter."""
 from helpers import (  # noqa: F401  (cpu_tests_need_interpreter: an autouse fixture)
     GPU_TOL, cpu_tests_need_interpreter, rel_rms, use_triton_interpreter, window_linear_inputs,
 )
@@ -100,6 +101,30 @@ def test_gradients_reach_initial_state():
     state = type(state)(*(t.detach().requires_grad_() for t in state))
     rest = [t[:, 20:].detach().requires_grad_() for t in tokens] + [logit.detach().requires_grad_()]
     assert_matches(rest, TOL, initial_state=state, window_size=8)
+
+
+@pytest.mark.parametrize(
+    "seq_len,window_size,sink_tokens",
+    # sinks inside the first tile only; sinks spanning two tiles with a window shorter than a tile; more
+    # sinks than tokens (plain causal softmax)
+    [(40, 5, 3), (45, 6, 20), (12, 4, 20)],
+)
+def test_sinks_match_reference(seq_len, window_size, sink_tokens):
+    assert_matches(make_inputs(seq_len, seed=seq_len), TOL, window_size=window_size, chunk_size=16,
+                   sink_tokens=sink_tokens)
+
+
+def test_sinks_split_and_resume_with_gradients_to_the_state():
+    """A state that caches sinks beside the window continues exactly, gradients included."""
+    *tokens, logit = make_inputs(40)
+    kw = dict(window_size=6, sink_tokens=4)
+    _, state = parallel_window_linear_attn(
+        *[t[:, :25].detach() for t in tokens], logit.detach(), output_final_state=True, **kw
+    )
+    assert state.k.shape[2] == 10  # the 4 sinks and the last 6 keys
+    state = type(state)(*(t.detach().requires_grad_() for t in state))
+    rest = [t[:, 25:].detach().requires_grad_() for t in tokens] + [logit.detach().requires_grad_()]
+    assert_matches(rest, TOL, initial_state=state, chunk_size=16, **kw)
 
 
 def test_public_dispatch_selects_triton():

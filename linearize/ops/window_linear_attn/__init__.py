@@ -2,10 +2,14 @@
 keys, one shared normalizer (`[B, T, H, D]` layout). Public entry points.
 
 `window_linear_attn(q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-output_final_state=False, chunk_size=64, backend="auto", form="chunk") -> (o, WindowLinearState | None)`
+output_final_state=False, chunk_size=64, backend="auto", form="chunk", sink_tokens=0)
+-> (o, WindowLinearState | None)`
 
 - q `[B, T, H, D]`, k `[B, T, H_kv, D]`, v `[B, T, H_kv, V]`, fq/fk `[B, T, H, F]`, window_logit `[H]`.
 - Sliding-window-only baseline: pass fq = fk = zeros (the linear branch then contributes nothing).
+- `sink_tokens=N`: the first N keys of the sequence are attention sinks, softmax keys of every later
+  query (never linear); the state keeps them beside the window (at most N + W cached keys). Pass the
+  same N to every call of one sequence.
 - `form` selects the computation: "chunk" (default; `[C, W + C]` blocks, the only form with a Triton
   kernel), "parallel" (quadratic; the reference) or "recurrent" (token by token). `FORMS` maps each
   name to its pure-PyTorch function, all with the same arguments. For forms other than "chunk",
@@ -59,6 +63,7 @@ def window_linear_attn(
     chunk_size=64,
     backend="auto",
     form="chunk",
+    sink_tokens=0,
 ):
     """Hybrid window + linear attention → (o `[B, T, H, V]`, `WindowLinearState` or None)."""
     if backend == "fla":
@@ -67,8 +72,10 @@ def window_linear_attn(
             f"hybrid op); valid backends: {', '.join(BACKENDS)}"
         )
     kwargs = dict(
-        window_size=window_size, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        window_size=window_size, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
     )
+    if sink_tokens:  # only when set, so every form and backend without sinks sees the arguments it always did
+        kwargs["sink_tokens"] = sink_tokens
     return run_form(
         FORMS, load_triton, (q, k, v, fq, fk, window_logit), kwargs, form=form, backend=backend,
         chunk_size=chunk_size,

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from .._common import append_ones, check_chunk_size, masked_exp, sliding_window_mask
+from .._common import append_ones, check_chunk_size, key_lag, masked_exp, sliding_window_mask
 from .naive import divide_output, final_state, prepare_inputs
 
 
-def _window_keys(num_chunks, chunk_size, window_size, front, device):
-    """`[N, C, W + C]` bool mask of the window keys of each query chunk's key block: query i of a chunk sits
-    at block position W + i, and a block key is a window key when it lies in that query's sliding window
-    and is not front padding."""
+def _window_keys(num_chunks, chunk_size, window_size, front, device, sink_tokens=0):
+    """`[N, C, W + C]` bool mask of the softmax keys of each query chunk's key block: query i of a chunk
+    sits at block position W + i, and a block key is a softmax key when it lies in that query's sliding
+    window, or is a sink (key index < `sink_tokens`) at or before it, and is not front padding."""
     window = sliding_window_mask(chunk_size, window_size + chunk_size, window_size, window_size, device)  # [C, W + C]
     key_idx = torch.arange(window_size + chunk_size, device=device)
     chunk_start = torch.arange(num_chunks, device=device)[:, None, None] * chunk_size  # [N, 1, 1]
     is_key = chunk_start + key_idx >= front  # [N, 1, W + C]: front padding is not a key
+    if sink_tokens > 0:
+        is_sink = chunk_start + key_idx - front < sink_tokens  # [N, 1, W + C]: key index below N
+        causal = key_lag(chunk_size, window_size + chunk_size, window_size, device) >= 0  # [C, W + C]
+        window = window | (is_sink & causal)  # [N, C, W + C]
     return window & is_key  # [N, C, W + C]
 
 
@@ -39,17 +43,41 @@ def _window_part(x, window_size, chunk_size, num_chunks, pad):
     q_rows = qc.transpose(2, 3).flatten(3, 4)  # [B, H_kv, N, G·C, D]: a group's rows stacked (a copy)
     scores = q_rows @ blocks(x.k_raw).transpose(-1, -2)  # [B, H_kv, N, G·C, W + C]
     scores = scores.unflatten(3, (group, chunk_size))  # [B, H_kv, N, G, C, W + C]
-    window = _window_keys(num_chunks, chunk_size, window_size, window_size - x.prefix, scores.device)
+    front = window_size - x.prefix
+    window = _window_keys(num_chunks, chunk_size, window_size, front, scores.device, x.sink_tokens)
     window = window.unsqueeze(1)  # [N, 1, C, W + C]: the same keys for every head of the group
     scores.masked_fill_(~window, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)  # [B, H_kv, N, G, C, 1]: c_t, finite as s = t is a key
+    sinks = _early_sinks(x, q_rows, front, chunk_size, num_chunks) if x.sink_tokens else None
+    if sinks is not None:
+        sink_scores, sink_keys = sinks
+        row_max = torch.maximum(row_max, sink_scores.amax(dim=-1, keepdim=True))
     a_sm = masked_exp(scores - row_max, window)  # exp(score − c_t) on window keys, 0 elsewhere
     num_den = a_sm.flatten(3, 4) @ blocks(append_ones(x.v_raw))  # [B, H_kv, N, G·C, V + 1]
+    if sinks is not None:
+        a_sink = masked_exp(sink_scores - row_max, sink_keys).flatten(3, 4)  # [B, H_kv, N, G·C, S]
+        sink_v1 = append_ones(x.v_raw[:, :, : sink_scores.shape[-1]]).unsqueeze(2)  # [B, H_kv, 1, S, V + 1]
+        num_den = num_den + a_sink @ sink_v1  # [B, H_kv, N, G·C, V + 1]
     # γ scales the product, not the [C, W + C] weights: fewer elements, and when q/k/v need no gradient
     # (attention transfer) the whole block product stays outside the autograd graph.
     gamma = x.gamma.view(kv_heads, 1, group, 1, 1)  # [H_kv, 1, G, 1, 1]
     num_den = num_den.unflatten(3, (group, chunk_size)) * gamma  # [B, H_kv, N, G, C, V + 1]
     return num_den.transpose(2, 3).flatten(1, 2)  # [B, H, N, C, V + 1]
+
+
+def _early_sinks(x, q_rows, front, chunk_size, num_chunks):
+    """Scores of the sink keys that lie before a query chunk's key block (those inside it are in the
+    block's mask) → (scores `[B, H_kv, N, G, C, S]` with −inf elsewhere, mask `[N, 1, 1, S]`), S the
+    number of sinks among the keys; None when no sink lies before any block."""
+    num_sinks = min(x.sink_tokens, x.k_raw.shape[2])
+    block_start = torch.arange(num_chunks, device=q_rows.device) * chunk_size - front  # [N]: first block key
+    early = torch.arange(num_sinks, device=q_rows.device)[None, :] < block_start[:, None]  # [N, S]
+    if not early.any():
+        return None
+    scores = q_rows @ x.k_raw[:, :, :num_sinks].transpose(-1, -2).unsqueeze(2)  # [B, H_kv, N, G·C, S]
+    scores = scores.unflatten(3, (x.q.shape[1] // x.k_raw.shape[1], chunk_size))  # [B, H_kv, N, G, C, S]
+    early = early[:, None, None, :]  # [N, 1, 1, S]: a key before the block is before every query of the chunk
+    return scores.masked_fill(~early, float("-inf")), early
 
 
 def _linear_part(x, front, chunk_size, num_chunks):
@@ -93,13 +121,14 @@ def _chunks(t, num_chunks, chunk_size):
 
 def chunk_window_linear_attn_torch(
     q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-    output_final_state=False, chunk_size=64,
+    output_final_state=False, chunk_size=64, sink_tokens=0,
 ):
     """Chunked form, never a T×T matrix: each query chunk of C tokens takes its window keys from a
     `[C, W + C]` key block (the previous W keys and its own) and its linear keys from the padded chunk
-    W tokens earlier (a `[C, C]` triangle) plus the running linear state of everything older."""
+    W tokens earlier (a `[C, C]` triangle) plus the running linear state of everything older. Sinks inside
+    the block join its mask; sinks before it are a `[C, N]` score block sharing the row max."""
     check_chunk_size(chunk_size)
-    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state)
+    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state, sink_tokens)
     seq_len = x.q.shape[2]
     num_chunks = -(-seq_len // chunk_size)
     front, back = window_size - x.prefix, num_chunks * chunk_size - seq_len

@@ -7,12 +7,16 @@ the Triton kernel have the same signature.
 Shapes: q `[B, T, H, D]`; k `[B, T, H_kv, D]`; v `[B, T, H_kv, V]`; fq, fk `[B, T, H, F]` (feature-mapped
 queries/keys); window_logit `[H]`. Returns `(o [B, T, H, V] in v.dtype, WindowLinearState or None)`.
 
-For query t, window keys s ∈ (t−W, t] and linear keys s ≤ t−W:
-  a_sm(t, s)  = sigmoid(window_logit_h) · exp(scale · q_t·k_s − c_t),  c_t = max window score of row t
+For query t, softmax keys s ∈ (t−W, t] ∪ {s < N, s ≤ t} (the window plus the first N keys, the
+attention sinks, `sink_tokens=N`) and linear keys: every other s ≤ t−W:
+  a_sm(t, s)  = sigmoid(window_logit_h) · exp(scale · q_t·k_s − c_t),  c_t = max softmax score of row t
   a_lin(t, s) = fq_t · fk_s
   o_t = (Σ a_sm v_s + Σ a_lin v_s) / (Σ a_sm + Σ a_lin)
 The window always holds s = t, so c_t is finite and Σ a_sm > 0: fq = fk = 0 gives the pure
-sliding-window softmax baseline. Everything is computed in fp32; the state is fp32.
+sliding-window softmax baseline. A sink key is softmax for every later query and never linear: it never
+enters the linear state, and every form computes with its key feature set to 0 (a zero fk contributes no
+linear weight), so the linear part needs no mask of its own. Everything is computed in fp32; the state is
+fp32.
 """
 from __future__ import annotations
 
@@ -22,15 +26,19 @@ import torch
 
 from .._common import (
     append_ones, check_heads, check_same_tokens, floored_exp, heads_first_fp32, key_lag, masked_exp,
-    sliding_window_mask,
+    sliding_window_sink_mask,
 )
 
 
 class WindowLinearState(NamedTuple):
-    """Everything a continuation needs. With W' = min(W, tokens seen):
+    """Everything a continuation needs. With C = min(N + W, tokens seen) cached keys:
     kv `[B, H, F, V + 1]`: Σ fk_s [v_s, 1]ᵀ over keys that left the cache;
-    k `[B, H_kv, W', D]`, v `[B, H_kv, W', V]`, fk `[B, H, W', F]`: the last W' raw keys, values and key
-    features (the oldest is already a linear key for the next query)."""
+    k `[B, H_kv, C, D]`, v `[B, H_kv, C, V]`, fk `[B, H, C, F]`: the raw keys, values and key features of
+    the first min(N, seen) tokens (the sinks; their fk is 0) followed by the last tokens (at most W; the
+    oldest is already a linear key for the next query). As long as no key has left, the cache is every
+    token in order; after that it is the N sinks and the last W tokens, so in the key sequence
+    [cache, new tokens] a key's index below N marks a sink and every other key's lag to a query is its
+    index distance, as in a fresh sequence."""
 
     kv: torch.Tensor
     k: torch.Tensor
@@ -51,12 +59,15 @@ class _Inputs(NamedTuple):
     k_raw: torch.Tensor  # [B, H_kv, P + T, D]
     v_raw: torch.Tensor  # [B, H_kv, P + T, V]
     has_state: bool  # False: kv0 is the zero state of a fresh sequence
+    sink_tokens: int  # N: keys 0..N-1 of the P + T are sinks
 
 
-def _check_inputs(q, k, v, fq, fk, window_logit, window_size):
+def _check_inputs(q, k, v, fq, fk, window_logit, window_size, sink_tokens=0):
     check_same_tokens(q=q, k=k, v=v, fq=fq, fk=fk)
     if window_size < 1:
         raise ValueError(f"window_size must be >= 1, got {window_size}")
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
     if k.shape[2] != v.shape[2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"k {tuple(k.shape)} must match v's heads and q's width (q {tuple(q.shape)}, v {tuple(v.shape)})"
@@ -82,7 +93,7 @@ def _empty_state(q, k, v, fq):
     )
 
 
-def _initial_state(q, k, v, fq, initial_state, window_size):
+def _initial_state(q, k, v, fq, initial_state, window_size, sink_tokens=0):
     """The validated fp32 starting state (empty when `initial_state` is None)."""
     empty = _empty_state(q, k, v, fq)
     if initial_state is None:
@@ -94,9 +105,29 @@ def _initial_state(q, k, v, fq, initial_state, window_size):
                 f"initial_state.{name} has shape {tuple(got.shape)}, expected like {tuple(want.shape)}"
             )
     cached = state.k.shape[2]
-    if cached > window_size or not cached == state.v.shape[2] == state.fk.shape[2]:
-        raise ValueError(f"initial_state caches {cached} keys; expected one count <= window_size={window_size}")
+    if cached > window_size + sink_tokens or not cached == state.v.shape[2] == state.fk.shape[2]:
+        raise ValueError(
+            f"initial_state caches {cached} keys; expected one count <= window_size={window_size} + "
+            f"sink_tokens={sink_tokens}"
+        )
     return state
+
+
+def cache_split(num_keys, window_size, sink_tokens):
+    """Where a key sequence of `num_keys` (cache + new tokens) splits for the next call's state →
+    (sinks, old_end): keys [0, sinks) stay cached as sinks, keys [sinks, old_end) join the linear state,
+    keys [old_end, num_keys) (at most W) stay cached as the window."""
+    sinks = min(sink_tokens, num_keys)
+    return sinks, max(num_keys - window_size, sinks)
+
+
+def zero_sink_features(fk, sink_tokens, dim):
+    """fk with its first `sink_tokens` entries along `dim` (the sink keys) set to 0, out of place so
+    gradients flow (as zeros) to the caller's fk; fk itself when there are no sinks."""
+    if sink_tokens <= 0:
+        return fk
+    keep = torch.arange(fk.shape[dim], device=fk.device) >= sink_tokens  # [L]
+    return fk * keep.view(-1, *([1] * (fk.dim() - dim - 1))).to(fk.dtype)
 
 
 def _after_prefix(cached, x):
@@ -106,9 +137,9 @@ def _after_prefix(cached, x):
     return torch.cat([cached, x], dim=2) if cached.shape[2] else x
 
 
-def prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state):
-    _check_inputs(q, k, v, fq, fk, window_logit, window_size)
-    state = _initial_state(q, k, v, fq, initial_state, window_size)
+def prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state, sink_tokens=0):
+    _check_inputs(q, k, v, fq, fk, window_logit, window_size, sink_tokens)
+    state = _initial_state(q, k, v, fq, initial_state, window_size, sink_tokens)
     heads = q.shape[2]
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     k_all = _after_prefix(state.k, k)  # [B, H_kv, P + T, D]
@@ -118,25 +149,30 @@ def prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_st
         q=heads_first_fp32(q, heads) * scale,
         fq=heads_first_fp32(fq, heads),
         v1=append_ones(v_all.repeat_interleave(group, dim=1)),  # [B, H, P + T, V + 1]
-        fk=_after_prefix(state.fk, fk),  # [B, H, P + T, F]
+        fk=zero_sink_features(_after_prefix(state.fk, fk), sink_tokens, dim=2),  # [B, H, P + T, F]
         kv0=state.kv,
         gamma=torch.sigmoid(window_logit.float()).view(heads, 1, 1),  # [H, 1, 1]
         prefix=state.k.shape[2],
         k_raw=k_all,
         v_raw=v_all,
         has_state=initial_state is not None,
+        sink_tokens=sink_tokens,
     )
 
 
 def final_state(inputs, window_size):
-    """State after the last token: keys older than the last W join kv; the last W' stay cached."""
-    num_old = max(inputs.k_raw.shape[2] - window_size, 0)
-    old_fk, old_v1 = inputs.fk[:, :, :num_old], inputs.v1[:, :, :num_old]  # [B, H, n_old, F / V + 1]
+    """State after the last token: the sinks and the last W keys stay cached; the keys between join kv."""
+    sinks, old_end = cache_split(inputs.k_raw.shape[2], window_size, inputs.sink_tokens)
+    old_fk, old_v1 = inputs.fk[:, :, sinks:old_end], inputs.v1[:, :, sinks:old_end]  # [B, H, n_old, F / V + 1]
+
+    def cached(t):  # [B, H_x, P + T, ·] → [B, H_x, C, ·]
+        return torch.cat([t[:, :, :sinks], t[:, :, old_end:]], dim=2) if sinks else t[:, :, old_end:]
+
     return WindowLinearState(
         kv=inputs.kv0 + old_fk.transpose(-1, -2) @ old_v1,  # [B, H, F, V + 1]
-        k=inputs.k_raw[:, :, num_old:],
-        v=inputs.v_raw[:, :, num_old:],
-        fk=inputs.fk[:, :, num_old:],
+        k=cached(inputs.k_raw),
+        v=cached(inputs.v_raw),
+        fk=cached(inputs.fk),
     )
 
 
@@ -154,10 +190,11 @@ def _parallel_weights(x, window_size):
     """The unnormalized hybrid weights of every query over all `P + T` keys → `[B, H, T, P + T]`."""
     seq_len, num_keys = x.q.shape[2], x.k_raw.shape[2]
     lag = key_lag(seq_len, num_keys, x.prefix, x.q.device)  # [T, P + T]
-    window = sliding_window_mask(seq_len, num_keys, window_size, x.prefix, x.q.device)
+    window = sliding_window_sink_mask(seq_len, num_keys, window_size, x.sink_tokens, x.prefix, x.q.device)
     k = x.k_raw.repeat_interleave(x.q.shape[1] // x.k_raw.shape[1], dim=1)  # [B, H, P + T, D]
     scores = x.q @ k.transpose(-1, -2)  # [B, H, T, P + T]
-    return _hybrid_weights(scores, window, lag >= window_size, x.fq, x.fk, x.gamma)
+    linear = (lag >= window_size) & ~window  # a sink is never linear
+    return _hybrid_weights(scores, window, linear, x.fq, x.fk, x.gamma)
 
 
 def divide_output(num_den, dtype):
@@ -167,38 +204,39 @@ def divide_output(num_den, dtype):
 
 def parallel_window_linear_attn(
     q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-    output_final_state=False, chunk_size=None,
+    output_final_state=False, chunk_size=None, sink_tokens=0,
 ):
     """Quadratic masked form over all `P + T` keys. `chunk_size` is accepted and ignored."""
-    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state)
+    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state, sink_tokens)
     num_den = _parallel_weights(x, window_size) @ x.v1 + x.fq @ x.kv0  # [B, H, T, V + 1]
     final = final_state(x, window_size) if output_final_state else None
     return divide_output(num_den, v.dtype), final
 
 
-def window_linear_attn_weights(q, k, fq, fk, window_logit, *, window_size=64, scale=None):
+def window_linear_attn_weights(q, k, fq, fk, window_logit, *, window_size=64, scale=None, sink_tokens=0):
     """The parallel form's attention weights `[B, H, T, T]` on a fresh sequence (`o = A v`), fp32, rows
     summing to 1; same inputs as `parallel_window_linear_attn` without v."""
     v = k.new_zeros(k.shape[:3] + (1,))  # [B, T, H_kv, 1]: only its shape is read
-    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, None)
+    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, None, sink_tokens)
     weights = _parallel_weights(x, window_size)  # [B, H, T, T]
     return weights / weights.sum(-1, keepdim=True)
 
 
 def recurrent_window_linear_attn(
     q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-    output_final_state=False, chunk_size=None,
+    output_final_state=False, chunk_size=None, sink_tokens=0,
 ):
-    """Token-by-token form over a cache of at most W keys; a `T = 1` call is one step."""
-    _check_inputs(q, k, v, fq, fk, window_logit, window_size)
-    state = _initial_state(q, k, v, fq, initial_state, window_size)
+    """Token-by-token form over a cache of at most N + W keys (every cached key is a softmax key); a
+    `T = 1` call is one step."""
+    _check_inputs(q, k, v, fq, fk, window_logit, window_size, sink_tokens)
+    state = _initial_state(q, k, v, fq, initial_state, window_size, sink_tokens)
     heads = q.shape[2]
     group = heads // k.shape[2]
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     gamma = torch.sigmoid(window_logit.float()).view(heads, 1)  # [H, 1]
     outputs = []
     for t in range(q.shape[1]):
-        state = _push_key(state, k[:, t], v[:, t], fk[:, t], window_size, group)
+        state = _push_key(state, k[:, t], v[:, t], fk[:, t], window_size, group, sink_tokens)
         q_t = q[:, t].float() * scale  # [B, H, D]
         scores = (state.k.repeat_interleave(group, dim=1) @ q_t.unsqueeze(-1)).squeeze(-1)  # [B, H, W']
         a_sm = gamma * floored_exp(scores - scores.amax(dim=-1, keepdim=True))  # [B, H, W']
@@ -209,15 +247,24 @@ def recurrent_window_linear_attn(
     return divide_output(num_den, v.dtype), (state if output_final_state else None)
 
 
-def _push_key(state, k_t, v_t, fk_t, window_size, group):
+def _push_key(state, k_t, v_t, fk_t, window_size, group, sink_tokens=0):
     """Append one token's key/value/feature (`[B, H_kv, D]`, `[B, H_kv, V]`, `[B, H, F]`) to the cache;
-    when the cache exceeds W keys, its oldest key becomes linear and moves into kv."""
+    when the cache exceeds N + W keys, its oldest non-sink key (index N) becomes linear and moves into kv.
+    While the cache holds fewer than N keys it holds every token so far, so the new token is a sink."""
+    if state.k.shape[2] < sink_tokens:
+        fk_t = torch.zeros_like(fk_t)
     cache_k = torch.cat([state.k, k_t.float().unsqueeze(2)], dim=2)  # [B, H_kv, W' + 1, D]
     cache_v = torch.cat([state.v, v_t.float().unsqueeze(2)], dim=2)  # [B, H_kv, W' + 1, V]
     cache_fk = torch.cat([state.fk, fk_t.float().unsqueeze(2)], dim=2)  # [B, H, W' + 1, F]
     kv = state.kv
-    if cache_k.shape[2] > window_size:
-        old_v1 = append_ones(cache_v[:, :, 0].repeat_interleave(group, dim=1))  # [B, H, V + 1]
-        kv = kv + cache_fk[:, :, 0, :, None] * old_v1[:, :, None, :]  # [B, H, F, V + 1]
-        cache_k, cache_v, cache_fk = cache_k[:, :, 1:], cache_v[:, :, 1:], cache_fk[:, :, 1:]
+    if cache_k.shape[2] > window_size + sink_tokens:
+        n = sink_tokens
+        old_v1 = append_ones(cache_v[:, :, n].repeat_interleave(group, dim=1))  # [B, H, V + 1]
+        kv = kv + cache_fk[:, :, n, :, None] * old_v1[:, :, None, :]  # [B, H, F, V + 1]
+        cache_k, cache_v, cache_fk = (_drop(t, n) for t in (cache_k, cache_v, cache_fk))
     return WindowLinearState(kv=kv, k=cache_k, v=cache_v, fk=cache_fk)
+
+
+def _drop(t, index):
+    """`[B, H_x, C, ·]` without entry `index` of the cache dimension → `[B, H_x, C − 1, ·]`."""
+    return torch.cat([t[:, :, :index], t[:, :, index + 1:]], dim=2) if index else t[:, :, 1:]

@@ -11,12 +11,17 @@ it visits the key tiles covering [q0 − W, q0 + BT) once:
 - linear keys inside the range (t − s ≥ W): `fq_t·fk_s` weights;
 - older keys: `fq_t S`, `fq_t z`.
 The first tile ([q0 − W, q0 − W + BT)) is linear for every later query, so it joins S and z afterwards.
+Sinks (`sink_tokens=N`, the first N keys): before that walk, the tiles of sinks older than q0 − W join the
+online softmax; inside the walk a key below N counts as a window key at any distance. The wrapper zeroes
+the sinks' fk, so they add nothing to S, z or any linear weight (and their fk gradient is 0).
 GQA by indexing: k, v by kv head `h // group`; q, fq, fk by query head.
 
 Backward (Triton): with o_t = Σ_s w_ts v_s / den_t, every weight gets dw_ts = (do_t·v_s − do_t·o_t) / den_t.
 A query-side kernel (forward order) gives dq, dfq and the per-row window_logit term; a key-side kernel
 (reverse order over key tiles) visits the query tiles within W + BT of each key tile and reaches later
 queries (all linear) through an accumulator R = Σ fq_tᵀ [do_t, −do_t·o_t] / den_t, giving dk, dv, dfk.
+A key tile holding sinks visits every later query tile (sinks are softmax keys of all of them); its
+sinks' zero fk keeps R out of their gradients.
 The row max c_t does not cancel (it scales the softmax weights against the linear ones), so the forward
 saves the key position attaining it and torch adds that gradient to dq and dk; d(initial kv) is a torch
 einsum.
@@ -28,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import MIN_BLOCK as MIN_BLOCK_V, block_k, block_t, block_v, contiguous, new_output
-from .naive import WindowLinearState, _check_inputs, _initial_state
+from .naive import WindowLinearState, _check_inputs, _initial_state, cache_split, zero_sink_features
 
 # Time tile cap for queries and keys: [BT, BT] score tiles beside [BT, BD] / [BT, BF] operands.
 MAX_BLOCK_T = 64
@@ -38,7 +43,7 @@ NEG_LARGE = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _window_linear_fwd_kernel(
-    q, k, v, fq, fk, gamma, kv0, o, den, row_max, row_arg, scale, T, P, W,
+    q, k, v, fq, fk, gamma, kv0, o, den, row_max, row_arg, scale, T, P, W, NS,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
@@ -83,6 +88,24 @@ def _window_linear_fwd_kernel(
         b_l = tl.zeros([BT], dtype=tl.float32)
         b_acc = tl.zeros([BT, BV], dtype=tl.float32)
         lo = P + i_t * BT - W
+        n_early = tl.maximum(tl.minimum(NS, lo), 0)  # sinks before the window walk: softmax for every row
+        for i_s in range(0, tl.cdiv(n_early, BT)):
+            s = i_s * BT + o_t
+            m_s = s < n_early
+            row_k = (i_b * L + s) * HKV + i_hk
+            b_k = tl.load(k + row_k[:, None] * D + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.0)
+            b_v = tl.load(v + row_k[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)
+            b_k = b_k.to(tl.float32)  # [BT, BD]
+            b_v = b_v.to(tl.float32)  # [BT, BV]
+            b_score = tl.where(m_t[:, None] & m_s[None, :], tl.dot(b_q, tl.trans(b_k)), float("-inf"))  # [BT, BT]
+            b_tile_max = tl.max(b_score, axis=1)
+            b_arg = tl.where(b_tile_max > b_m, i_s * BT + tl.argmax(b_score, axis=1).to(tl.int32), b_arg)
+            b_m_new = tl.maximum(b_m, b_tile_max)
+            b_alpha = tl.exp(b_m - b_m_new)
+            b_p = tl.exp(b_score - b_m_new[:, None])  # [BT, BT]
+            b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v)
+            b_m = b_m_new
         for i_s in range(0, tl.cdiv(W + BT, BT)):
             s = lo + i_s * BT + o_t  # key positions of this tile
             m_s = (s >= 0) & (s < L)
@@ -96,8 +119,8 @@ def _window_linear_fwd_kernel(
             b_v = b_v.to(tl.float32)  # [BT, BV]
             dist = pos_q[:, None] - s[None, :]  # [BT, BT]
             valid = m_t[:, None] & m_s[None, :]
-            in_window = valid & (dist >= 0) & (dist < W)
-            is_linear = valid & (dist >= W)
+            in_window = valid & (dist >= 0) & ((dist < W) | (s < NS))
+            is_linear = valid & (dist >= W) & (s >= NS)
             b_a_lin = tl.where(is_linear, tl.dot(b_fq, tl.trans(b_fk)), 0.0)  # [BT, BT]
             b_lin += tl.dot(b_a_lin, b_v)
             b_lin_den += tl.sum(b_a_lin, axis=1)
@@ -126,29 +149,30 @@ def _window_linear_fwd_kernel(
             tl.store(row_arg + row_q, b_arg, mask=m_t)
 
 
-def _final_state(k_all, v_all, fk_all, kv0, window_size):
-    """State after the last key: keys older than the last W join kv; the last W' stay cached.
+def _final_state(k_all, v_all, fk_all, kv0, window_size, sink_tokens=0):
+    """State after the last key: the sinks and the last W keys stay cached; the keys between join kv.
     k_all `[B, L, H_kv, D]`, v_all `[B, L, H_kv, V]`, fk_all `[B, L, H, F]`, kv0 `[B, H, F, V + 1]`."""
     batch, num_keys, kv_heads, _ = k_all.shape
     heads, feat = fk_all.shape[2], fk_all.shape[3]
-    num_old = max(num_keys - window_size, 0)
-    fk_old = fk_all[:, :num_old].float().view(batch, num_old, kv_heads, heads // kv_heads, feat)  # [B, n, Hkv, G, F]
-    v_old = v_all[:, :num_old].float()
+    sinks, old_end = cache_split(num_keys, window_size, sink_tokens)
+    num_old = old_end - sinks
+    fk_old = fk_all[:, sinks:old_end].float().view(batch, num_old, kv_heads, heads // kv_heads, feat)  # [B, n, Hkv, G, F]
+    v_old = v_all[:, sinks:old_end].float()
     v1_old = torch.cat([v_old, torch.ones_like(v_old[..., :1])], dim=-1)  # [B, n, H_kv, V + 1]
     added = torch.einsum("bnkgf,bnkv->bkgfv", fk_old, v1_old).flatten(1, 2)  # [B, H, F, V + 1]
-    return WindowLinearState(
-        kv=kv0 + added,
-        k=k_all[:, num_old:].float().transpose(1, 2).clone(),  # [B, H_kv, W', D]
-        v=v_all[:, num_old:].float().transpose(1, 2).clone(),  # [B, H_kv, W', V]
-        fk=fk_all[:, num_old:].float().transpose(1, 2).clone(),  # [B, H, W', F]
-    )
+
+    def cached(t):  # [B, L, H_x, ·] → fp32 [B, H_x, C, ·]
+        kept = torch.cat([t[:, :sinks], t[:, old_end:]], dim=1) if sinks else t[:, old_end:]
+        return kept.float().transpose(1, 2).clone()
+
+    return WindowLinearState(kv=kv0 + added, k=cached(k_all), v=cached(v_all), fk=cached(fk_all))
 
 
 
 
 @triton.jit
 def _window_linear_bwd_q_kernel(
-    q, k, v, fq, fk, gamma, kv0, do, den, row_max, delta, dq, dfq, dlog, scale, T, P, W,
+    q, k, v, fq, fk, gamma, kv0, do, den, row_max, delta, dq, dfq, dlog, scale, T, P, W, NS,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
@@ -192,6 +216,20 @@ def _window_linear_bwd_q_kernel(
         b_dq = tl.zeros([BT, BD], dtype=tl.float32)
         b_dlog = tl.zeros([BT], dtype=tl.float32)
         lo = P + i_t * BT - W
+        n_early = tl.maximum(tl.minimum(NS, lo), 0)  # sinks before the window walk (softmax only)
+        for i_s in range(0, tl.cdiv(n_early, BT)):
+            s = i_s * BT + o_t
+            m_s = s < n_early
+            row_k = (i_b * L + s) * HKV + i_hk
+            b_k = tl.load(k + row_k[:, None] * D + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.0)
+            b_v = tl.load(v + row_k[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+            b_score = tl.dot(b_q, tl.trans(b_k)) - b_c[:, None]  # ≤ 0 on sink entries
+            b_w = tl.where(m_t[:, None] & m_s[None, :], b_gamma * tl.exp(tl.minimum(b_score, 0.0)), 0.0)  # [BT, BT]
+            b_dscore = b_w * (tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None])
+            b_dq += tl.dot(b_dscore, b_k)
+            b_dlog += tl.sum(b_dscore, axis=1)
         for i_s in range(0, tl.cdiv(W + BT, BT)):
             s = lo + i_s * BT + o_t
             m_s = (s >= 0) & (s < L)
@@ -205,8 +243,8 @@ def _window_linear_bwd_q_kernel(
             b_v = b_v.to(tl.float32)
             dist = pos_q[:, None] - s[None, :]  # [BT, BT]
             valid = m_t[:, None] & m_s[None, :]
-            in_window = valid & (dist >= 0) & (dist < W)
-            is_linear = valid & (dist >= W)
+            in_window = valid & (dist >= 0) & ((dist < W) | (s < NS))
+            is_linear = valid & (dist >= W) & (s >= NS)
             b_score = tl.dot(b_q, tl.trans(b_k)) - b_c[:, None]  # ≤ 0 on window entries
             b_w = tl.where(in_window, b_gamma * tl.exp(tl.minimum(b_score, 0.0)), 0.0)  # [BT, BT]
             b_dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]  # [BT, BT]
@@ -224,7 +262,7 @@ def _window_linear_bwd_q_kernel(
 
 @triton.jit
 def _window_linear_bwd_kv_kernel(
-    q, k, v, fq, fk, gamma, do, den, row_max, delta, dk, dv, dfk, scale, T, P, W,
+    q, k, v, fq, fk, gamma, do, den, row_max, delta, dk, dv, dfk, scale, T, P, W, NS,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
 ):
@@ -264,7 +302,10 @@ def _window_linear_bwd_kv_kernel(
         b_dv = tl.dot(b_fk, b_r)  # [BT, BV]
         b_dfk = tl.dot(b_v, tl.trans(b_r)) + b_rz[None, :]  # [BT, BF]
         b_dk = tl.zeros([BT, BD], dtype=tl.float32)
-        for i_q in range(0, num_q_tiles):
+        n_q = num_q_tiles
+        if i_k * BT < NS:  # sinks here: softmax keys of every later query tile, not only the next W + BT
+            n_q = tl.maximum(tl.cdiv(L - i_k * BT, BT), num_q_tiles)
+        for i_q in range(0, n_q):
             pos_q = i_k * BT + i_q * BT + o_t
             t = pos_q - P
             m_q = (t >= 0) & (t < T)
@@ -280,8 +321,9 @@ def _window_linear_bwd_kv_kernel(
             b_dd = -tl.load(delta + row_q, mask=m_q, other=0.0) / b_den  # [BT]
             dist = pos_q[:, None] - s[None, :]  # [BT(q), BT(s)]
             valid = m_q[:, None] & m_s[None, :]
-            in_window = valid & (dist >= 0) & (dist < W)
-            is_linear = valid & (dist >= W)
+            in_window = valid & (dist >= 0) & ((dist < W) | (s < NS))
+            # beyond the first num_q_tiles, R already holds the linear part: only sinks are visited there
+            is_linear = valid & (dist >= W) & (s >= NS) & (i_q < num_q_tiles)
             b_score = tl.dot(b_q, tl.trans(b_k)) - b_c[:, None]
             b_w = tl.where(in_window, b_gamma * tl.exp(tl.minimum(b_score, 0.0)), 0.0)  # [BT, BT]
             b_a = tl.where(is_linear, tl.dot(b_fq, tl.trans(b_fk)), 0.0)  # [BT, BT]
@@ -305,7 +347,9 @@ def _launch_dims(q, k_all, v_all, fq, chunk_size):
     return batch, seq_len, heads, dims, blocks
 
 
-def window_forward_fp32(q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state):
+def window_forward_fp32(
+    q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state, sink_tokens=0
+):
     """Kernel launch on contiguous inputs (keys include the cached prefix) → fp32 o `[B, T, H, V]`,
     normalizer and window max `[B, T, H]`."""
     batch, seq_len, heads, dims, blocks = _launch_dims(q, k_all, v_all, fq, chunk_size)
@@ -317,7 +361,7 @@ def window_forward_fp32(q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_s
     bv = block_v(value_dim)
     _window_linear_fwd_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
         q, k_all, v_all, fq, fk_all, gamma, kv0, o, den, row_max, row_arg, scale, seq_len, prefix, window_size,
-        **dims, **blocks, BV=bv, USE_INITIAL_STATE=has_state,
+        sink_tokens, **dims, **blocks, BV=bv, USE_INITIAL_STATE=has_state,
     )
     return o, den, row_max, row_arg
 
@@ -345,21 +389,23 @@ class _WindowCore(torch.autograd.Function):
     """Fused hybrid attention over `P + T` keys (prefix included) → fp32 o; Triton both ways."""
 
     @staticmethod
-    def forward(ctx, q, k_all, v_all, fq, fk_all, window_logit, kv0, scale, window_size, chunk_size, has_state):
+    def forward(
+        ctx, q, k_all, v_all, fq, fk_all, window_logit, kv0, scale, window_size, chunk_size, has_state, sink_tokens
+    ):
         q, k_all, v_all, fq, fk_all, kv0 = (contiguous(x) for x in (q, k_all, v_all, fq, fk_all, kv0))
         gamma = torch.sigmoid(window_logit.float()).contiguous()  # [H]
         prefix = k_all.shape[1] - q.shape[1]
         o, den, row_max, row_arg = window_forward_fp32(
-            q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state
+            q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state, sink_tokens
         )
         ctx.save_for_backward(q, k_all, v_all, fq, fk_all, gamma, kv0, o, den, row_max, row_arg)
-        ctx.config = (scale, window_size, prefix, chunk_size, has_state)
+        ctx.config = (scale, window_size, prefix, chunk_size, has_state, sink_tokens)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k_all, v_all, fq, fk_all, gamma, kv0, o, den, row_max, row_arg = ctx.saved_tensors
-        scale, window_size, prefix, chunk_size, has_state = ctx.config
+        scale, window_size, prefix, chunk_size, has_state, sink_tokens = ctx.config
         batch, seq_len, heads, dims, blocks = _launch_dims(q, k_all, v_all, fq, chunk_size)
         num_keys = k_all.shape[1]
         do = do.float().contiguous()
@@ -371,7 +417,7 @@ class _WindowCore(torch.autograd.Function):
         dv = new_output((batch, num_keys, heads, dims["V"]), q.device)
         dfk = new_output(fk_all.shape, q.device)
         bv = max(MIN_BLOCK_V, triton.next_power_of_2(dims["V"]))  # one value tile: dw needs all of do·v
-        common = (scale, seq_len, prefix, window_size)
+        common = (scale, seq_len, prefix, window_size, sink_tokens)
         _window_linear_bwd_q_kernel[(batch * heads,)](
             q, k_all, v_all, fq, fk_all, gamma, kv0, do, den, row_max, delta, dq, dfq, dlog, *common,
             **dims, **blocks, BV=bv, USE_INITIAL_STATE=has_state,
@@ -389,21 +435,21 @@ class _WindowCore(torch.autograd.Function):
         kv_heads = k_all.shape[2]
         return (
             dq.to(q.dtype), _group_sum(dk, kv_heads).to(k_all.dtype), _group_sum(dv, kv_heads).to(v_all.dtype),
-            dfq.to(fq.dtype), dfk.to(fk_all.dtype), dlogit, dkv0, None, None, None, None,
+            dfq.to(fq.dtype), dfk.to(fk_all.dtype), dlogit, dkv0, None, None, None, None, None,
         )
 
 
 def window_linear_attn_triton(
     q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-    output_final_state=False, chunk_size=64,
+    output_final_state=False, chunk_size=64, sink_tokens=0,
 ):
-    """Hybrid sliding-window softmax + linear attention, Triton forward and backward; q `[B, T, H, D]`,
+    """Hybrid sliding-window softmax + linear attention (with `sink_tokens` sinks), Triton forward and backward; q `[B, T, H, D]`,
     k `[B, T, H_kv, D]`, v `[B, T, H_kv, V]`, fq, fk `[B, T, H, F]`, window_logit `[H]` →
     (o `[B, T, H, V]` in v.dtype, `WindowLinearState` or None). `chunk_size` sets the query/key tile
     (rounded down to a power of two in [16, 64]); the result does not depend on it."""
-    _check_inputs(q, k, v, fq, fk, window_logit, window_size)
+    _check_inputs(q, k, v, fq, fk, window_logit, window_size, sink_tokens)
     has_state = initial_state is not None
-    state = _initial_state(q, k, v, fq, initial_state, window_size)
+    state = _initial_state(q, k, v, fq, initial_state, window_size, sink_tokens)
     if has_state:
         # the caller's tensors (not fp32 copies), so gradients reach them through the concatenation
         state = WindowLinearState(*initial_state)
@@ -412,8 +458,11 @@ def window_linear_attn_triton(
         fk_all = torch.cat([state.fk.transpose(1, 2).to(fk.dtype), fk], dim=1)  # [B, P + T, H, F]
     else:
         k_all, v_all, fk_all = k, v, fk
+    fk_all = zero_sink_features(fk_all, sink_tokens, dim=1)  # [B, P + T, H, F]: sinks are never linear
     scale = float(scale if scale is not None else q.shape[-1] ** -0.5)
     kv0 = state.kv.float()
-    o = _WindowCore.apply(q, k_all, v_all, fq, fk_all, window_logit, kv0, scale, window_size, chunk_size, has_state)
-    final = _final_state(k_all, v_all, fk_all, kv0, window_size) if output_final_state else None
+    o = _WindowCore.apply(
+        q, k_all, v_all, fq, fk_all, window_logit, kv0, scale, window_size, chunk_size, has_state, sink_tokens
+    )
+    final = _final_state(k_all, v_all, fk_all, kv0, window_size, sink_tokens) if output_final_state else None
     return o.to(v.dtype), final

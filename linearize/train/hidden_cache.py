@@ -170,7 +170,7 @@ class HiddenCache:
                                       {"key": self.key(target), "rows": len(self.rows), "shard_rows": per_shard,
                                        "shards": len(shards), "dtype": str(self.dtype)})
                 barrier()
-            previous = target
+            previous, embeddings = target, None  # only the first block reads the embeddings
 
     def _run(self, decoder: LazyDecoder, inputs: torch.Tensor, batch_size: int, autocast: str,
              device: torch.device) -> torch.Tensor:

@@ -252,3 +252,14 @@ def test_blocks_trained_on_two_ranks_join_into_the_one_rank_student(all_at_once,
     assert trained_by == {0: 0, 1: 1, 2: 0, 3: 1}
     assert (stage / "DONE").is_file()
     _assert_same_student(load_file(stage / "student.safetensors"), load_file(whole / STUDENT))
+
+
+def test_a_finished_block_under_a_changed_config_is_refused_naming_the_key(tmp_path, tiny_tokenizer):
+    from linearize.errors import UserError
+
+    blockwise = {"attention_transfer.block_size": 1, "attention_transfer.max_steps": 2}
+    run_dir, _, _ = _run(_config(tmp_path, tiny_tokenizer, layers=2, **blockwise))
+    (run_dir / "attention_transfer" / "DONE").unlink()  # as if killed after its blocks, before the join
+    changed = _config(tmp_path, tiny_tokenizer, layers=2, **blockwise, **{"attention_transfer.lr": 0.5})
+    with pytest.raises(UserError, match=r"attention_transfer: the config changed .*attention_transfer.lr"):
+        _run(changed)

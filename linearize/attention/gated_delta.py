@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..ops._common import sliding_window_sink_mask
 from ..ops.gated_delta_rule import FORMS, chunk_gated_delta_rule
 from .base import Mechanism
 from .calibrate import (attention_statistics, beta_for_entropy, channel_scale, half_life, inverse_softplus,
@@ -254,22 +255,26 @@ class GatedDeltaWindowAttention(GatedDeltaAttention):
     older keys) with m the window's attention mass, so w_h starts at logit(m) under calibration and the delta
     branch is fitted to the remainder y − m · SWA. The delta state reads every token, the window's included:
     delaying it by W (LoLCATs' split, no key counted twice) would need the β and decay of the last W tokens in
-    the decode cache; with separately learned weights the overlap costs nothing. Decode state: (window keys
-    and values, delta state `[B, H_kv, D, D]`), bounded by W."""
+    the decode cache; with separately learned weights the overlap costs nothing. `sink_tokens=N` keeps the
+    first N tokens in the window's softmax for every query. Decode state: (window and sink keys and values,
+    delta state `[B, H_kv, D, D]`), bounded by W + N."""
 
     name = "gated_delta_window"
-    reads = GatedDeltaAttention.reads + ("window_size",)
+    reads = GatedDeltaAttention.reads + ("window_size", "sink_tokens")
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
         self.window_size = cfg.window_size
+        self.sink_tokens = cfg.sink_tokens
         self.window_logit = nn.Parameter(torch.full((num_heads,), math.log(INIT_WINDOW_WEIGHT / (1 - INIT_WINDOW_WEIGHT))))
         if cfg.init != "copy":
             nn.init.constant_(self.out_gate.bias, INIT_WINDOW_DELTA_GATE_BIAS)
 
     def forward(self, p, state, opts, want_state):
         window_state, delta_state = state if state is not None else (None, None)
-        y_window, window_state = sliding_window(p, self.window_size, opts, window_state, want_state)
+        y_window, window_state = sliding_window(
+            p, self.window_size, opts, window_state, want_state, self.sink_tokens
+        )
         o, delta_state = self.delta_branch(p, delta_state, opts, want_state)
         weight = torch.sigmoid(self.window_logit.float())[:, None]  # [H, 1]
         y = weight * y_window.float() + self.gated_output(o, p)  # [B, T, H, D]
@@ -278,7 +283,16 @@ class GatedDeltaWindowAttention(GatedDeltaAttention):
     def calibration_target(self, p, y_teacher, weights, opts):
         stats = attention_statistics(weights, p.group, outside_window=self.window_size)
         # The window mass per query head (the kv-head average is for β and the decay).
-        mass = window_mass_per_head(weights, self.window_size).clamp(0.01, 0.99)  # [H]
+        mass = self.softmax_mass(weights).clamp(0.01, 0.99)  # [H]
         self.window_logit.copy_(logit(mass))
-        y_window, _ = sliding_window(p, self.window_size, opts, None, False)
+        y_window, _ = sliding_window(p, self.window_size, opts, None, False, self.sink_tokens)
         return y_teacher.double() - mass[:, None] * y_window.double(), stats
+
+    def softmax_mass(self, weights: torch.Tensor) -> torch.Tensor:
+        """The teacher's mean mass `[H]` (float64) on the window half's keys (the last W and the sinks), over
+        the second half of the queries."""
+        if not self.sink_tokens:
+            return window_mass_per_head(weights, self.window_size)
+        t = weights.shape[-1]
+        keys = sliding_window_sink_mask(t, t, self.window_size, self.sink_tokens, device=weights.device)  # [T, T]
+        return (weights.double() * keys).sum(-1)[..., t // 2:].mean((0, 2))

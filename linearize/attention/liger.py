@@ -2,7 +2,8 @@
 g = logsigmoid(k_proj(x)) / gate_norm per kv head and key dim (before RoPE), with q' = softmax(q) and
 k' = softmax(k) over the head dim, scale 1, unnormalized gated linear attention (GLA form).
 
-`liger_window` mixes α·(sliding-window softmax over W keys) + β·(the gated linear branch)."""
+`liger_window` mixes α·(sliding-window softmax over W keys and the first `sink_tokens`) + β·(the gated
+linear branch)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -43,15 +44,16 @@ class LigerAttention(Mechanism):
 
 class LigerWindowAttention(LigerAttention):
     name = "liger_window"
-    reads = (*LigerAttention.reads, "liger_alpha", "liger_beta", "window_size")
+    reads = (*LigerAttention.reads, "liger_alpha", "liger_beta", "window_size", "sink_tokens")
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
         self.alpha, self.beta, self.window_size = cfg.liger_alpha, cfg.liger_beta, cfg.window_size
+        self.sink_tokens = cfg.sink_tokens
 
     def forward(self, p, state, opts, want_state):
         window_state, gla_state = state if state is not None else (None, None)
-        y_sw, window_state = sliding_window(p, self.window_size, opts, window_state, want_state)
+        y_sw, window_state = sliding_window(p, self.window_size, opts, window_state, want_state, self.sink_tokens)
         y_gla, gla_state = self.gated_linear(p, gla_state, opts, want_state)
         y = self.alpha * y_sw.float() + self.beta * y_gla.float()
         return y.to(p.v.dtype), ((window_state, gla_state) if want_state else None)

@@ -1,11 +1,13 @@
-"""Quality at a fixed token budget: every preset and both baselines, trained on the demo Wikipedia
-slice and evaluated on held-out news (`lee_background.cor`), one markdown table.
+"""Quality at a fixed token budget: every preset and both baselines through `linearize compare`, trained on
+the demo Wikipedia slice and evaluated on held-out news (`lee_background.cor`) and the other kinds of
+text `compare` knows, one markdown table.
 
-Each preset runs through the normal CLI (`linearize run configs/<preset>.yaml ...`) with overrides that
-set the budget: `--transfer-tokens` of attention transfer and `--lora-tokens` of LoRA, at
-`--seq-len` tokens per sequence and one sequence per optimizer step. Presets without an
-attention-transfer stage (Liger, the baselines) get the LoRA budget only. Runs are resumable: rerunning
-skips finished stages, so an interrupted table picks up where it stopped.
+`linearize compare` sets the budget (`--transfer-tokens` of attention transfer and `--lora-tokens` of
+LoRA, one sequence per optimizer step; presets without an attention-transfer stage get the LoRA budget
+only) and writes compare.md / compare.json / compare.png under `--output-dir`. This script runs the
+presets `--parallel` at a time (one `compare` process per preset, `--threads` torch threads each), then
+one `compare` over all presets that finished, which only collects: finished runs and their measurements
+are reused. Runs are resumable: rerunning picks up where an interrupted table stopped.
 
     python bench/quality.py                                  # all presets, 2 at a time, 1 thread each
     python bench/quality.py --presets lolcats liger --write docs/quality.md
@@ -13,7 +15,6 @@ skips finished stages, so an interrupted table picks up where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -31,79 +32,33 @@ PRESETS = ["lolcats", "hedgehog_linear", "lawcat", "liger", "liger_window", "bas
 SECTION_TITLE = "## Quality at a fixed budget (bench/quality.py)"
 
 
-def overrides(args, preset: str) -> list[str]:
-    seq = args.seq_len
-    return [
-        f"run_name={preset}", f"output_dir={args.output_dir}", f"data.seq_len={seq}",
-        f"data.max_eval_sequences={args.eval_sequences}", f"evaluate.max_sequences={args.eval_sequences}",
-        # The preset's own stages without export: the table needs eval.json only.
-        f"stages=[{','.join(s for s in stages_of(preset) if s != 'export')}]",
-        # One sequence per optimizer step: at ~100-160 steps, accumulating 8 would leave 15-20 updates.
-        f"attention_transfer.max_steps={args.transfer_tokens // seq}", "attention_transfer.grad_accum=1",
-        # The recipe's plateau scheduler needs many evaluations; cosine decays over the short budget instead.
-        "attention_transfer.scheduler=cosine",
-        f"attention_transfer.eval_every={args.transfer_tokens // seq}",
-        f"attention_transfer.save_every={max(args.transfer_tokens // seq // 2, 1)}",
-        f"attention_transfer.eval_sequences={args.stage_eval_sequences}",
-        f"lora_recovery.max_steps={args.lora_tokens // seq}", "lora_recovery.grad_accum=1",
-        f"lora_recovery.eval_every={args.lora_tokens // seq}", f"lora_recovery.save_every={max(args.lora_tokens // seq // 2, 1)}",
-        f"lora_recovery.eval_sequences={args.stage_eval_sequences}",
-        *args.set,
-    ]
+def compare_command(args, presets: list[str]) -> list[str]:
+    """`linearize compare` over `presets` with this script's budget and overrides."""
+    return [sys.executable, "-m", "stages.cli", "compare", *(str(REPO / "configs" / f"{p}.yaml") for p in presets),
+            "--out", args.output_dir, "--transfer-tokens", str(args.transfer_tokens),
+            "--lora-tokens", str(args.lora_tokens), "--eval-sequences", str(args.eval_sequences),
+            "--text-sequences", str(args.text_sequences), "--stage-eval-sequences", str(args.stage_eval_sequences),
+            f"data.seq_len={args.seq_len}", *args.set]
 
 
-def run_preset(args, preset: str) -> dict:
+def run_preset(args, preset: str) -> int:
+    """One preset's run and measurements, logged to <output-dir>/<preset>.log; returns the exit status."""
     log = Path(args.output_dir) / f"{preset}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, "-m", "stages.cli", "run", str(REPO / "configs" / f"{preset}.yaml"),
-           *overrides(args, preset)]
     started = time.time()
     with open(log, "a") as out:
-        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    result = {"preset": preset, "rc": done.returncode, "minutes": (time.time() - started) / 60, "log": str(log)}
-    eval_file = Path(args.output_dir) / preset / "evaluate" / "eval.json"
-    if done.returncode == 0 and eval_file.exists():
-        result.update(json.loads(eval_file.read_text()))
-    print(f"{preset}: rc={done.returncode} in {result['minutes']:.1f} min "
-          f"{'ppl %.2f' % result['student_ppl'] if 'student_ppl' in result else ''}", flush=True)
-    return result
+        rc = subprocess.run(compare_command(args, [preset]), cwd=REPO, env=env, stdout=out,
+                            stderr=subprocess.STDOUT).returncode
+    print(f"{preset}: rc={rc} in {(time.time() - started) / 60:.1f} min (log {log})", flush=True)
+    return rc
 
 
-def stages_of(preset: str) -> list[str]:
-    from stages.config_loader import load_config
-
-    return list(load_config(REPO / "configs" / f"{preset}.yaml").stages)
-
-
-def table(results: list[dict], args) -> str:
-    teacher = next((r["teacher_ppl"] for r in results if "teacher_ppl" in r), None)
-    lines = [SECTION_TITLE, "",
-             f"SmolLM2-135M-Instruct teacher, float32, {args.seq_len}-token sequences, one sequence per step; "
-             f"budget {args.transfer_tokens:,} tokens of attention transfer + {args.lora_tokens:,} of LoRA "
-             f"(presets without a transfer stage: LoRA only); held-out news perplexity on "
-             f"{args.eval_sequences} × {args.seq_len} tokens of `lee_background.cor`; "
-             f"{time.strftime('%Y-%m-%d')}, 2-core CPU, {args.threads} thread(s) per run.", "",
-             "| preset | stages | student ppl | × teacher | KL | top-1 agreement | passkey (student / teacher) | minutes |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        stages = ", ".join(s for s in stages_of(r["preset"]) if s in ("attention_transfer", "lora_recovery"))
-        if "student_ppl" not in r:
-            lines.append(f"| {r['preset']} | {stages} | failed (rc {r['rc']}, see {r['log']}) | | | | | |")
-            continue
-        ratio = f"{r['student_ppl'] / teacher:.3f}" if teacher else "–"
-        lines.append(f"| {r['preset']} | {stages} | {r['student_ppl']:.2f} | {ratio} | {r['kl']:.3f} | "
-                     f"{r['top1_agreement']:.3f} | {passkey(r)} | {r['minutes']:.0f} |")
-    lines += ["", f"Teacher perplexity on the same tokens: {teacher:.2f}." if teacher else ""]
-    return "\n".join(lines) + "\n"
-
-
-
-
-def passkey(result: dict) -> str:
-    """Mean passkey accuracy of student and teacher, when `evaluate.long_context.passkey_lengths` was set."""
-    scores = [result.get(key, {}).get("passkey", {}).get("mean_accuracy") for key in ("long_context", "long_context_teacher")]
-    return " / ".join("–" if s is None else f"{s:.2f}" for s in scores)
+def section(args, failed: list[str]) -> str:
+    """compare.md under this script's heading, with the presets that failed."""
+    body = (Path(args.output_dir) / "compare.md").read_text().split("\n", 1)[1]  # without its own title
+    notes = [f"Failed: {', '.join(f'{p} (see {Path(args.output_dir) / p}.log)' for p in failed)}."] if failed else []
+    return "\n".join([SECTION_TITLE, body.rstrip("\n"), *notes]) + "\n"
 
 
 def main() -> None:
@@ -113,6 +68,7 @@ def main() -> None:
     parser.add_argument("--lora-tokens", type=int, default=58_000)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-sequences", type=int, default=80, help="held-out news sequences for perplexity")
+    parser.add_argument("--text-sequences", type=int, default=20, help="sequences of each other kind of text")
     parser.add_argument("--stage-eval-sequences", type=int, default=8,
                         help="held-out sequences for each stage's own final eval loss (cheap sanity check)")
     parser.add_argument("--parallel", type=int, default=2, help="presets run at once")
@@ -122,9 +78,14 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="markdown file to put the table in")
     args = parser.parse_args()
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda p: run_preset(args, p), args.presets))
-    text = table(results, args)
-    publish(text, args.write, SECTION_TITLE, "# Quality\n\n")
+        codes = dict(zip(args.presets, pool.map(lambda p: run_preset(args, p), args.presets)))
+    finished = [p for p in args.presets if codes[p] == 0]
+    failed = [p for p in args.presets if codes[p] != 0]
+    if not finished:
+        raise SystemExit(f"every preset failed: see the logs under {args.output_dir}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads * args.parallel))
+    subprocess.run(compare_command(args, finished), cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    publish(section(args, failed), args.write, SECTION_TITLE, "# Quality\n\n")
 
 
 if __name__ == "__main__":

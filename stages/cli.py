@@ -7,6 +7,7 @@
     linearize generate MODEL_DIR "prompt"                   load an export and generate
     linearize config CONFIG [key=value ...]                print the resolved config
     linearize check CONFIG [key=value ...]                 load model tokenizer and data, report sizes
+    linearize compare CONFIG... [--out DIR] [key=value ...]   configs at one budget: compare.md/.json/.png
 
 A user mistake (`linearize.UserError`, a missing file) or an expected fault (disk full, no permission)
 prints one line `linearize: error: ...` on stderr and exits with status 2; `--traceback` shows the full
@@ -160,6 +161,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    configs = [item for item in args.items if "=" not in item or Path(item).is_file()]
+    overrides = [item for item in args.items if item not in configs] + list(args.overrides)
+    if not configs:
+        raise UserError("compare needs at least one CONFIG (a yaml file)")
+    from .compare import CompareOptions, compare
+
+    compare(CompareOptions(
+        configs=tuple(Path(c) for c in configs), out_dir=Path(args.out), transfer_tokens=args.transfer_tokens,
+        lora_tokens=args.lora_tokens, overrides=tuple(overrides), eval=args.eval, eval_sequences=args.eval_sequences,
+        text_sequences=args.text_sequences, stage_eval_sequences=args.stage_eval_sequences, texts=tuple(args.texts),
+        baselines=args.baselines, state_context=args.state_context))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -260,6 +276,40 @@ def _add_check(sub, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=cmd_check)
 
 
+def _add_compare(sub, common: argparse.ArgumentParser) -> None:
+    from .compare import CompareOptions, STATE_CONTEXT, TEXT_KINDS
+
+    defaults = CompareOptions(configs=(), out_dir=Path())
+    parser = sub.add_parser(
+        "compare", parents=[common], help="run several configs at one token budget and compare them",
+        description="Run each CONFIG through the pipeline as <DIR>/<config stem>/ at the same token budget "
+                    "(one sequence per step; finished runs are skipped, interrupted ones resume), evaluate every "
+                    "run on the same held-out tokens and on other kinds of text, and write compare.md, "
+                    "compare.json and compare.png (quality against decode-state memory) to DIR.")
+    parser.add_argument("items", nargs="+", metavar="CONFIG", help="yaml configs (key=value overrides may follow)")
+    parser.add_argument("--transfer-tokens", type=int, default=defaults.transfer_tokens, metavar="N",
+                        help=f"attention-transfer tokens per run (default: {defaults.transfer_tokens})")
+    parser.add_argument("--lora-tokens", type=int, default=defaults.lora_tokens, metavar="M",
+                        help=f"LoRA tokens per run (default: {defaults.lora_tokens})")
+    parser.add_argument("--out", default="checkpoints/compare", metavar="DIR",
+                        help="folder of the runs and the results (default: checkpoints/compare)")
+    parser.add_argument("--eval", metavar="SPEC", help="held-out text for every run (default: the first config's data.eval)")
+    parser.add_argument("--eval-sequences", type=int, default=defaults.eval_sequences, metavar="N",
+                        help=f"held-out sequences (default: {defaults.eval_sequences})")
+    parser.add_argument("--texts", nargs="*", default=list(TEXT_KINDS), metavar="KIND",
+                        help=f"other kinds of text to evaluate on, of: {', '.join(TEXT_KINDS)} (default: all)")
+    parser.add_argument("--text-sequences", type=int, default=defaults.text_sequences, metavar="N",
+                        help=f"sequences of each other kind of text (default: {defaults.text_sequences})")
+    parser.add_argument("--stage-eval-sequences", type=int, default=defaults.stage_eval_sequences, metavar="N",
+                        help=f"held-out sequences of each training stage's own final eval (default: "
+                             f"{defaults.stage_eval_sequences})")
+    parser.add_argument("--state-context", type=int, default=STATE_CONTEXT, metavar="N",
+                        help=f"prefill length at which decode-state bytes are measured (default: {STATE_CONTEXT})")
+    parser.add_argument("--baselines", action="store_true",
+                        help="add the window-only and no-transfer baselines (configs/baseline_*.yaml)")
+    parser.set_defaults(handler=cmd_compare, overrides=[])
+
+
 def _common_options() -> argparse.ArgumentParser:
     """Options every subcommand accepts too (SUPPRESS keeps a subcommand from resetting the global value)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -275,7 +325,7 @@ def _add_local_rank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-SUBCOMMANDS = (_add_run, _add_stage, _add_eval, _add_export, _add_generate, _add_config, _add_check)
+SUBCOMMANDS = (_add_run, _add_stage, _add_eval, _add_export, _add_generate, _add_config, _add_check, _add_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

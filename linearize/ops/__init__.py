@@ -2,8 +2,8 @@
 
 - `linear_attn`: causal linear attention, optionally normalized (`chunk_linear_attn`); the no-gate case
   of gated linear attention (one Triton template serves both);
-- `gated_delta_rule`: the gated delta rule of Gated DeltaNet and KDA (`chunk_gated_delta_rule`; torch
-  forms only so far);
+- `gated_delta_rule`: the gated delta rule of Gated DeltaNet and KDA (`chunk_gated_delta_rule`;
+  per-head or per-key-channel decay);
 - `gated_linear_attn`: GLA-form gated linear attention (`chunk_gated_linear_attn`);
 - `window_linear_attn`: the LoLCATs sliding-window + linear hybrid (`window_linear_attn`,
   `WindowLinearState`).

@@ -144,32 +144,14 @@ FLA_DELTA_FUNCTIONS = {
 }
 
 
-def _check_delta(q, k, v, g, beta, initial_state):
-    """The torch forms' shape checks of the gated delta rule (see its `naive.py`)."""
-    check_same_tokens(q=q, k=k, v=v)
-    batch, seq_len, heads, key_dim = q.shape
-    kv_heads = k.shape[2]
-    check_heads(heads, kv_heads)
-    if k.shape[3] != key_dim or v.shape[2] != kv_heads:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share kv heads, and k q's width {key_dim}")
-    if g.shape not in ((batch, seq_len, kv_heads), (batch, seq_len, kv_heads, key_dim)):
-        raise ValueError(
-            f"g must be [B, T, H_kv] = {(batch, seq_len, kv_heads)} or [B, T, H_kv, K] = "
-            f"{(batch, seq_len, kv_heads, key_dim)}, got {tuple(g.shape)}"
-        )
-    if beta.shape != (batch, seq_len, kv_heads):
-        raise ValueError(f"beta must be [B, T, H_kv] = {(batch, seq_len, kv_heads)}, got {tuple(beta.shape)}")
-    state_shape = (batch, kv_heads, key_dim, v.shape[3])
-    if initial_state is not None and initial_state.shape != state_shape:
-        raise ValueError(f"initial_state must be [B, H_kv, K, V] = {state_shape}, got {tuple(initial_state.shape)}")
-
-
 def chunk_gated_delta_rule_fla(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, chunk_size=None
 ):
     """`chunk_gated_delta_rule` semantics on fla's `chunk_gated_delta_rule` (per-head g) or `chunk_kda`
     (per-channel g); see the module docstring. `chunk_size` is ignored (fla's default, 64)."""
-    _check_delta(q, k, v, g, beta, initial_state)
+    from .gated_delta_rule.naive import check_delta_shapes  # here: the op package imports this module
+
+    check_delta_shapes(q, k, v, g, beta, initial_state)
     check_device(q, k, v, g, beta, initial_state)
     kv_heads = k.shape[2]
     group = q.shape[2] // kv_heads

@@ -1,10 +1,9 @@
 """The gated delta rule: both forms against a float64 token loop written here from the recurrence, in
-outputs, final states and every gradient; split-and-resume; fp32 agreement; the unimplemented backends."""
+outputs, final states and every gradient; split-and-resume; fp32 agreement (the Triton and fla backends: test_triton_gated_delta_rule.py, test_fla_backend.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from linearize.errors import UserError
 from linearize.ops import chunk_gated_delta_rule
 from linearize.ops.gated_delta_rule import FORMS
 
@@ -137,13 +136,6 @@ def test_defaults_no_state_and_bf16_output():
     ref, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=8**-0.5, form="recurrent")
     assert out.dtype == torch.bfloat16 and state is None
     assert rel_rms(out, ref) <= 1e-2  # bf16 output rounding (8 mantissa bits)
-
-
-@pytest.mark.parametrize("backend", ["triton", "fla"])
-def test_unimplemented_backends_raise_user_error(backend):
-    inputs = make_inputs(4, False)[:5]
-    with pytest.raises(UserError, match="not implemented yet for gated_delta_rule"):
-        chunk_gated_delta_rule(*inputs, backend=backend)
 
 
 def test_bad_names_and_shapes_raise():

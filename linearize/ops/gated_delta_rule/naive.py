@@ -25,10 +25,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def prepare_delta_inputs(q, k, v, g, beta, scale, initial_state):
-    """Check shapes; return heads-first tensors in the compute dtype: q `[B, H_kv, G, T, K]` (G query
-    heads per kv head), k `[B, H_kv, T, K]`, v `[B, H_kv, T, V]`, g `[B, H_kv, T]` or `[B, H_kv, T, K]`,
-    beta `[B, H_kv, T]`, the initial state `[B, H_kv, K, V]` (zeros when None), and the scale."""
+def check_delta_shapes(q, k, v, g, beta, initial_state) -> tuple[int, int, int, int]:
+    """ValueError naming the first argument whose shape does not fit; else (B, H_kv, K, G). Every form and
+    backend calls this one check."""
     check_same_tokens(q=q, k=k, v=v)
     batch, seq_len, heads, key_dim = q.shape
     kv_heads = k.shape[2]
@@ -42,12 +41,20 @@ def prepare_delta_inputs(q, k, v, g, beta, scale, initial_state):
         )
     if beta.shape != (batch, seq_len, kv_heads):
         raise ValueError(f"beta must be [B, T, H_kv] = {(batch, seq_len, kv_heads)}, got {tuple(beta.shape)}")
-    dtype = compute_dtype(q)
     state_shape = (batch, kv_heads, key_dim, v.shape[3])
-    if initial_state is None:
-        s0 = torch.zeros(state_shape, dtype=dtype, device=q.device)
-    elif initial_state.shape != state_shape:
+    if initial_state is not None and initial_state.shape != state_shape:
         raise ValueError(f"initial_state must be [B, H_kv, K, V] = {state_shape}, got {tuple(initial_state.shape)}")
+    return batch, kv_heads, key_dim, group
+
+
+def prepare_delta_inputs(q, k, v, g, beta, scale, initial_state):
+    """Check shapes; return heads-first tensors in the compute dtype: q `[B, H_kv, G, T, K]` (G query
+    heads per kv head), k `[B, H_kv, T, K]`, v `[B, H_kv, T, V]`, g `[B, H_kv, T]` or `[B, H_kv, T, K]`,
+    beta `[B, H_kv, T]`, the initial state `[B, H_kv, K, V]` (zeros when None), and the scale."""
+    batch, kv_heads, key_dim, group = check_delta_shapes(q, k, v, g, beta, initial_state)
+    dtype = compute_dtype(q)
+    if initial_state is None:
+        s0 = torch.zeros((batch, kv_heads, key_dim, v.shape[3]), dtype=dtype, device=q.device)
     else:
         s0 = initial_state.to(dtype)
     qh = q.to(dtype).transpose(1, 2).unflatten(1, (kv_heads, group))  # [B, H_kv, G, T, K]

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import check_heads, check_same_tokens
+from .naive import check_delta_shapes
 from .._triton_utils import MIN_BLOCK, block_k, block_t, block_v, contiguous, new_output
 
 # Time tile caps: per-channel decay holds a [BT, BT, BK] pair-decay tile, so it stays small.
@@ -363,26 +363,6 @@ class _GatedDeltaCore(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _check(q, k, v, g, beta, initial_state):
-    """The torch forms' shape checks (`naive.prepare_delta_inputs`), without their heads-first copies."""
-    check_same_tokens(q=q, k=k, v=v)
-    batch, seq_len, heads, key_dim = q.shape
-    kv_heads = k.shape[2]
-    check_heads(heads, kv_heads)
-    if k.shape[3] != key_dim or v.shape[2] != kv_heads:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share kv heads, and k q's width {key_dim}")
-    if g.shape not in ((batch, seq_len, kv_heads), (batch, seq_len, kv_heads, key_dim)):
-        raise ValueError(
-            f"g must be [B, T, H_kv] = {(batch, seq_len, kv_heads)} or [B, T, H_kv, K] = "
-            f"{(batch, seq_len, kv_heads, key_dim)}, got {tuple(g.shape)}"
-        )
-    if beta.shape != (batch, seq_len, kv_heads):
-        raise ValueError(f"beta must be [B, T, H_kv] = {(batch, seq_len, kv_heads)}, got {tuple(beta.shape)}")
-    state_shape = (batch, kv_heads, key_dim, v.shape[3])
-    if initial_state is not None and initial_state.shape != state_shape:
-        raise ValueError(f"initial_state must be [B, H_kv, K, V] = {state_shape}, got {tuple(initial_state.shape)}")
-
-
 def chunk_gated_delta_rule_triton(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64
 ):
@@ -391,7 +371,7 @@ def chunk_gated_delta_rule_triton(
     q.dtype, fp32 state `[B, H_kv, K, V]` or None). Computes in fp32 whatever the input dtype (float64
     inputs included). `chunk_size` sets the time tile (see the module docstring); the result does not
     depend on it."""
-    _check(q, k, v, g, beta, initial_state)
+    check_delta_shapes(q, k, v, g, beta, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     o, final = _GatedDeltaCore.apply(q, k, v, g, beta, initial_state, float(scale), output_final_state, chunk_size)
     return o.to(q.dtype), final

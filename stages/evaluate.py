@@ -11,7 +11,9 @@ from linearize.adapters import teacher_view
 from linearize.data import LOCAL_FORMATS, build_datasets, load_texts, pack_sequences
 from linearize.errors import UserError
 from linearize.evals import run_long_context
+from linearize.evals.branches import branch_shares
 from linearize.evals.long_context import enabled as long_context_enabled
+from linearize.evals.report import BRANCH_PLOT_FILE, plot_branch_shares
 from linearize.models.exported import RUN_CONFIG_FILE, is_export_dir, load_export
 from linearize.train import default_device
 from linearize.train.evaluation import compare_on_tokens, greedy_sample
@@ -23,6 +25,9 @@ STAGE = "evaluate"
 EVAL_FILE = "eval.json"
 RUN_CONFIG = "config.yaml"
 TEACHER_DIR = "teacher"  # the teacher's long-context tables and heatmap, under the stage directory
+# Held-out rows the branch shares are averaged over (a second student pass over them, with the `[T, T]`
+# weights for window_linear): the first rows of the evaluation set.
+BRANCH_SEQUENCES = 8
 
 
 def _eval_tokens(cfg, tokenizer):
@@ -51,16 +56,21 @@ def _position_tokens(cfg, tokenizer):
 def evaluate_model(cfg, model, tokenizer, with_teacher: bool, out_dir: Path | None = None) -> dict:
     """Metrics and greedy samples for `model` (a converted model; with_teacher: its teacher view too);
     with `evaluate.long_context` set, also `long_context` (tables and heatmap written to `out_dir`) and,
-    with the teacher, `long_context_teacher`."""
+    with the teacher, `long_context_teacher`; for hybrid mechanisms, `branch_shares` (its plot written
+    to `out_dir`)."""
     model.to(default_device())
     view = teacher_view if with_teacher else None
-    metrics = compare_on_tokens(model, _eval_tokens(cfg, tokenizer), teacher_view=view)
+    tokens = _eval_tokens(cfg, tokenizer)
+    metrics = compare_on_tokens(model, tokens, teacher_view=view)
     prompt, length = cfg.evaluate.sample_prompt, cfg.evaluate.sample_tokens
     samples = {"prompt": prompt, "student": greedy_sample(model, tokenizer, prompt, length)}
     if with_teacher:
         with teacher_view(model):
             samples["teacher"] = greedy_sample(model, tokenizer, prompt, length)
     result = {**metrics, "samples": samples}
+    shares = _branch_shares(model, tokens, out_dir)
+    if shares is not None:
+        result["branch_shares"] = shares
     lc = cfg.evaluate.long_context
     if long_context_enabled(lc):
         tokens = _position_tokens(cfg, tokenizer)
@@ -70,6 +80,16 @@ def evaluate_model(cfg, model, tokenizer, with_teacher: bool, out_dir: Path | No
                 result["long_context_teacher"] = run_long_context(
                     lc, model, tokenizer, tokens, Path(out_dir) / TEACHER_DIR if out_dir else None, cfg.seed)
     return result
+
+
+def _branch_shares(model, tokens, out_dir: Path | None) -> dict | None:
+    """Per-layer window / linear (delta) output shares of a hybrid student (None for other mechanisms),
+    with the stacked bar plot's file name (in `out_dir`) under "plot"."""
+    shares = branch_shares(model, tokens[:BRANCH_SEQUENCES])
+    if shares is not None and out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        shares["plot"] = plot_branch_shares(shares, Path(out_dir) / BRANCH_PLOT_FILE).name
+    return shares
 
 
 def _evaluate_student(start: StageStart, run_dir: Path) -> dict:

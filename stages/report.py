@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from linearize.evals.report import branch_shares_markdown
+
 REPORT_FILE = "report.md"
 TRAIN_COLUMNS = ("step", "loss", "eval_loss", "tokens")
 EVAL_ROWS = (("teacher perplexity", "teacher_ppl"), ("student perplexity", "student_ppl"),
@@ -27,6 +29,17 @@ def _stage_table(statuses: dict, results: dict) -> list[str]:
     return lines
 
 
+def _branch_section(shares: dict, stage: str) -> list[str]:
+    """The hybrid's branch shares: what they mean, the per-layer table and the stacked bar plot."""
+    lines = ["", "### Branch shares", "", f"Share of each converted layer's attention output from the window "
+             f"(softmax) branch and from the linear / delta branch, mean over {shares.get('tokens')} held-out "
+             "tokens and every head (definitions: docs/attention.md, \"Sinks and branch diagnostics\"). "
+             "A layer near 1.0 window has learned to bypass its linear branch.", "", branch_shares_markdown(shares)]
+    if shares.get("plot"):
+        lines += ["", f"![branch shares]({stage}/{shares['plot']})"]
+    return lines
+
+
 def _eval_section(evaluation: dict) -> list[str]:
     lines = ["## Evaluation", "", f"{evaluation.get('sequences')} held-out sequences, "
              f"{evaluation.get('tokens')} tokens.", "", "| metric | value |", "|---|---|"]
@@ -35,6 +48,8 @@ def _eval_section(evaluation: dict) -> list[str]:
     if samples:
         lines += ["", f"Greedy continuations of `{samples.get('prompt')}`:", ""]
         lines += [f"- {who}: `{samples[who]!r}`" for who in ("teacher", "student") if who in samples]
+    if evaluation.get("branch_shares"):
+        lines += _branch_section(evaluation["branch_shares"], "evaluate")
     return lines
 
 

@@ -28,7 +28,7 @@ from ..ops.gated_delta_rule import FORMS, chunk_gated_delta_rule
 from .base import Mechanism
 from .calibrate import (attention_statistics, beta_for_entropy, channel_scale, half_life, inverse_softplus,
                         log_decay_for_distance, logit, window_mass_per_head)
-from .window_linear import sliding_window
+from .window_linear import norm_shares, sliding_window
 
 # Initial decay half-lives in tokens, spread geometrically over the kv heads (one head: their geometric
 # mean, 256): long enough that the state keeps context well past a typical sliding window, short enough
@@ -279,6 +279,14 @@ class GatedDeltaWindowAttention(GatedDeltaAttention):
         weight = torch.sigmoid(self.window_logit.float())[:, None]  # [H, 1]
         y = weight * y_window.float() + self.gated_output(o, p)  # [B, T, H, D]
         return y.to(p.v.dtype), ((window_state, delta_state) if want_state else None)
+
+    def branch_shares(self, p, opts):
+        """Per token and head `[B, T, H]`: `window` = ‖σ(w)·SWA‖ / (‖σ(w)·SWA‖ + ‖gated delta output‖),
+        `delta` = 1 − window."""
+        y_window, _ = sliding_window(p, self.window_size, opts, None, False, self.sink_tokens)
+        o, _ = self.delta_branch(p, None, opts, False)
+        weight = torch.sigmoid(self.window_logit.float())[:, None]  # [H, 1]
+        return norm_shares(weight * y_window.float(), self.gated_output(o, p), "delta")
 
     def calibration_target(self, p, y_teacher, weights, opts):
         stats = attention_statistics(weights, p.group, outside_window=self.window_size)

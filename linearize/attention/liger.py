@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..feature_maps import build_feature_map
 from ..ops.gated_linear_attn import chunk_gated_linear_attn
 from .base import Mechanism
-from .window_linear import sliding_window
+from .window_linear import norm_shares, sliding_window
 
 
 class LigerAttention(Mechanism):
@@ -57,3 +57,9 @@ class LigerWindowAttention(LigerAttention):
         y_gla, gla_state = self.gated_linear(p, gla_state, opts, want_state)
         y = self.alpha * y_sw.float() + self.beta * y_gla.float()
         return y.to(p.v.dtype), ((window_state, gla_state) if want_state else None)
+
+    def branch_shares(self, p, opts):
+        """Per token and head `[B, T, H]`: `window` = ‖α·SWA‖ / (‖α·SWA‖ + ‖β·GLA‖), `linear` = 1 − window."""
+        y_sw, _ = sliding_window(p, self.window_size, opts, None, False, self.sink_tokens)
+        y_gla, _ = self.gated_linear(p, None, opts, False)
+        return norm_shares(self.alpha * y_sw.float(), self.beta * y_gla.float(), "linear")

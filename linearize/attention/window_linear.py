@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops._common import sliding_window_sink_mask
 from ..ops.window_linear_attn import window_linear_attn, window_linear_attn_weights
 from .base import Mechanism, Projected, repeat_heads
 from .linear import FEATURE_MAP_KEYS, FeatureMaps
@@ -17,6 +18,20 @@ from .linear import FEATURE_MAP_KEYS, FeatureMaps
 def zero_features(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """`[B, T, H, 1]` zeros: a linear branch that contributes nothing."""
     return x.new_zeros(x.shape[0], x.shape[1], num_heads, 1, dtype=torch.float32)
+
+
+# Below this norm sum a token's two branch terms both count as zero: its window share is 0.
+BRANCH_NORM_FLOOR = 1e-30
+
+
+def norm_shares(window_term: torch.Tensor, other_term: torch.Tensor, other: str) -> dict[str, torch.Tensor]:
+    """Branch shares of a sum-style hybrid (y = window term + other term, each `[B, T, H, D]`): per token
+    and head `[B, T, H]` (float64), window = ‖window term‖ / (‖window term‖ + ‖other term‖) and `other` =
+    1 − window (a token whose two terms are both zero counts as all `other`)."""
+    window_norm = window_term.float().norm(dim=-1)  # [B, T, H]
+    other_norm = other_term.float().norm(dim=-1)  # [B, T, H]
+    window = (window_norm / (window_norm + other_norm).clamp_min(BRANCH_NORM_FLOOR)).double()
+    return {"window": window, other: 1.0 - window}  # float64: the two sum to one exactly
 
 
 def sliding_window(p: Projected, window_size: int, opts, state, want_state, sink_tokens: int = 0):
@@ -55,6 +70,19 @@ class WindowLinearAttention(Mechanism):
 
     def param_groups(self):
         return {name: "mixing" if name == "window_logit" else "feature_maps" for name, _ in self.named_parameters()}
+
+    def branch_shares(self, p, opts) -> dict[str, torch.Tensor]:
+        """Per token and head `[B, T, H]`: `window`, the softmax keys' share of the shared normalizer
+        (Σ a_sm / (Σ a_sm + Σ a_lin), sinks included), and `linear` = 1 − window. The window-only
+        baseline is all window. Uses the parallel weights (`[B, H, T, T]` memory)."""
+        if self.window_only:
+            window = p.q.new_ones(p.q.shape[:3], dtype=torch.float64)  # [B, T, H]
+            return {"window": window, "linear": 1.0 - window}
+        weights = self.attention_weights(p)  # [B, H, T, T], rows sum to 1
+        t = weights.shape[-1]
+        keys = sliding_window_sink_mask(t, t, self.window_size, self.sink_tokens, device=weights.device)  # [T, T]
+        window = (weights * keys).sum(-1).transpose(1, 2).double()  # [B, T, H]
+        return {"window": window, "linear": 1.0 - window}  # float64: the two sum to one exactly
 
     def attention_weights(self, p):
         """The op's parallel-form weights `[B, H, T, T]` of the hybrid (rows sum to 1)."""

@@ -1,9 +1,12 @@
-"""Long-context results as markdown tables and a passkey heatmap PNG."""
+"""Long-context results as markdown tables and a passkey heatmap PNG; the hybrids' branch shares as a
+markdown table and a stacked bar PNG."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 HEATMAP_FILE = "passkey.png"
+BRANCH_PLOT_FILE = "branch_shares.png"
 
 
 def _passkey_table(passkey: dict) -> list[str]:
@@ -58,4 +61,53 @@ def plot_passkey_heatmap(passkey: dict, path: Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
+    return path
+
+
+def _branch_names(layers: dict) -> list[str]:
+    """The branch names of a `branch_shares["layers"]` record, window first, in first-seen order."""
+    names = ["window"]
+    for shares in layers.values():
+        names += [name for name in shares if name not in names and name != "mechanism"]
+    return names
+
+
+def branch_shares_markdown(shares: dict) -> str:
+    """The `branch_shares` part of eval.json as a markdown table: one row per converted layer."""
+    layers = shares["layers"]
+    names = _branch_names(layers)
+    lines = ["| layer | mechanism | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for layer, row in layers.items():
+        cells = " | ".join(f"{row[n]:.3f}" if n in row else "–" for n in names)
+        lines.append(f"| {layer} | {row['mechanism']} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot_branch_shares(shares: dict, path: Path) -> Path:
+    """Stacked bars per converted layer: the window share at the bottom, the other branch above (to 1)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = shares["layers"]
+    names = _branch_names(layers)
+    fig = Figure(figsize=(1.5 + 0.35 * len(layers), 3.2))
+    FigureCanvasAgg(fig)  # a canvas of its own, as plot_passkey_heatmap
+    ax = fig.subplots()
+    positions = range(len(layers))
+    bottom = [0.0] * len(layers)
+    for name in names:
+        heights = [row.get(name, 0.0) for row in layers.values()]
+        ax.bar(positions, heights, bottom=bottom, label=name)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(list(positions), list(layers))
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of the attention output")
+    ax.set_title("branch shares per layer")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    fig.savefig(partial, dpi=120, format="png")
+    os.replace(partial, path)  # a reader never sees half a file
     return path

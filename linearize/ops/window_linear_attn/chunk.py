@@ -55,9 +55,9 @@ def _window_part(x, window_size, chunk_size, num_chunks, pad):
     a_sm = masked_exp(scores - row_max, window)  # exp(score − c_t) on window keys, 0 elsewhere
     num_den = a_sm.flatten(3, 4) @ blocks(append_ones(x.v_raw))  # [B, H_kv, N, G·C, V + 1]
     if sinks is not None:
-        a_sink = masked_exp(sink_scores - row_max, sink_keys).flatten(3, 4)  # [B, H_kv, N, G·C, S]
-        sink_v1 = append_ones(x.v_raw[:, :, : sink_scores.shape[-1]]).unsqueeze(2)  # [B, H_kv, 1, S, V + 1]
-        num_den = num_den + a_sink @ sink_v1  # [B, H_kv, N, G·C, V + 1]
+        a_sink = masked_exp(sink_scores - row_max, sink_keys).flatten(2, 4)  # [B, H_kv, N·G·C, S]
+        sink_v1 = append_ones(x.v_raw[:, :, : sink_scores.shape[-1]])  # [B, H_kv, S, V + 1]
+        num_den = num_den + (a_sink @ sink_v1).view_as(num_den)  # [B, H_kv, N, G·C, V + 1]
     # γ scales the product, not the [C, W + C] weights: fewer elements, and when q/k/v need no gradient
     # (attention transfer) the whole block product stays outside the autograd graph.
     gamma = x.gamma.view(kv_heads, 1, group, 1, 1)  # [H_kv, 1, G, 1, 1]
@@ -74,8 +74,9 @@ def _early_sinks(x, q_rows, front, chunk_size, num_chunks):
     early = torch.arange(num_sinks, device=q_rows.device)[None, :] < block_start[:, None]  # [N, S]
     if not early.any():
         return None
-    scores = q_rows @ x.k_raw[:, :, :num_sinks].transpose(-1, -2).unsqueeze(2)  # [B, H_kv, N, G·C, S]
-    scores = scores.unflatten(3, (x.q.shape[1] // x.k_raw.shape[1], chunk_size))  # [B, H_kv, N, G, C, S]
+    # one [N·G·C, D] × [D, S] product per kv head (a broadcast over chunks would batch N small ones)
+    scores = q_rows.flatten(2, 3) @ x.k_raw[:, :, :num_sinks].transpose(-1, -2)  # [B, H_kv, N·G·C, S]
+    scores = scores.unflatten(2, (num_chunks, x.q.shape[1] // x.k_raw.shape[1], chunk_size))  # [B, H_kv, N, G, C, S]
     early = early[:, None, None, :]  # [N, 1, 1, S]: a key before the block is before every query of the chunk
     return scores.masked_fill(~early, float("-inf")), early
 

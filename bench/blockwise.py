@@ -205,7 +205,7 @@ def cap_table(model: str, cap_gib: float) -> str:
             "| block_size | peak RSS GiB | stage s |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
-def speed_table(repeats: int) -> str:
+def speed_table(repeats: int, steps: int, seq_len: int) -> str:
     """Stage-1 time per token on the demo model: all at once, block-wise with the cache, block-wise
     recomputing every block input (cache_gb=0), side by side, `repeats` rounds."""
     cases = {"all at once": {"block_size": 0}, "block_size=6, cached inputs": {"block_size": 6},
@@ -214,7 +214,7 @@ def speed_table(repeats: int) -> str:
     tokens = {}
     for _ in range(repeats):
         for name, extra in cases.items():
-            result = measure({"name": "speed", "model": DEMO_MODEL, "seq_len": DEMO_SEQ_LEN, "steps": 8, "threads": 2,
+            result = measure({"name": "speed", "model": DEMO_MODEL, "seq_len": seq_len, "steps": steps, "threads": 2,
                               **extra})
             if "seconds" in result:
                 times[name].append(result["seconds"])
@@ -224,7 +224,7 @@ def speed_table(repeats: int) -> str:
     rows = [f"| {name} | {statistics.median(t):.1f} | {1e3 * statistics.median(t) / tokens[name]:.1f} | "
             f"{statistics.median(t) / base:.2f} |" for name, t in times.items() if t]
     return ("## Stage-1 time per token (bench/blockwise.py speed)\n\n"
-            f"{_machine(2)}. SmolLM2-135M (30 layers), fp32, seq_len {DEMO_SEQ_LEN}, 8 steps of one sequence, "
+            f"{_machine(2)}. SmolLM2-135M (30 layers), fp32, seq_len {seq_len}, {steps} steps of one sequence, "
             f"median of {repeats} rounds run side by side; the stage's wall time (model loading, cache pass, "
             "checkpoints included) over the tokens each layer trained on.\n\n"
             "| run | stage s | ms per token | vs all at once |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
@@ -238,6 +238,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cap-gib", type=float, default=2.5)
     parser.add_argument("--cap-model", default="wide-5g", choices=list(WIDE_MODELS))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=DEMO_SEQ_LEN)
     args = parser.parse_args(argv)
     if args.what == "_case":
         return run_case(json.loads(args.case))
@@ -249,7 +251,7 @@ def main(argv=None) -> None:
     elif args.what == "cap":
         section, title = cap_table(args.cap_model, args.cap_gib), "## A model larger than the memory limit"
     else:
-        section, title = speed_table(args.repeats), "## Stage-1 time per token"
+        section, title = speed_table(args.repeats, args.steps, args.seq_len), "## Stage-1 time per token"
     publish(section, args.write, title, DOC_HEADER)
 
 

@@ -33,7 +33,7 @@ def state_nbytes(state: Any) -> int:
 
 class StudentCacheLayer(CacheLayerMixin):
     """Holds a student layer's recurrent state, window keys/values and conv state; memory is constant
-    in context length for linear/gated mechanisms and bounded by W for window mechanisms."""
+    in context length for linear/gated mechanisms and bounded by W + sink_tokens keys for window mechanisms."""
 
     is_sliding = False
     is_croppable = False

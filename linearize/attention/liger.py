@@ -59,7 +59,8 @@ class LigerWindowAttention(LigerAttention):
         return y.to(p.v.dtype), ((window_state, gla_state) if want_state else None)
 
     def branch_shares(self, p, opts):
-        """Per token and head `[B, T, H]`: `window` = ‖α·SWA‖ / (‖α·SWA‖ + ‖β·GLA‖), `linear` = 1 − window."""
+        """Per token and head `[B, T, H]`: `window` = ‖α·SWA‖ / (‖α·SWA‖ + ‖β·GLA‖) and
+        `linear` = 1 − window."""
         y_sw, _ = sliding_window(p, self.window_size, opts, None, False, self.sink_tokens)
         y_gla, _ = self.gated_linear(p, None, opts, False)
         return norm_shares(self.alpha * y_sw.float(), self.beta * y_gla.float(), "linear")

@@ -156,7 +156,8 @@ def _final_state(k_all, v_all, fk_all, kv0, window_size, sink_tokens=0):
     heads, feat = fk_all.shape[2], fk_all.shape[3]
     sinks, old_end = cache_split(num_keys, window_size, sink_tokens)
     num_old = old_end - sinks
-    fk_old = fk_all[:, sinks:old_end].float().view(batch, num_old, kv_heads, heads // kv_heads, feat)  # [B, n, Hkv, G, F]
+    fk_old = fk_all[:, sinks:old_end].float()
+    fk_old = fk_old.view(batch, num_old, kv_heads, heads // kv_heads, feat)  # [B, n, Hkv, G, F]
     v_old = v_all[:, sinks:old_end].float()
     v1_old = torch.cat([v_old, torch.ones_like(v_old[..., :1])], dim=-1)  # [B, n, H_kv, V + 1]
     added = torch.einsum("bnkgf,bnkv->bkgfv", fk_old, v1_old).flatten(1, 2)  # [B, H, F, V + 1]
@@ -443,9 +444,9 @@ def window_linear_attn_triton(
     q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
     output_final_state=False, chunk_size=64, sink_tokens=0,
 ):
-    """Hybrid sliding-window softmax + linear attention (with `sink_tokens` sinks), Triton forward and backward; q `[B, T, H, D]`,
-    k `[B, T, H_kv, D]`, v `[B, T, H_kv, V]`, fq, fk `[B, T, H, F]`, window_logit `[H]` →
-    (o `[B, T, H, V]` in v.dtype, `WindowLinearState` or None). `chunk_size` sets the query/key tile
+    """Hybrid sliding-window softmax + linear attention (and `sink_tokens` sinks), Triton forward and
+    backward; q `[B, T, H, D]`, k `[B, T, H_kv, D]`, v `[B, T, H_kv, V]`, fq, fk `[B, T, H, F]`, window_logit
+    `[H]` → (o `[B, T, H, V]` in v.dtype, `WindowLinearState` or None). `chunk_size` sets the query/key tile
     (rounded down to a power of two in [16, 64]); the result does not depend on it."""
     _check_inputs(q, k, v, fq, fk, window_logit, window_size, sink_tokens)
     has_state = initial_state is not None

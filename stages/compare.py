@@ -144,7 +144,12 @@ def run_config(path: Path, eval_spec: str, options: CompareOptions):
 
 def _read_record(run_dir: Path) -> dict:
     path = run_dir / RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is corrupt ({err}); delete it to measure the run again") from None
 
 
 def _write_json(path: Path, data) -> None:
@@ -363,7 +368,8 @@ def plot(result: dict, path: Path) -> Path:
 def _setup(options: CompareOptions, eval_spec: str) -> dict:
     import torch
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}"
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"Python {platform.python_version()}")
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
     return {"eval": eval_spec, "eval_sequences": options.eval_sequences, "texts": list(options.texts),

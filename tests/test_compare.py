@@ -64,14 +64,16 @@ def test_two_configs_give_two_rows_the_table_and_the_plot(compared):
         numbers = [row["ppl_ratio"], row["kl"], row["top1_agreement"], row["ratio_spread"], row["wall_s"]]
         numbers += [row["texts"][kind]["ppl_ratio"] for kind in ("code", "manual")]
         assert all(math.isfinite(x) and x >= 0 for x in numbers)
-        assert row["ppl_ratio"] == pytest.approx(row["student_ppl"] / row["teacher_ppl"])
+        assert row["ppl_ratio"] == row["student_ppl"] / row["teacher_ppl"]
         assert row["passkey"]["length"] == 4 * SEQ_LEN and row["passkey"]["student"] is not None
         assert row["state_bytes"] > 0 and row["teacher_state_bytes"] > 0
         assert (out / row["name"] / "evaluate" / "eval.json").is_file()
         assert not (out / row["name"] / "export").exists()  # the table needs eval.json only
-    # The same held-out tokens for every run: one teacher, so one teacher perplexity per kind of text.
+    # The same held-out tokens for every run: one teacher, so one teacher perplexity per kind of text
+    # (approx: each teacher pass runs inside a different student's wrappers, which may round differently).
     assert rows["window"]["teacher_ppl"] == pytest.approx(rows["liger"]["teacher_ppl"])
-    assert rows["window"]["texts"]["code"]["teacher_ppl"] == pytest.approx(rows["liger"]["texts"]["code"]["teacher_ppl"])
+    code = [rows[name]["texts"]["code"]["teacher_ppl"] for name in ("window", "liger")]
+    assert code[0] == pytest.approx(code[1])
     table = (out / "compare.md").read_text()
     assert "| window | attention_transfer, lora_recovery |" in table and "| liger | lora_recovery |" in table
     rows_of_table = [line for line in table.splitlines() if line.startswith("|")]
@@ -106,7 +108,8 @@ def test_budget_overrides_set_steps_from_tokens(tmp_path):
             "stages=[attention_transfer,lora_recovery,evaluate]", "data.eval=demo-news",
             "evaluate.long_context.passkey_lengths=[4000]"} <= set(out)
     liger = load_config(CONFIGS_DIR / "liger.yaml", ["data.seq_len=1000"])
-    assert not any(o.startswith("attention_transfer.") for o in budget_overrides(CONFIGS_DIR / "liger.yaml", liger, "x", options))
+    liger_out = budget_overrides(CONFIGS_DIR / "liger.yaml", liger, "x", options)
+    assert not any(o.startswith("attention_transfer.") for o in liger_out)
     with pytest.raises(UserError, match="less than one 1000-token sequence"):
         budget_overrides(CONFIGS_DIR / "lolcats.yaml", lolcats, "x", CompareOptions((), tmp_path, transfer_tokens=999))
 
@@ -118,7 +121,8 @@ def test_decode_state_bytes_are_constant_for_a_linear_student_and_grow_for_the_t
     from stages.compare import decode_state_bytes
 
     model = tiny_model("llama")
-    linearize.linearize_model(model, AttentionConfig(mechanism="window_linear", window_size=8, feature_dim=8, chunk_size=8))
+    attention = AttentionConfig(mechanism="window_linear", window_size=8, feature_dim=8, chunk_size=8)
+    linearize.linearize_model(model, attention)
     student = [decode_state_bytes(model, n) for n in (64, 128)]
     with teacher_view(model):
         teacher = [decode_state_bytes(model, n) for n in (64, 128)]

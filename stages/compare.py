@@ -310,8 +310,12 @@ def _context_label(tokens: int) -> str:
 def markdown(result: dict) -> str:
     rows, setup = result["rows"], result["setup"]
     kinds = setup["texts"]
-    budget = (f"budget {setup['transfer_tokens']:,} tokens of attention transfer + {setup['lora_tokens']:,} of "
-              "LoRA, one sequence per step (configs without a transfer stage: LoRA only)")
+    lengths = sorted({r["seq_len"] for r in rows})
+    # The held-out text is packed at each run's data.seq_len: only one length gives every row the same tokens.
+    length = (f"{lengths[0]}-token sequences" if len(lengths) == 1 else
+              f"sequence lengths {', '.join(map(str, lengths))} (rows differ in held-out tokens)")
+    budget = (f"{length}; budget {setup['transfer_tokens']:,} tokens of attention transfer + "
+              f"{setup['lora_tokens']:,} of LoRA, one sequence per step (configs without a transfer stage: LoRA only)")
     lines = ["# linearize compare", "",
              f"{budget}; held-out text `{setup['eval']}`, {setup['eval_sequences']} sequences; other text: "
              + "; ".join(f"{k}: {TEXT_KINDS[k].description}, {setup['text_sequences']} sequences" for k in kinds)

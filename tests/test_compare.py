@@ -75,6 +75,7 @@ def test_two_configs_give_two_rows_the_table_and_the_plot(compared):
     code = [rows[name]["texts"]["code"]["teacher_ppl"] for name in ("window", "liger")]
     assert code[0] == pytest.approx(code[1])
     table = (out / "compare.md").read_text()
+    assert f"{SEQ_LEN}-token sequences" in table  # one length: every row scored on the same tokens
     assert "| window | attention_transfer, lora_recovery |" in table and "| liger | lora_recovery |" in table
     rows_of_table = [line for line in table.splitlines() if line.startswith("|")]
     assert len(rows_of_table) == 4 and len({line.count("|") for line in rows_of_table}) == 1  # header, rule, 2 rows

@@ -330,7 +330,8 @@ def test_transfer_loss_with_attention_weights_trains_student_parameters():
 @pytest.mark.parametrize("mechanism", DELTA_MECHANISMS)
 def test_delta_student_with_softmax_layers_through_the_cli(tmp_path, tiny_tokenizer, capsys, mechanism):
     """`linearize run` with layer 1 of 2 kept as softmax attention (transfer MSE, LoRA with KL, evaluate,
-    export), then `linearize eval` on the run and on its export, and `linearize generate` on the export."""
+    export), then `linearize eval` on the run and on its export, and `linearize generate` on the export
+    (cached decoding) giving the uncached greedy continuation."""
     import yaml
 
     from linearize.models.exported import load_export
@@ -358,5 +359,10 @@ def test_delta_student_with_softmax_layers_through_the_cli(tmp_path, tiny_tokeni
 
     assert cli.main(["generate", str(export), "The quick", "--max-new-tokens", "5"]) == 0
     model, tokenizer = load_export(export)
-    assert capsys.readouterr().out == "The quick" + greedy_sample(model, tokenizer, "The quick", 5) + "\n"
+    prompt = tokenizer("The quick", return_tensors="pt").input_ids
+    with torch.no_grad():  # the CLI decodes with the cache; this recomputes the full forward for every token
+        uncached = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+    want = tokenizer.decode(uncached[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert capsys.readouterr().out == f"The quick{want}\n"
 

@@ -163,7 +163,7 @@ def test_traceback_flag_reraises(fake_stages):
         cli.main(["config", DEMO, "seed=x", "--traceback"])
 
 
-@pytest.mark.parametrize("command", ["run", "stage", "eval", "export", "generate", "config", "check"])
+@pytest.mark.parametrize("command", ["run", "stage", "eval", "export", "generate", "config", "check", "compare"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main([command, "--help"])

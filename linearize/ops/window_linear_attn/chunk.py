@@ -70,10 +70,10 @@ def _early_sinks(x, q_rows, front, chunk_size, num_chunks):
     block's mask) → (scores `[B, H_kv, N, G, C, S]` with −inf elsewhere, mask `[N, 1, 1, S]`), S the
     number of sinks among the keys; None when no sink lies before any block."""
     num_sinks = min(x.sink_tokens, x.k_raw.shape[2])
+    if (num_chunks - 1) * chunk_size - front <= 0:  # the last block starts at key 0 or before: none is early
+        return None  # (decided on ints, so torch.compile sees no data-dependent branch)
     block_start = torch.arange(num_chunks, device=q_rows.device) * chunk_size - front  # [N]: first block key
     early = torch.arange(num_sinks, device=q_rows.device)[None, :] < block_start[:, None]  # [N, S]
-    if not early.any():
-        return None
     # one [N·G·C, D] × [D, S] product per kv head (a broadcast over chunks would batch N small ones)
     scores = q_rows.flatten(2, 3) @ x.k_raw[:, :, :num_sinks].transpose(-1, -2)  # [B, H_kv, N·G·C, S]
     scores = scores.unflatten(2, (num_chunks, x.q.shape[1] // x.k_raw.shape[1], chunk_size))  # [B, H_kv, N, G, C, S]

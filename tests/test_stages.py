@@ -81,6 +81,10 @@ def test_every_stage_then_load_export_and_generate(tiny_run):
     evaluation = json.loads((run_dir / "evaluate" / "eval.json").read_text())
     assert EVAL_KEYS <= evaluation.keys()
     assert 0.0 <= evaluation["top1_agreement"] <= 1.0 and evaluation["kl"] >= 0.0
+    # the hybrid's branch diagnostics: one entry per converted layer, window + linear shares summing to one
+    shares = evaluation["branch_shares"]["layers"]
+    assert sorted(shares) == ["0", "1"]
+    assert all(abs(s["window"] + s["linear"] - 1.0) < 1e-9 for s in shares.values())  # float64 shares
     report = (run_dir / "report.md").read_text()
     assert "attention_transfer/loss.png" in report and "student perplexity" in report
     assert "teacher perplexity" in printed and "generates:" in printed

@@ -31,8 +31,8 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -78,7 +78,8 @@ def make_inputs(batch, seq_len, heads, kv_heads, dim, features, dtype, device):
     tensors = dict(
         q=rand(*q_shape), k=rand(*kv_shape), v=rand(*kv_shape, fn=torch.randn),
         fq=rand(*f_shape), fk=rand(*f_shape),
-        qn=F.normalize(rand(*q_shape, fn=torch.randn), dim=-1), kn=F.normalize(rand(*kv_shape, fn=torch.randn), dim=-1),
+        qn=F.normalize(rand(*q_shape, fn=torch.randn), dim=-1),
+        kn=F.normalize(rand(*kv_shape, fn=torch.randn), dim=-1),
     )
     tensors = {name: t.to(dtype) for name, t in tensors.items()}
     # gates stay fp32, as the mechanisms hand them to the ops (log-decays go into cumulative sums)

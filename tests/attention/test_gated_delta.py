@@ -12,6 +12,7 @@ import linearize
 from attn_helpers import attention_config, converted, greedy_by_full_forwards, rel_rms, set_form
 from linearize.attention import COMMON_CONFIG_KEYS, RunOptions, build_mechanism
 from linearize.errors import UserError
+from test_stages import DELTA_MECHANISMS
 from test_config_keys import BATCH, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, TOKENS, RecordingConfig, projected
 
 # Chunk and recurrent forms of the op differ only by fp32 rounding (the op's own tests bound each against
@@ -20,7 +21,6 @@ FORM_TOL = 1e-4
 # Cached decoding runs the recurrent form per token, the full forward the chunk form: the same rounding
 # argument as FORM_TOL, with the margin the other mechanisms' decode tests use.
 DECODE_TOL = 2e-3
-DELTA_MECHANISMS = ("gated_delta", "kda", "gated_delta_window")
 # The decay's parameters of each layer, beyond gated_delta's β, A_log, output norm and gate.
 DECAY_PARAMS = {"gated_delta": {"decay_proj.weight", "dt_bias"},
                 "kda": {"decay_down.weight", "decay_up.weight", "dt_bias"},

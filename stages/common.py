@@ -3,22 +3,25 @@ student parameters of the newest earlier stage (and, for the final student, the 
 resolved config dict; for a training stage the datasets, the loop and its metrics; and the DONE record."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-import math
 
 import torch
 
 import linearize
 from linearize import adapters
 from linearize.data import build_datasets, in_stage_eval
+from linearize.errors import UserError
+from linearize.evals.report import plot_layer_scores
 from linearize.train import config_to_dict, distributed, seed_everything, train
+from linearize.train.layer_choice import AUTO, REQUEST_KEYS, Probe, select_softmax_layers
 from linearize.train.state import write_json_atomic
 from linearize.train.student import load_converted, load_student
 
-from .registry import TRAINING_STAGES
+from .registry import STAGES, TRAINING_STAGES
 from .rundir import SKIPPED, STUDENT_SOURCES, adapter_dir, find_student_file, mark_done
 
 
@@ -56,13 +59,76 @@ CALIBRATION_FILE = "calibration.json"
 
 def start_stage(cfg, run_dir: Path, stage: str, sources=STUDENT_SOURCES) -> StageStart:
     """Seeds every RNG with cfg.seed (parameter inits, dropout), then builds the student from `sources`; a
-    fresh student (no earlier stage's file) is calibrated when its layers ask for it."""
+    fresh student (no earlier stage's file) is calibrated when its layers ask for it. With
+    `attention.softmax_layers: auto` the start's cfg holds the run's recorded choice of layers (made
+    here if no stage recorded one), while its config dict keeps `auto`, as the run's config does."""
+    config = config_to_dict(cfg)
+    cfg = resolve_softmax_layers(cfg, Path(run_dir), stage)
     seed_everything(cfg.seed)
     model, tokenizer, source = build_student(cfg, run_dir, sources)
-    start = StageStart(cfg, Path(run_dir) / stage, model, tokenizer, source, config_to_dict(cfg))
+    start = StageStart(cfg, Path(run_dir) / stage, model, tokenizer, source, config)
     if source is None:
         calibrate_fresh_student(start)
     return start
+
+
+LAYER_CHOICE_FILE = "softmax_layers.json"
+LAYER_CHOICE_PLOT = "softmax_layers.png"
+
+
+def find_layer_choice(run_dir: Path) -> Optional[Path]:
+    """The run's recorded softmax layer choice: the file in the first stage folder, in pipeline order,
+    that holds one (the choice lives in the stage that made it, so `--force` on that stage discards it)."""
+    for stage in STAGES:
+        path = Path(run_dir) / stage / LAYER_CHOICE_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve_softmax_layers(cfg, run_dir: Path, stage: str):
+    """cfg itself, or with `attention.softmax_layers: auto`, a new config holding the recorded choice
+    (made now, in `<run>/<stage>/`, if no stage recorded one: a resumed stage never chooses again)."""
+    if cfg.attention.softmax_layers != AUTO:
+        return cfg
+    path = find_layer_choice(run_dir) or _record_layer_choice(cfg, run_dir / stage, stage)
+    record = json.loads(path.read_text())
+    changed = [key for key, name in REQUEST_KEYS.items() if record.get(key) != getattr(cfg.attention, name)]
+    if changed:
+        asked = ", ".join(f"attention.{REQUEST_KEYS[k]}={getattr(cfg.attention, REQUEST_KEYS[k])} "
+                          f"(recorded {record.get(k)})" for k in changed)
+        raise UserError(f"{path} was chosen for other values: {asked}; re-run the stage that chose "
+                        f"({path.parent.name}) with --force to choose again")
+    return replace(cfg, attention=replace(cfg.attention, softmax_layers=list(record["choice"])))
+
+
+def _record_layer_choice(cfg, stage_dir: Path, stage: str) -> Path:
+    """Runs the selector (on rank 0; the ranks that run this stage together wait for the file), writes
+    its record atomically and the per-layer score plot, and says which layers it chose."""
+    path = stage_dir / LAYER_CHOICE_FILE
+    if distributed.is_main_process():
+        record = choose_softmax_layers(cfg)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        plot_layer_scores(record, stage_dir / LAYER_CHOICE_PLOT)
+        write_json_atomic(path, record)
+        print(f"{stage}: softmax layers {record['choice']} chosen by {record['selector']} from "
+              f"{len(record['candidates'])} candidate layers (scores in {path})")
+    if stage in TRAINING_STAGES:
+        distributed.barrier()  # ranks that train this stage together read rank 0's file
+    return path
+
+
+def choose_softmax_layers(cfg) -> dict:
+    """The selector's record for cfg: scored on a throwaway model converted in every candidate layer,
+    probing with the transfer stage's optimizer settings on the run's data (held out: its in-stage eval)."""
+    seed_everything(cfg.seed)
+    model, tokenizer = load_converted(replace(cfg, attention=replace(cfg.attention, softmax_layers=[])))
+    train_tokens, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
+    stage_cfg = cfg.attention_transfer
+    probe = Probe(train=train_tokens, held_out=in_stage_eval(eval_tokens, stage_cfg), steps=cfg.attention.selection_steps,
+                  lr=stage_cfg.lr, micro_batch_size=stage_cfg.micro_batch_size, grad_clip=stage_cfg.grad_clip,
+                  mse_factor=stage_cfg.mse_factor)
+    return select_softmax_layers(model, cfg.attention.softmax_layer_selector, cfg.attention.softmax_layer_count, probe)
 
 
 def calibrate_fresh_student(start: StageStart) -> None:

@@ -90,6 +90,15 @@ def _engines() -> tuple[str, ...]:
     return tuple(ENGINES)
 
 
+def _layer_choice(attr: str) -> Callable[[], Any]:
+    def value() -> Any:
+        from linearize.train import layer_choice
+
+        return getattr(layer_choice, attr)
+
+    return value
+
+
 def _distributed(attr: str) -> Callable[[], tuple]:
     def names() -> tuple:
         from linearize.train import distributed
@@ -111,6 +120,7 @@ CHOICES: dict[str, Callable[[], Iterable[Any]]] = {
     "attention_transfer.cache_dtype": lambda: _dtypes() + (None,),
     "attention.form": _ops_names("FORM_NAMES"),
     "attention.backend": _ops_names("BACKENDS"),
+    "attention.softmax_layer_selector": lambda: tuple(_layer_choice("SELECTORS")()),
     **{f"{section}.scheduler": _schedulers for section in TRAIN_SECTIONS},
     **{f"{section}.autocast": _autocast for section in TRAIN_SECTIONS},
     "export.dtype": lambda: _dtypes() + (None,),
@@ -130,6 +140,7 @@ POSITIVE = (
 )
 NON_NEGATIVE = (
     "evaluate.sample_tokens", "attention.sink_tokens", "attention.liger_alpha", "attention.liger_beta", "lora_recovery.dropout",
+    "attention.softmax_layer_count", "attention.selection_steps",
     "lora_recovery.kl_weight", "attention_transfer.mse_factor", "attention_transfer.attn_ce_weight",
     "attention_transfer.block_size", "attention_transfer.cache_gb",
     *(f"{s}.{k}" for s in TRAIN_SECTIONS for k in ("max_steps", "lr", "weight_decay", "warmup_steps", "min_lr", "grad_clip",
@@ -326,10 +337,28 @@ def _consistency_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
         yield "attention_transfer.attn_ce_weight", "> 0 needs attention.form=parallel (attention weights)"
     if len(set(cfg.stages)) != len(cfg.stages):
         yield "stages", f"lists a stage twice: {list(cfg.stages)}"
-    for key in ("attention.layers", "attention.softmax_layers"):
-        layers = OmegaConf.select(cfg, key)
-        if layers is not None and any(i < 0 for i in layers):
-            yield key, f"layer indices must be >= 0, got {list(layers)}"
+    layers = cfg.attention.layers
+    if layers is not None and any(i < 0 for i in layers):
+        yield "attention.layers", f"layer indices must be >= 0, got {list(layers)}"
+    yield from _softmax_layer_problems(cfg)
+
+
+def _softmax_layer_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
+    """attention.softmax_layers: a list of layer indices, or auto with a layer count (see
+    linearize.train.layer_choice); a run's choice is not yet made block by block."""
+    auto = _layer_choice("AUTO")()
+    layers, count = cfg.attention.softmax_layers, cfg.attention.softmax_layer_count
+    if isinstance(layers, ListConfig):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            yield "attention.softmax_layers", f"layer indices must be integers >= 0, got {list(layers)}"
+    elif layers != auto:
+        yield "attention.softmax_layers", f"must be a list of layer indices or {auto!r}, got {layers!r}"
+    elif count <= 0:
+        yield "attention.softmax_layers", f"{auto} needs attention.softmax_layer_count > 0 (N layers, or a fraction < 1)"
+    elif count >= 1 and count != int(count):
+        yield "attention.softmax_layer_count", f"a count of layers (>= 1) must be a whole number, got {count}"
+    elif cfg.attention_transfer.block_size > 0:
+        yield "attention.softmax_layers", f"{auto} is not available with block-wise transfer (attention_transfer.block_size > 0) yet: list the layers"
 
 
 CHECKS = (_choice_problems, _range_problems, _consistency_problems)
@@ -376,11 +405,12 @@ def ignored_attention_keys(cfg: RunConfig, keys: Iterable[str]) -> list[str]:
     from linearize.attention import mechanism_config_keys
 
     reads = mechanism_config_keys()
+    run_reads = tuple(_layer_choice("REQUEST_KEYS")().values())  # the run's layer choice, for every mechanism
     mechanism = cfg.attention.mechanism
     warnings = []
     for dotted in keys:
         section, _, key = dotted.partition(".")
-        if section != "attention" or key in reads[mechanism]:
+        if section != "attention" or key in reads[mechanism] or key in run_reads:
             continue
         users = [name for name, used in reads.items() if key in used]
         warnings.append(f"{dotted} is ignored by attention.mechanism={mechanism}; it applies to: {', '.join(users)}")

@@ -1,11 +1,15 @@
-"""`<run>/report.md`: what each stage did, its final metrics, the evaluation table, the samples, and
-links to the loss-curve PNGs (relative, so the run directory can be moved or shared)."""
+"""`<run>/report.md`: what each stage did, its final metrics, the automatic softmax layer choice, the
+evaluation table, the samples, and links to the PNGs (relative, so the run directory can be moved or
+shared)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 from linearize.evals.report import branch_shares_markdown
+
+from .common import LAYER_CHOICE_PLOT, find_layer_choice
 
 REPORT_FILE = "report.md"
 TRAIN_COLUMNS = ("step", "loss", "eval_loss", "tokens")
@@ -40,6 +44,21 @@ def _branch_section(shares: dict, stage: str) -> list[str]:
     return lines
 
 
+def _layer_choice_section(run_dir: Path) -> list[str]:
+    """`attention.softmax_layers: auto`: the chosen layers, how, and the per-layer score plot."""
+    path = find_layer_choice(run_dir)
+    if path is None:
+        return []
+    record = json.loads(path.read_text())
+    lines = ["", "## Softmax layers", "", f"`{record['selector']}` chose layers {record['choice']} of "
+             f"{len(record['candidates'])} candidates to keep softmax attention (the {record['layers']} highest "
+             f"scores; record: [{path.relative_to(run_dir)}]({path.relative_to(run_dir)}))."]
+    plot = path.parent / LAYER_CHOICE_PLOT
+    if plot.is_file():
+        lines += ["", f"![softmax layer scores]({plot.relative_to(run_dir)})"]
+    return lines
+
+
 def _eval_section(evaluation: dict) -> list[str]:
     lines = ["## Evaluation", "", f"{evaluation.get('sequences')} held-out sequences, "
              f"{evaluation.get('tokens')} tokens.", "", "| metric | value |", "|---|---|"]
@@ -59,6 +78,7 @@ def write_report(run_dir: Path, statuses: dict, results: dict, export_sample: Op
     run_dir = Path(run_dir)
     lines = [f"# Run `{run_dir.name}`", "", "Resolved config: [config.yaml](config.yaml)", "", "## Stages", ""]
     lines += _stage_table(statuses, results)
+    lines += _layer_choice_section(run_dir)
     if results.get("evaluate"):
         lines += [""] + _eval_section(results["evaluate"])
     if results.get("export"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Any, Optional
 
 # sigmoid(logit(0.1)) = 0.1: LoLCATs starts every head giving the window 10% weight.
 INIT_WINDOW_LOGIT = math.log(0.1 / 0.9)
@@ -36,7 +36,11 @@ class AttentionConfig:
     decay_from: str = "projection"  # gated_delta family: a name of linearize.attention.gated_delta.DECAY_SOURCES
     init: str = "calibrated"  # gated_delta family: a name of linearize.attention.calibrate.INITS
     calibration_tokens: int = 1024  # init=calibrated: teacher tokens the statistics are read from
-    softmax_layers: list[int] = field(default_factory=list)  # layers that keep teacher attention
+    # Layers that keep teacher attention: a list of indices, or "auto" (a run chooses them: see below).
+    softmax_layers: Any = field(default_factory=list)
+    softmax_layer_count: float = 0.0  # auto: N >= 1 layers, or a fraction 0 < N < 1 of them (rounded, at least 1)
+    softmax_layer_selector: str = "transfer_probe"  # auto: a name of linearize.train.layer_choice.SELECTORS
+    selection_steps: int = 8  # auto, transfer_probe: probe length in optimizer steps (~10% of the transfer's)
     layers: Optional[list[int]] = None  # layers to convert (None = all not in softmax_layers)
     form: str = "chunk"  # how the student computes a full sequence: a name of linearize.ops.FORM_NAMES
     chunk_size: int = 64

@@ -1,5 +1,5 @@
 """Long-context results as markdown tables and a passkey heatmap PNG; the hybrids' branch shares as a
-markdown table and a stacked bar PNG."""
+markdown table and a stacked bar PNG; the softmax layer choice's per-layer scores as a bar PNG."""
 from __future__ import annotations
 
 import os
@@ -105,6 +105,31 @@ def plot_branch_shares(shares: dict, path: Path) -> Path:
     ax.set_ylabel("share of the attention output")
     ax.set_title("branch shares per layer")
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    fig.savefig(partial, dpi=120, format="png")
+    os.replace(partial, path)  # a reader never sees half a file
+    return path
+
+
+def plot_layer_scores(record: dict, path: Path) -> Path:
+    """One bar per candidate layer (its selector score, high = hard to convert); the layers chosen to keep
+    softmax are drawn in another colour. `record` is a `linearize.train.layer_choice` record."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = [int(layer) for layer in record["scores"]]
+    chosen = set(record["choice"])
+    fig = Figure(figsize=(max(4.0, 1.5 + 0.3 * len(layers)), 3.2))  # wide enough for the title at few layers
+    FigureCanvasAgg(fig)  # a canvas of its own, as plot_passkey_heatmap
+    ax = fig.subplots()
+    colours = ["tab:red" if layer in chosen else "tab:blue" for layer in layers]
+    ax.bar(range(len(layers)), [record["scores"][str(layer)] for layer in layers], color=colours)
+    ax.set_xticks(list(range(len(layers))), [str(layer) for layer in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{record['selector']} score")
+    ax.set_title(f"softmax layers (red): {record['layers']} of {len(layers)}")
     fig.tight_layout()
     path = Path(path)
     partial = path.with_name(path.name + ".partial")

@@ -55,6 +55,9 @@ def selected_layers(cfg: AttentionConfig, num_layers: int) -> list[int]:
     """The layers to convert: `cfg.layers` (or all) minus `cfg.softmax_layers`; none for `softmax`."""
     if mechanism_factory(cfg.mechanism) is None:
         return []
+    if isinstance(cfg.softmax_layers, str):  # "auto": a run resolves it into indices (stages/common.py)
+        raise UserError(f"attention.softmax_layers={cfg.softmax_layers!r} is resolved by a run into layer indices; "
+                        "converting a model needs the list itself")
     candidates = list(range(num_layers)) if cfg.layers is None else list(cfg.layers)
     for idx in [*candidates, *cfg.softmax_layers]:
         if not 0 <= idx < num_layers:

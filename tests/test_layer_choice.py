@@ -1,0 +1,144 @@
+"""`attention.softmax_layers: auto`: the selector registry, what the transfer probe measures, and a
+tiny run that records its choice once, applies it (student, export record, report) and never re-chooses."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import linearize
+from conftest import tiny_model
+from linearize.config import AttentionConfig
+from linearize.errors import UserError
+from linearize.train.layer_choice import (SELECTORS, Probe, choose, select_softmax_layers, softmax_layer_count,
+                                          uniform)
+from test_stages import tiny_run_config
+
+AUTO_ONE_LAYER = {"softmax_layers": "auto", "softmax_layer_count": 1, "selection_steps": 2}
+
+
+def _converted(num_layers: int, **attention):
+    model = tiny_model("llama", num_hidden_layers=num_layers)
+    return linearize.linearize_model(model, AttentionConfig(**{"mechanism": "linear", "feature_dim": 8, **attention}))
+
+
+def _probe(steps: int = 4, seed: int = 0) -> Probe:
+    g = torch.Generator().manual_seed(seed)
+    return Probe(train=torch.randint(0, 256, (8, 32), generator=g), held_out=torch.randint(0, 256, (2, 32), generator=g),
+                 steps=steps, lr=1e-2, mse_factor=1000.0)
+
+
+def test_selector_registry_uniform_spacing_and_counts():
+    assert {"transfer_probe", "uniform"} <= set(SELECTORS)
+    scores = uniform(_converted(6), 2, _probe())
+    assert [layer for layer, score in scores.items() if score == 1.0] == [1, 4]  # the middles of 0-2 and 3-5
+    subset = uniform(_converted(6, layers=[0, 2, 4, 5]), 2, _probe())
+    assert sorted(scores) == list(range(6)) and sorted(subset) == [0, 2, 4, 5]
+    assert choose(subset, 2) == [2, 5]
+    assert choose({0: 1.0, 1: 3.0, 2: 3.0, 3: 2.0}, 2) == [1, 2]  # highest scores; ties go to the lower layer
+    assert softmax_layer_count(3, 8) == 3 and softmax_layer_count(0.25, 8) == 2 and softmax_layer_count(0.01, 8) == 1
+    with pytest.raises(UserError, match="at least one layer must stay converted"):
+        softmax_layer_count(4, 4)
+
+
+def test_transfer_probe_picks_the_layer_with_sharp_attention():
+    """Layer 2's queries scaled 8x make its teacher attention near one-hot, which a linear student cannot
+    follow: its held-out transfer MSE is ~30x the others' on three seeds of this model, so the margin of 5x
+    below leaves room for noise."""
+    for seed in range(2):
+        model = tiny_model("llama", seed=seed, num_hidden_layers=4)
+        with torch.no_grad():
+            model.model.layers[2].self_attn.q_proj.weight.mul_(8.0)
+        linearize.linearize_model(model, AttentionConfig(mechanism="linear", feature_dim=8))
+        record = select_softmax_layers(model, "transfer_probe", 1, _probe(seed=seed))
+        assert record["choice"] == [2] and record["candidates"] == [0, 1, 2, 3]
+        others = [score for layer, score in record["scores"].items() if layer != "2"]
+        assert record["scores"]["2"] > 5 * max(others)
+        assert record["tokens"] == {"probe": 4 * 32, "held_out": 2 * 32}
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory, tiny_tokenizer):
+    """(config, run dir) of a transfer + export run with `softmax_layers: auto` on the tiny 2-layer llama."""
+    from stages.pipeline import run_stages
+
+    root = tmp_path_factory.mktemp("auto_run")
+    cfg = tiny_run_config(root, tiny_tokenizer, attention=AUTO_ONE_LAYER,
+                          attention_transfer={"max_steps": 2, "save_every": 2, "eval_every": 2})
+    run_stages(cfg, ["attention_transfer", "export"])
+    return cfg, root / "runs" / "tiny"
+
+
+def test_auto_records_and_applies_its_choice(auto_run):
+    cfg, run_dir = auto_run
+    record = json.loads((run_dir / "attention_transfer" / "softmax_layers.json").read_text())
+    assert record["selector"] == "transfer_probe" and record["candidates"] == [0, 1] and len(record["choice"]) == 1
+    assert set(record["scores"]) == {"0", "1"} and record["tokens"]["probe"] == 2 * cfg.data.seq_len
+    (chosen,) = record["choice"]
+    export = json.loads((run_dir / "export" / "config.json").read_text())["linearize"]
+    assert export["layers"] == {str(chosen): "softmax", str(1 - chosen): cfg.attention.mechanism}
+    assert export["attention"]["softmax_layers"] == [chosen]
+    from safetensors.torch import load_file
+
+    student = load_file(run_dir / "attention_transfer" / "student.safetensors")
+    assert student and all(f"layers.{1 - chosen}." in name for name in student)  # only the converted layer trained
+    assert (run_dir / "attention_transfer" / "softmax_layers.png").is_file()
+    assert "attention_transfer/softmax_layers.png" in (run_dir / "report.md").read_text()
+    assert (run_dir / "config.yaml").read_text().count("softmax_layers: auto") == 1  # the config keeps auto
+
+
+def test_a_rerun_reads_the_choice_and_force_on_its_stage_chooses_again(auto_run, tmp_path, monkeypatch):
+    import stages.common
+    from stages.pipeline import run_stages
+    from test_stages import copy_run
+
+    cfg, run_dir = copy_run(*auto_run, tmp_path)
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise AssertionError("the recorded choice must be read, not made again")
+
+    monkeypatch.setattr(stages.common, "select_softmax_layers", refuse)
+    run_stages(cfg, ["export"], force=True)  # builds the student from the recorded choice
+    assert not calls
+    with pytest.raises(AssertionError, match="must be read"):
+        run_stages(cfg, ["attention_transfer"], force=True)  # --force discards the choice with its stage
+    assert len(calls) == 1 and not (run_dir / "attention_transfer" / "softmax_layers.json").exists()
+
+
+def test_a_record_for_another_request_is_refused(auto_run, tmp_path):
+    from stages.common import resolve_softmax_layers
+    from stages.config_loader import config_from_dict, config_to_dict
+    from test_stages import copy_run
+
+    cfg, run_dir = copy_run(*auto_run, tmp_path)
+    other = config_from_dict(config_to_dict(cfg), "test", ["attention.softmax_layer_selector=uniform"])
+    with pytest.raises(UserError, match="softmax_layer_selector=uniform .recorded transfer_probe.") as err:
+        resolve_softmax_layers(other, run_dir, "lora_recovery")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("attention, problem", [
+    ({"softmax_layers": "all"}, "attention.softmax_layers: must be a list of layer indices or 'auto'"),
+    ({"softmax_layers": [-1]}, "attention.softmax_layers: layer indices must be integers >= 0"),
+    ({"softmax_layers": "auto"}, "auto needs attention.softmax_layer_count > 0"),
+    ({"softmax_layers": "auto", "softmax_layer_count": 2.5}, "must be a whole number"),
+    ({**AUTO_ONE_LAYER, "softmax_layer_selector": "best"}, "unknown value 'best'; valid: transfer_probe, uniform"),
+])
+def test_config_errors_are_one_line(attention, problem):
+    from stages.config_loader import config_from_dict
+
+    with pytest.raises(UserError) as err:
+        config_from_dict({"attention": attention}, "test")
+    assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_auto_is_refused_with_blockwise_transfer_and_by_the_library():
+    from stages.config_loader import config_from_dict
+
+    with pytest.raises(UserError, match="not available with block-wise transfer"):
+        config_from_dict({"attention": AUTO_ONE_LAYER, "attention_transfer": {"block_size": 1}}, "test")
+    with pytest.raises(UserError, match="resolved by a run"):
+        linearize.linearize_model(tiny_model("llama"), AttentionConfig(softmax_layers="auto"))

@@ -38,7 +38,7 @@ from ..surgery import check_run_options, decoder_layers, selected_layers, transf
 from .checkpoint import latest_checkpoint
 from .distributed import DistributedSettings, barrier
 from .engine import default_device
-from .hidden_cache import GB, BlockInputs, HiddenCache, cache_dtype, plan_cache, wanted_rows
+from .hidden_cache import GB, BlockInputs, CachePlan, HiddenCache, cache_dtype, plan_cache, wanted_rows
 from .loop import METRICS_FILE, PLOT_FILE, train
 from .metrics import MetricsLog, plot_metrics
 from .state import check_same_config, seed_everything, write_json_atomic
@@ -155,7 +155,7 @@ class _Blockwise:
     train_tokens: torch.Tensor
     eval_tokens: torch.Tensor
     cache: HiddenCache
-    plan: object
+    plan: CachePlan
     device: torch.device
     log: Callable[[str], None]
     embed_name: str

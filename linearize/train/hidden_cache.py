@@ -58,7 +58,7 @@ def wanted_rows(train_tokens: torch.Tensor, eval_tokens: torch.Tensor, stage_cfg
         if key not in seen:
             seen.add(key)
             rows.append(row)
-    return torch.stack(rows)
+    return torch.stack(rows)  # [R, L]
 
 
 @dataclass(frozen=True)

@@ -405,12 +405,11 @@ def ignored_attention_keys(cfg: RunConfig, keys: Iterable[str]) -> list[str]:
     from linearize.attention import mechanism_config_keys
 
     reads = mechanism_config_keys()
-    run_reads = tuple(_layer_choice("REQUEST_KEYS")().values())  # the run's layer choice, for every mechanism
     mechanism = cfg.attention.mechanism
     warnings = []
     for dotted in keys:
         section, _, key = dotted.partition(".")
-        if section != "attention" or key in reads[mechanism] or key in run_reads:
+        if section != "attention" or key in reads[mechanism]:
             continue
         users = [name for name, used in reads.items() if key in used]
         warnings.append(f"{dotted} is ignored by attention.mechanism={mechanism}; it applies to: {', '.join(users)}")

@@ -142,3 +142,14 @@ def test_auto_is_refused_with_blockwise_transfer_and_by_the_library():
         config_from_dict({"attention": AUTO_ONE_LAYER, "attention_transfer": {"block_size": 1}}, "test")
     with pytest.raises(UserError, match="resolved by a run"):
         linearize.linearize_model(tiny_model("llama"), AttentionConfig(softmax_layers="auto"))
+
+
+def test_the_choice_keys_are_read_whatever_the_mechanism():
+    """Setting them on the command line gives no 'ignored by attention.mechanism' warning."""
+    from stages.config_loader import config_from_dict, ignored_attention_keys
+
+    keys = [f"attention.{key}" for key in ("softmax_layers", "softmax_layer_count", "softmax_layer_selector",
+                                           "selection_steps")]
+    for mechanism in ("window_linear", "liger_window", "gated_delta"):
+        cfg = config_from_dict({"attention": {**AUTO_ONE_LAYER, "mechanism": mechanism}}, "test")
+        assert ignored_attention_keys(cfg, keys) == []

@@ -120,12 +120,16 @@ def _record_layer_choice(cfg, stage_dir: Path, stage: str) -> Path:
 
 def choose_softmax_layers(cfg) -> dict:
     """The selector's record for cfg: scored on a throwaway model converted in every candidate layer,
-    probing with the transfer stage's optimizer settings on the run's data (held out: its in-stage eval)."""
+    probing with the transfer stage's optimizer settings on the run's data, and held out: the first rows
+    of its in-stage eval, as many as the probe trains on (at least one), so scoring costs about a third
+    of the probe (forwards only)."""
     seed_everything(cfg.seed)
     model, tokenizer = load_converted(replace(cfg, attention=replace(cfg.attention, softmax_layers=[])))
     train_tokens, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
     stage_cfg = cfg.attention_transfer
-    probe = Probe(train=train_tokens, held_out=in_stage_eval(eval_tokens, stage_cfg), steps=cfg.attention.selection_steps,
+    probe_rows = max(1, cfg.attention.selection_steps * stage_cfg.micro_batch_size)
+    held_out = in_stage_eval(eval_tokens, stage_cfg)[:probe_rows]
+    probe = Probe(train=train_tokens, held_out=held_out, steps=cfg.attention.selection_steps,
                   lr=stage_cfg.lr, micro_batch_size=stage_cfg.micro_batch_size, grad_clip=stage_cfg.grad_clip,
                   mse_factor=stage_cfg.mse_factor)
     return select_softmax_layers(model, cfg.attention.softmax_layer_selector, cfg.attention.softmax_layer_count, probe)

@@ -358,7 +358,8 @@ def _softmax_layer_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
     elif count >= 1 and count != int(count):
         yield "attention.softmax_layer_count", f"a count of layers (>= 1) must be a whole number, got {count}"
     elif cfg.attention_transfer.block_size > 0:
-        yield "attention.softmax_layers", f"{auto} is not available with block-wise transfer (attention_transfer.block_size > 0) yet: list the layers"
+        yield "attention.softmax_layers", (f"{auto} is not available with block-wise transfer "
+                                           "(attention_transfer.block_size > 0) yet: list the layers")
 
 
 CHECKS = (_choice_problems, _range_problems, _consistency_problems)

@@ -42,20 +42,37 @@ def test_selector_registry_uniform_spacing_and_counts():
         softmax_layer_count(4, 4)
 
 
-def test_transfer_probe_picks_the_layer_with_sharp_attention():
+@pytest.mark.parametrize("selector", ["transfer_probe", "layer_kl"])
+def test_probing_selectors_pick_the_layer_with_sharp_attention(selector):
     """Layer 2's queries scaled 8x make its teacher attention near one-hot, which a linear student cannot
-    follow: its held-out transfer MSE is ~30x the others' on three seeds of this model, so the margin of 5x
-    below leaves room for noise."""
+    follow: its held-out transfer MSE is ~30x the others' and its KL ~20x, on three seeds of this model,
+    so the margin of 5x below leaves room for noise."""
     for seed in range(2):
         model = tiny_model("llama", seed=seed, num_hidden_layers=4)
         with torch.no_grad():
             model.model.layers[2].self_attn.q_proj.weight.mul_(8.0)
         linearize.linearize_model(model, AttentionConfig(mechanism="linear", feature_dim=8))
-        record = select_softmax_layers(model, "transfer_probe", 1, _probe(seed=seed))
+        record = select_softmax_layers(model, selector, 1, _probe(seed=seed))
         assert record["choice"] == [2] and record["candidates"] == [0, 1, 2, 3]
         others = [score for layer, score in record["scores"].items() if layer != "2"]
         assert record["scores"]["2"] > 5 * max(others)
         assert record["tokens"] == {"probe": 4 * 32, "held_out": 2 * 32}
+
+
+def test_students_only_in_converts_just_those_layers():
+    """layer_kl's view: with only layer 1 running its student, layer 0 (and every other) gives the
+    teacher's output, so the logits equal those of the model converted in layer 1 alone."""
+    from linearize.surgery import students_only_in
+
+    all_layers, layer_one = _converted(3), _converted(3, layers=[1])
+    layer_one.load_state_dict(all_layers.state_dict(), strict=False)  # the same student parameters in layer 1
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad(), students_only_in(all_layers, [1]):
+        only = all_layers(input_ids=ids).logits
+    with torch.no_grad():
+        expected, converted = layer_one(input_ids=ids).logits, all_layers(input_ids=ids).logits
+    torch.testing.assert_close(only, expected, rtol=0, atol=0)  # the same modules run on the same inputs
+    assert not torch.equal(only, converted)  # and leaving the block converts every layer again
 
 
 @pytest.fixture(scope="module")

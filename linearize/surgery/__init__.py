@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -193,3 +193,15 @@ def calibration_tokens(model: nn.Module) -> int:
 def teacher_mode(model: nn.Module):
     """Within the block every converted layer runs its original softmax attention."""
     return _mode(model, "teacher")
+
+
+@contextlib.contextmanager
+def students_only_in(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Module]:
+    """Within the block only the converted layers in `layers` run their student; every other converted
+    layer runs its original softmax attention (the effect of converting just those layers)."""
+    keep = set(layers)
+    with teacher_mode(model):
+        for a in wrapped_attentions(model):
+            if a.layer_idx in keep:
+                a.mode = "student"  # leaving teacher_mode restores every layer's own mode
+        yield model

@@ -7,6 +7,8 @@ layers with the highest scores (the ones that convert worst). Selectors form a r
   on exact teacher inputs in transfer mode, so one joint probe scores all layers), then each layer's
   transfer MSE on held-out tokens. Costs `steps` transfer steps plus one held-out forward.
 - `uniform`: evenly spaced layers, no data (score 1 on the chosen layers, 0 elsewhere).
+- `layer_kl`: the same probe, then each layer's held-out KL(teacher || the model with only that layer
+  converted). Costs the probe plus (candidates + 1) held-out forwards of the whole model.
 
 The library never reads or writes the run directory: `stages/common.py` records the choice and
 reuses it on resume."""
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from ..errors import UserError
-from ..losses import PairCollector, transfer_mse, transfer_objective
-from ..surgery import calibrating, calibration_tokens, freeze_for_transfer, transfer_mode, wrapped_attentions
+from ..losses import PairCollector, distill_kl, transfer_mse, transfer_objective
+from ..surgery import (calibrating, calibration_tokens, freeze_for_transfer, students_only_in, transfer_mode,
+                       wrapped_attentions)
 
 AUTO = "auto"  # the attention.softmax_layers value that asks a run to choose
 # The record's keys for what was asked, and the AttentionConfig keys (read by the run, whatever the
@@ -103,10 +106,9 @@ def held_out_transfer_mse(model: torch.nn.Module, tokens: torch.Tensor, batch_si
     return {layer: total / len(tokens) for layer, total in sorted(totals.items())}
 
 
-def transfer_probe(model: torch.nn.Module, count: int, probe: Probe) -> dict[int, float]:
-    """Trains every converted layer's student parameters for `probe.steps` transfer steps, then scores
-    each layer by its held-out transfer MSE: high = hard to convert. A mechanism without student
-    parameters is scored as it is."""
+def _train_probe(model: torch.nn.Module, probe: Probe) -> None:
+    """The calibrated init (if any), then `probe.steps` steps of the stage-1 objective on every converted
+    layer's student parameters at once (a mechanism without any trains nothing)."""
     _calibrate(model, probe.train)
     params = freeze_for_transfer(model)
     loss_fn = transfer_objective(probe.mse_factor)
@@ -119,7 +121,33 @@ def transfer_probe(model: torch.nn.Module, count: int, probe: Probe) -> dict[int
         if probe.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, probe.grad_clip)
         optimizer.step()
+
+
+def transfer_probe(model: torch.nn.Module, count: int, probe: Probe) -> dict[int, float]:
+    """Each layer's held-out transfer MSE after the probe: high = its teacher attention is hard to follow."""
+    _train_probe(model, probe)
     return held_out_transfer_mse(model, probe.held_out, probe.micro_batch_size)
+
+
+def _logits(model: torch.nn.Module, tokens: torch.Tensor, students: Iterable[int]) -> list[torch.Tensor]:
+    """Logits `[1, L, V]` of each row of `tokens` `[M, L]` with only the converted layers in `students` converted."""
+    with torch.no_grad(), students_only_in(model, students):
+        return [model(input_ids=_device_rows(tokens, range(row, row + 1), model), use_cache=False).logits
+                for row in range(len(tokens))]
+
+
+def layer_kl(model: torch.nn.Module, count: int, probe: Probe) -> dict[int, float]:
+    """After the same probe, each layer's held-out KL(teacher || model with only that layer converted), per
+    token: how far converting that layer alone moves the model's output. Keeps the teacher's logits of
+    every held-out row in memory and runs one held-out pass per candidate: costlier than transfer_probe."""
+    _train_probe(model, probe)
+    model.eval()
+    teacher = _logits(model, probe.held_out, ())
+    scores = {}
+    for layer in candidate_layers(model):
+        converted = _logits(model, probe.held_out, (layer,))
+        scores[layer] = sum(distill_kl(s, t).item() for s, t in zip(converted, teacher)) / len(teacher)
+    return scores
 
 
 @dataclass(frozen=True)
@@ -131,6 +159,7 @@ class SelectorSpec:
 SELECTORS: dict[str, SelectorSpec] = {
     "transfer_probe": SelectorSpec(transfer_probe, probes=True),
     "uniform": SelectorSpec(uniform, probes=False),
+    "layer_kl": SelectorSpec(layer_kl, probes=True),
 }
 
 

@@ -5,7 +5,8 @@ layers with the highest scores (the ones that convert worst). Selectors form a r
 
 - `transfer_probe`: a short attention-transfer run of every converted layer at once (each layer trains
   on exact teacher inputs in transfer mode, so one joint probe scores all layers), then each layer's
-  transfer MSE on held-out tokens. Costs `steps` transfer steps plus one held-out forward.
+  relative transfer error (MSE / mean teacher output²) on held-out tokens. Costs `steps` transfer
+  steps plus one held-out forward.
 - `uniform`: evenly spaced layers, no data (score 1 on the chosen layers, 0 elsewhere).
 - `layer_kl`: the same probe, then each layer's held-out KL(teacher || the model with only that layer
   converted). Costs the probe plus (candidates + 1) held-out forwards of the whole model.
@@ -29,6 +30,8 @@ AUTO = "auto"  # the attention.softmax_layers value that asks a run to choose
 # The record's keys for what was asked, and the AttentionConfig keys (read by the run, whatever the
 # mechanism) they come from: a recorded choice serves only the same request.
 REQUEST_KEYS = {"selector": "softmax_layer_selector", "count": "softmax_layer_count", "steps": "selection_steps"}
+# A layer whose teacher output is all zeros has nothing to match: its relative error stays finite.
+ENERGY_FLOOR = 1e-30
 
 
 @dataclass(frozen=True)
@@ -91,19 +94,23 @@ def _calibrate(model: torch.nn.Module, tokens: torch.Tensor) -> None:
             model(input_ids=batch)
 
 
-def held_out_transfer_mse(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 1) -> dict[int, float]:
-    """{layer: MSE(student, teacher) of its attention output} over `tokens` `[M, L]`, every converted
-    layer on exact teacher inputs (one forward per batch)."""
+def held_out_relative_error(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 1) -> dict[int, float]:
+    """{layer: MSE(student, teacher) / mean(teacher²) of its attention output} over `tokens` `[M, L]`, every
+    converted layer on exact teacher inputs (one forward per batch). Relative, because the raw MSE follows
+    the size of each layer's outputs, which grows with depth (docs/attention.md)."""
     collector = PairCollector()
-    totals: dict[int, float] = {}
+    error: dict[int, float] = {}
+    energy: dict[int, float] = {}
     with torch.no_grad(), transfer_mode(model, collector, weights=False):
         for start in range(0, len(tokens), batch_size):
             batch = _device_rows(tokens, range(start, min(start + batch_size, len(tokens))), model)
             model.get_decoder()(input_ids=batch, use_cache=False)
             for pair in collector.take():
-                # rows weigh equally: the sum of per-batch means times rows, divided by all rows below
-                totals[pair.layer_idx] = totals.get(pair.layer_idx, 0.0) + transfer_mse([pair]).item() * len(batch)
-    return {layer: total / len(tokens) for layer, total in sorted(totals.items())}
+                teacher = pair.teacher.float()
+                # sums of per-batch means times rows: every row weighs the same
+                error[pair.layer_idx] = error.get(pair.layer_idx, 0.0) + transfer_mse([pair]).item() * len(batch)
+                energy[pair.layer_idx] = energy.get(pair.layer_idx, 0.0) + teacher.pow(2).mean().item() * len(batch)
+    return {layer: error[layer] / max(energy[layer], ENERGY_FLOOR) for layer in sorted(error)}
 
 
 def _train_probe(model: torch.nn.Module, probe: Probe) -> None:
@@ -124,9 +131,10 @@ def _train_probe(model: torch.nn.Module, probe: Probe) -> None:
 
 
 def transfer_probe(model: torch.nn.Module, count: int, probe: Probe) -> dict[int, float]:
-    """Each layer's held-out transfer MSE after the probe: high = its teacher attention is hard to follow."""
+    """Each layer's held-out relative transfer error after the probe: high = its teacher attention is hard
+    to follow."""
     _train_probe(model, probe)
-    return held_out_transfer_mse(model, probe.held_out, probe.micro_batch_size)
+    return held_out_relative_error(model, probe.held_out, probe.micro_batch_size)
 
 
 def _logits(model: torch.nn.Module, tokens: torch.Tensor, students: Iterable[int]) -> list[torch.Tensor]:

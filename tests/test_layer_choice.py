@@ -132,7 +132,9 @@ def test_a_rerun_reads_the_choice_and_force_on_its_stage_chooses_again(auto_run,
 
     monkeypatch.setattr(stages.common, "select_softmax_layers", refuse)
     run_stages(cfg, ["export"], force=True)  # builds the student from the recorded choice
-    assert not calls
+    (run_dir / "attention_transfer" / "DONE").unlink()  # as if interrupted after its last checkpoint
+    run_stages(cfg, ["attention_transfer"])  # resumes from that checkpoint with the recorded choice
+    assert not calls and (run_dir / "attention_transfer" / "DONE").is_file()
     with pytest.raises(AssertionError, match="must be read"):
         run_stages(cfg, ["attention_transfer"], force=True)  # --force discards the choice with its stage
     assert len(calls) == 1 and not (run_dir / "attention_transfer" / "softmax_layers.json").exists()

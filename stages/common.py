@@ -91,7 +91,11 @@ def resolve_softmax_layers(cfg, run_dir: Path, stage: str):
     (made now, in `<run>/<stage>/`, if no stage recorded one: a resumed stage never chooses again)."""
     if cfg.attention.softmax_layers != AUTO:
         return cfg
-    path = find_layer_choice(run_dir) or _record_layer_choice(cfg, run_dir / stage, stage)
+    if distributed.is_main_process() and find_layer_choice(run_dir) is None:
+        _record_layer_choice(cfg, run_dir / stage, stage)
+    if stage in TRAINING_STAGES:
+        distributed.barrier()  # the ranks that train this stage together look only after rank 0 has written
+    path = find_layer_choice(run_dir)
     record = json.loads(path.read_text())
     changed = [key for key, name in REQUEST_KEYS.items() if record.get(key) != getattr(cfg.attention, name)]
     if changed:
@@ -102,20 +106,16 @@ def resolve_softmax_layers(cfg, run_dir: Path, stage: str):
     return replace(cfg, attention=replace(cfg.attention, softmax_layers=list(record["choice"])))
 
 
-def _record_layer_choice(cfg, stage_dir: Path, stage: str) -> Path:
-    """Runs the selector (on rank 0; the ranks that run this stage together wait for the file), writes
-    its record atomically and the per-layer score plot, and says which layers it chose."""
+def _record_layer_choice(cfg, stage_dir: Path, stage: str) -> None:
+    """Runs the selector, writes its record atomically and the per-layer score plot, and says which
+    layers it chose (rank 0 only)."""
+    record = choose_softmax_layers(cfg)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    plot_layer_scores(record, stage_dir / LAYER_CHOICE_PLOT)
     path = stage_dir / LAYER_CHOICE_FILE
-    if distributed.is_main_process():
-        record = choose_softmax_layers(cfg)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        plot_layer_scores(record, stage_dir / LAYER_CHOICE_PLOT)
-        write_json_atomic(path, record)
-        print(f"{stage}: softmax layers {record['choice']} chosen by {record['selector']} from "
-              f"{len(record['candidates'])} candidate layers (scores in {path})")
-    if stage in TRAINING_STAGES:
-        distributed.barrier()  # ranks that train this stage together read rank 0's file
-    return path
+    write_json_atomic(path, record)
+    print(f"{stage}: softmax layers {record['choice']} chosen by {record['selector']} from "
+          f"{len(record['candidates'])} candidate layers (scores in {path})")
 
 
 def choose_softmax_layers(cfg) -> dict:

@@ -185,3 +185,21 @@ def test_the_choice_keys_are_read_whatever_the_mechanism():
     for mechanism in ("window_linear", "liger_window", "gated_delta"):
         cfg = config_from_dict({"attention": {**AUTO_ONE_LAYER, "mechanism": mechanism}}, "test")
         assert ignored_attention_keys(cfg, keys) == []
+
+
+@pytest.mark.slow
+def test_two_deepspeed_ranks_train_with_rank_zeros_choice(tmp_path, tiny_tokenizer):
+    """Rank 0 chooses (one printed line), the other rank waits for its file, and both train the same
+    student as a single process with the same config."""
+    from test_deepspeed import PER_RANK, SINGLE, _config, _launch, _run_single
+
+    for name in ("single", "ranks"):
+        (tmp_path / name).mkdir()
+    _run_single(_config(tmp_path / "single", tiny_tokenizer, SINGLE, ["attention_transfer"], AUTO_ONE_LAYER))
+    config = _config(tmp_path / "ranks", tiny_tokenizer, PER_RANK, ["attention_transfer"], AUTO_ONE_LAYER)
+    done = _launch(config, tmp_path / "ranks.yaml", zero_stage=2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.count("softmax layers [") == 1
+    records = [json.loads((tmp_path / name / "runs" / "tiny" / "attention_transfer" / "softmax_layers.json").read_text())
+               for name in ("single", "ranks")]
+    assert records[0]["choice"] == records[1]["choice"]

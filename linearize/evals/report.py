@@ -106,10 +106,15 @@ def plot_branch_shares(shares: dict, path: Path) -> Path:
     ax.set_title("branch shares per layer")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> Path:
+    """Writes `fig` as a PNG through a temp file and a rename: a reader never sees half a file."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     fig.savefig(partial, dpi=120, format="png")
-    os.replace(partial, path)  # a reader never sees half a file
+    os.replace(partial, path)
     return path
 
 
@@ -131,8 +136,4 @@ def plot_layer_scores(record: dict, path: Path) -> Path:
     ax.set_ylabel(f"{record['selector']} score")
     ax.set_title(f"softmax layers (red): {record['layers']} of {len(layers)}")
     fig.tight_layout()
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    fig.savefig(partial, dpi=120, format="png")
-    os.replace(partial, path)  # a reader never sees half a file
-    return path
+    return save_png(fig, path)

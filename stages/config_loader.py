@@ -141,7 +141,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "evaluate.sample_tokens", "attention.sink_tokens", "attention.liger_alpha", "attention.liger_beta", "lora_recovery.dropout",
     "attention.softmax_layer_count", "attention.selection_steps",
-    "lora_recovery.kl_weight", "attention_transfer.mse_factor", "attention_transfer.attn_ce_weight",
+    "lora_recovery.kl_weight", "lora_recovery.ce_weight", "attention_transfer.mse_factor", "attention_transfer.attn_ce_weight",
     "attention_transfer.block_size", "attention_transfer.cache_gb",
     *(f"{s}.{k}" for s in TRAIN_SECTIONS for k in ("max_steps", "lr", "weight_decay", "warmup_steps", "min_lr", "grad_clip",
                                                     "eval_sequences", "plateau_patience", "plateau_factor")),
@@ -335,6 +335,8 @@ def _consistency_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
     # Attention weights [B, H, T, T] exist only in the quadratic form.
     if cfg.attention_transfer.attn_ce_weight > 0 and cfg.attention.form != "parallel":
         yield "attention_transfer.attn_ce_weight", "> 0 needs attention.form=parallel (attention weights)"
+    if cfg.lora_recovery.ce_weight <= 0 and cfg.lora_recovery.kl_weight <= 0:
+        yield "lora_recovery.ce_weight", "is 0 and so is lora_recovery.kl_weight: LoRA would have no loss to train on"
     if len(set(cfg.stages)) != len(cfg.stages):
         yield "stages", f"lists a stage twice: {list(cfg.stages)}"
     layers = cfg.attention.layers

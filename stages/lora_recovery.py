@@ -1,8 +1,8 @@
 """Stage 2, LoRA recovery: next-token training of the whole converted model through LoRA adapters.
 
 teacher → linearize → student parameters from attention transfer (absent: the no-transfer baseline)
-→ peft LoRA (rank, alpha, dropout, targets) → loss = cross-entropy (+ kl_weight · KL to the teacher,
-computed by the same model with the adapter disabled and teacher attention, no second copy) →
+→ peft LoRA (rank, alpha, dropout, targets) → loss = ce_weight · cross-entropy + kl_weight · KL to the teacher
+(computed by the same model with the adapter disabled and teacher attention, no second copy) →
 `<run>/lora_recovery/adapter/` and `student.safetensors`."""
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Trains LoRA adapters on the converted model; returns the final metrics."""
     start = start_stage(cfg, run_dir, STAGE, sources=("attention_transfer",))
     peft_model = wrap_with_lora(start.model, cfg.lora_recovery)
-    loss_fn = recovery_objective(cfg.lora_recovery.kl_weight)
+    loss_fn = recovery_objective(cfg.lora_recovery.kl_weight, cfg.lora_recovery.ce_weight)
     metrics = train_stage(start, peft_model, loss_fn, cfg.lora_recovery, accept_changes)
     peft_model.save_pretrained(start.stage_dir / ADAPTER_DIR)
     save_student(adapters.unwrap(peft_model), start.stage_dir / STUDENT_FILE)

@@ -98,3 +98,29 @@ def test_next_token_loss_is_the_shifted_cross_entropy_in_every_reduction():
     torch.testing.assert_close(next_token_loss(logits, ids).double(), picked.mean(), rtol=1e-6, atol=1e-6)
     summed = next_token_loss(logits, ids, reduction="sum").double()
     torch.testing.assert_close(summed, picked.sum(), rtol=1e-6, atol=1e-6)
+
+
+def test_recovery_objective_weights_ce_and_kl():
+    """ce_weight · CE + kl_weight · KL, with the teacher read through teacher_view (softmax attention):
+    ce_weight=0 leaves the KL alone (distillation on logits only), and both at 0 is refused."""
+    import linearize
+    from linearize.losses import recovery_objective
+
+    from conftest import tiny_model
+
+    model = tiny_model("llama").eval()
+    linearize.linearize_model(model, linearize.AttentionConfig(mechanism="window_linear", window_size=4, feature_dim=8,
+                                                               chunk_size=4))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        student = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
+        with linearize.teacher_mode(model):
+            teacher = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
+        ce, kl = next_token_loss(student, ids), distill_kl(student, teacher)
+        assert kl > 1e-4  # the converted layers differ from softmax: the KL term is not trivially zero
+        # float32 forwards of the same model, reduced in a different order: agreement to ~1e-6 relative
+        torch.testing.assert_close(recovery_objective(kl_weight=1.0, ce_weight=0.0)(model, ids), kl)
+        torch.testing.assert_close(recovery_objective(kl_weight=0.0, ce_weight=1.0)(model, ids), ce)
+        torch.testing.assert_close(recovery_objective(kl_weight=0.5, ce_weight=2.0)(model, ids), 2.0 * ce + 0.5 * kl)
+    with pytest.raises(ValueError, match="positive sum"):
+        recovery_objective(kl_weight=0.0, ce_weight=0.0)

@@ -101,6 +101,7 @@ class LoraRecoveryConfig(TrainStageConfig):
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     kl_weight: float = 0.0  # >0 adds KL(teacher || student) on logits
+    ce_weight: float = 1.0  # next-token cross-entropy weight; 0 with kl_weight > 0 = distillation on logits only
     train_student: bool = False  # keep feature maps / gates trainable during LoRA
     recompute_attention: bool = True  # recompute student attention in backward: less memory, ~1 more mechanism forward per step
 

@@ -32,13 +32,17 @@ def transfer_objective(mse_factor: float = 1.0, attn_ce_weight: float = 0.0):
     return loss_fn
 
 
-def recovery_objective(kl_weight: float = 0.0):
-    """Next-token CE, plus kl_weight · KL(teacher || student); the teacher is the same model seen through
-    `adapters.teacher_view` (adapter off, softmax attention), so no second copy of the weights."""
+def recovery_objective(kl_weight: float = 0.0, ce_weight: float = 1.0):
+    """ce_weight · next-token CE + kl_weight · KL(teacher || student). The teacher is the same model seen
+    through `adapters.teacher_view` (adapter off, softmax attention), so no second copy of the weights.
+    ce_weight = 0 with kl_weight > 0 is pure distillation on the teacher's logits (RADLADS, MambaInLlama)."""
+    if ce_weight < 0 or kl_weight < 0 or ce_weight + kl_weight <= 0:
+        raise ValueError(f"recovery_objective: weights must be >= 0 with a positive sum, got ce_weight={ce_weight}, "
+                         f"kl_weight={kl_weight}")
 
     def loss_fn(model, input_ids):
         logits = model(input_ids=input_ids, use_cache=False).logits  # [B, L, V]: no decode state in training
-        loss = next_token_loss(logits, input_ids)
+        loss = ce_weight * next_token_loss(logits, input_ids) if ce_weight > 0 else logits.new_zeros(())
         if kl_weight > 0:
             with torch.no_grad(), adapters.teacher_view(model):
                 teacher_logits = model(input_ids=input_ids, use_cache=False).logits  # [B, L, V]

@@ -75,3 +75,20 @@ def test_partial_save_is_cleaned_up(finished):
     (leftover / "trainable.safetensors").write_bytes(b"half")
     tiny_job(finished, tiny_stage_cfg(max_steps=3, save_every=1, eval_every=0))
     assert not leftover.exists() and latest_checkpoint(finished).name == "step_3"
+
+
+def test_key_added_since_the_snapshot_counts_only_when_it_leaves_its_default(tmp_path):
+    """A run saved before a key existed resumes under a newer linearize when the key keeps its default
+    (the old behaviour); a non-default value of the new key is still a change."""
+    from linearize.train.state import check_same_config
+
+    current = config_to_dict(RunConfig())
+    saved = config_to_dict(RunConfig())
+    del saved["lora_recovery"]["ce_weight"]  # a snapshot from before the key was added
+    assert check_same_config(saved, current, "lora_recovery", tmp_path, accept=False) == []
+    current["lora_recovery"]["ce_weight"] = 0.0
+    with pytest.raises(UserError, match="lora_recovery.ce_weight"):
+        check_same_config(saved, current, "lora_recovery", tmp_path, accept=False)
+    current["lora_recovery"]["ce_weight"] = 1.0
+    saved["lora_recovery"]["retired_key"] = 1  # a key the schema no longer has still counts
+    assert check_same_config(saved, current, "lora_recovery", tmp_path, accept=True) == ["lora_recovery.retired_key"]

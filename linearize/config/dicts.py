@@ -26,8 +26,12 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def changed_keys(saved: Any, current: Any) -> list[str]:
+def changed_keys(saved: Any, current: Any, defaults: Any = None) -> list[str]:
     """Sorted dotted keys whose values differ between two configs (dataclasses or dicts); a key present
-    in only one of them counts."""
+    in only one of them counts. With `defaults` (a config of the current schema's defaults), a key the
+    saved config lacks reads as its default: a snapshot written before the key existed ran with the
+    behaviour its default keeps, so upgrading linearize does not refuse to resume an unchanged run."""
     old, new = flatten(config_to_dict(saved)), flatten(config_to_dict(current))
+    if defaults is not None:
+        old = {**flatten(config_to_dict(defaults)), **old}
     return sorted(key for key in old.keys() | new.keys() if old.get(key, _ABSENT) != new.get(key, _ABSENT))

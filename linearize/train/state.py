@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import changed_keys, config_to_dict, stage_sections  # noqa: F401  (linearize.train re-exports the first two)
+from ..config import RunConfig, changed_keys, config_to_dict, stage_sections  # noqa: F401  (linearize.train re-exports changed_keys, config_to_dict)
 from ..errors import UserError
 
 # Keys that name or order a run but change nothing a stage computes.
@@ -29,7 +29,8 @@ ACCEPT_HINT = "--accept-changes to continue from its last checkpoint with the ne
 def check_same_config(saved: dict, current: dict, stage: str, where: Path, accept: bool) -> list[str]:
     """Refuses (UserError naming the keys) to continue `stage` from `where` under a changed config,
     unless `accept`. Returns the changed keys."""
-    keys = changed_keys(stage_view(saved, stage), stage_view(current, stage))
+    defaults = stage_view(config_to_dict(RunConfig()), stage)  # keys added since `saved` was written
+    keys = changed_keys(stage_view(saved, stage), stage_view(current, stage), defaults)
     if keys and not accept:
         raise UserError(
             f"{stage}: the config changed since {where} was written ({', '.join(keys)}); "

@@ -11,6 +11,7 @@ are reused. Runs are resumable: rerunning picks up where an interrupted table st
 
     python bench/quality.py                                  # all presets, 2 at a time, 1 thread each
     python bench/quality.py --presets lolcats liger --write docs/quality.md
+    python bench/quality.py --presets lolcats_sinks lolcats_sinks_auto3 --transfer-tokens 41472 --lora-tokens 99840
 """
 from __future__ import annotations
 
@@ -29,12 +30,20 @@ from bench._docs import publish  # noqa: E402
 
 PRESETS = ["lolcats", "hedgehog_linear", "lawcat", "liger", "liger_window", "baseline_window_only",
            "baseline_no_transfer", "gated_delta", "kda", "gated_delta_window"]
+# The quality experiments beyond the presets (sinks, automatic softmax layers, KL-only LoRA, ...): one
+# config per row, named after its file.
+RECIPES = sorted(path.stem for path in (REPO / "bench" / "recipes").glob("*.yaml"))
 SECTION_TITLE = "## Quality at a fixed budget (bench/quality.py)"
+
+
+def config_path(row: str) -> Path:
+    """A row's config: configs/<row>.yaml for a preset, bench/recipes/<row>.yaml for a recipe."""
+    return REPO / "configs" / f"{row}.yaml" if row in PRESETS else REPO / "bench" / "recipes" / f"{row}.yaml"
 
 
 def compare_command(args, presets: list[str]) -> list[str]:
     """`linearize compare` over `presets` with this script's budget and overrides."""
-    return [sys.executable, "-m", "stages.cli", "compare", *(str(REPO / "configs" / f"{p}.yaml") for p in presets),
+    return [sys.executable, "-m", "stages.cli", "compare", *(str(config_path(p)) for p in presets),
             "--out", args.output_dir, "--transfer-tokens", str(args.transfer_tokens),
             "--lora-tokens", str(args.lora_tokens), "--eval-sequences", str(args.eval_sequences),
             "--text-sequences", str(args.text_sequences), "--stage-eval-sequences", str(args.stage_eval_sequences),
@@ -63,7 +72,8 @@ def section(args, failed: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=PRESETS, choices=PRESETS)
+    parser.add_argument("--presets", nargs="+", default=PRESETS, choices=PRESETS + RECIPES, metavar="ROW",
+                        help="rows: preset names (configs/) or recipe names (bench/recipes/); default: every preset")
     parser.add_argument("--transfer-tokens", type=int, default=83_000)
     parser.add_argument("--lora-tokens", type=int, default=58_000)
     parser.add_argument("--seq-len", type=int, default=512)

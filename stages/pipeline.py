@@ -4,6 +4,7 @@ closing summary (teacher and student perplexity, a generation from the export)."
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 from linearize.config import config_to_dict
@@ -12,6 +13,8 @@ from linearize.train import check_same_config, distributed, latest_checkpoint, v
 from linearize.train.blockwise import init_block_ranks
 from linearize.train.checkpoint import read_checkpoint_config
 from linearize.train.distributed import DistributedSettings
+from linearize.train.layer_choice import AUTO
+from stages.common import find_layer_choice
 from stages.report import write_report
 from linearize.train.state import RESTART_HINT
 from stages import export
@@ -91,10 +94,26 @@ def _export_sample(cfg, run_dir: Path):
     return greedy_sample(model, tokenizer, cfg.evaluate.sample_prompt, cfg.evaluate.sample_tokens)
 
 
-def _print_summary(run_dir: Path, results: dict, sample, report: Path) -> None:
+def _layers_line(cfg, run_dir: Path) -> str:
+    """Which layers the student keeps as softmax attention, and who chose them."""
+    kept, how = cfg.attention.softmax_layers, "listed in the config"
+    if kept == AUTO:
+        path = find_layer_choice(run_dir)
+        if path is None:  # no stage that chooses has run yet
+            return f"student: {cfg.attention.mechanism}; softmax layers: auto, not chosen yet"
+        record = json.loads(path.read_text())
+        kept, how = record["choice"], f"chosen by {record['selector']} ({path})"
+    if not kept:
+        return f"student: {cfg.attention.mechanism} in every converted layer, no softmax layers"
+    return f"student: {cfg.attention.mechanism}, softmax attention kept in layers {list(kept)}, {how}"
+
+
+def _print_summary(cfg, run_dir: Path, results: dict, sample, report: Path) -> None:
     evaluation = results.get("evaluate") or {}
+    print(_layers_line(cfg, run_dir))
     if evaluation:
-        print(f"teacher perplexity {evaluation['teacher_ppl']:.3f}, student perplexity {evaluation['student_ppl']:.3f}")
+        teacher, student = evaluation["teacher_ppl"], evaluation["student_ppl"]
+        print(f"teacher perplexity {teacher:.3f}, student perplexity {student:.3f} ({student / teacher:.2f}x the teacher)")
     if sample is not None:
         print(f"export {export.export_dir(run_dir)} generates: {sample!r}")
     print(f"report: {report}")
@@ -172,5 +191,5 @@ def _run_locked(cfg, run_dir: Path, names: list[str], force: bool, accept_change
         return results
     sample = _export_sample(cfg, run_dir)
     report = write_report(run_dir, statuses, results, sample)
-    _print_summary(run_dir, results, sample, report)
+    _print_summary(cfg, run_dir, results, sample, report)
     return results

@@ -38,7 +38,11 @@ def test_configs_dir_has_the_presets():
     assert {"engine/single.yaml", "engine/zero2.yaml", "engine/zero3.yaml"} <= names
 
 
-@pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: p.relative_to(CONFIGS_DIR).as_posix())
+RECIPES_DIR = CONFIGS_DIR.parent / "bench" / "recipes"  # the quality experiments' rows (bench/quality.py)
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS + sorted(RECIPES_DIR.glob("*.yaml")),
+                         ids=lambda p: p.relative_to(CONFIGS_DIR.parent).as_posix())
 def test_every_shipped_yaml_loads(path):
     cfg = load_config(path)
     assert cfg.attention.mechanism in MECHANISMS

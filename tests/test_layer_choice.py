@@ -116,6 +116,9 @@ def test_auto_records_and_applies_its_choice(auto_run):
     assert (run_dir / "attention_transfer" / "softmax_layers.png").is_file()
     assert "attention_transfer/softmax_layers.png" in (run_dir / "report.md").read_text()
     assert (run_dir / "config.yaml").read_text().count("softmax_layers: auto") == 1  # the config keeps auto
+    from stages.pipeline import _layers_line
+
+    assert f"softmax attention kept in layers [{chosen}], chosen by transfer_probe" in _layers_line(cfg, run_dir)
 
 
 def test_a_rerun_reads_the_choice_and_force_on_its_stage_chooses_again(auto_run, tmp_path, monkeypatch):

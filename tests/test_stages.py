@@ -88,6 +88,9 @@ def test_every_stage_then_load_export_and_generate(tiny_run):
     report = (run_dir / "report.md").read_text()
     assert "attention_transfer/loss.png" in report and "student perplexity" in report
     assert "teacher perplexity" in printed and "generates:" in printed
+    ratio = evaluation["student_ppl"] / evaluation["teacher_ppl"]
+    assert f"({ratio:.2f}x the teacher)" in printed  # the summary names the ratio
+    assert "student: window_linear in every converted layer, no softmax layers" in printed
 
     from linearize.models.exported import load_export
 

@@ -240,7 +240,7 @@ def extra_metrics(cfg, run_dir: Path, text_specs: dict[str, str], options: Compa
     from linearize.train.evaluation import compare_on_tokens
 
     from .common import attach_adapter, start_stage
-    from .evaluate import _eval_tokens
+    from .evaluate import eval_tokens
 
     start = start_stage(cfg, run_dir, EVALUATE)
     model = attach_adapter(start.model, run_dir).to(default_device())
@@ -249,7 +249,7 @@ def extra_metrics(cfg, run_dir: Path, text_specs: dict[str, str], options: Compa
         n = options.text_sequences
         kind_cfg = replace(cfg, data=replace(cfg.data, eval=spec, max_eval_sequences=n),
                            evaluate=replace(cfg.evaluate, max_sequences=n))
-        texts[kind] = compare_on_tokens(model, _eval_tokens(kind_cfg, start.tokenizer), teacher_view=teacher_view)
+        texts[kind] = compare_on_tokens(model, eval_tokens(kind_cfg, start.tokenizer), teacher_view=teacher_view)
     student_bytes = decode_state_bytes(model, options.state_context)
     with teacher_view(model):
         teacher_bytes = decode_state_bytes(model, options.state_context)

@@ -30,7 +30,7 @@ TEACHER_DIR = "teacher"  # the teacher's long-context tables and heatmap, under 
 BRANCH_SEQUENCES = 8
 
 
-def _eval_tokens(cfg, tokenizer):
+def eval_tokens(cfg, tokenizer):
     """Held-out rows `[M, L]`. With data.eval set, only that source is read: an export evaluated on
     another machine need not have the run's training data."""
     if cfg.data.eval:
@@ -60,7 +60,7 @@ def evaluate_model(cfg, model, tokenizer, with_teacher: bool, out_dir: Path | No
     to `out_dir`)."""
     model.to(default_device())
     view = teacher_view if with_teacher else None
-    tokens = _eval_tokens(cfg, tokenizer)
+    tokens = eval_tokens(cfg, tokenizer)
     metrics = compare_on_tokens(model, tokens, teacher_view=view)
     prompt, length = cfg.evaluate.sample_prompt, cfg.evaluate.sample_tokens
     samples = {"prompt": prompt, "student": greedy_sample(model, tokenizer, prompt, length)}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..losses import PairCollector, distill_kl, transfer_mse, transfer_objective
@@ -102,7 +103,7 @@ def held_out_relative_error(model: torch.nn.Module, tokens: torch.Tensor, batch_
     error: dict[int, float] = {}
     energy: dict[int, float] = {}
     with torch.no_grad(), transfer_mode(model, collector, weights=False):
-        for start in range(0, len(tokens), batch_size):
+        for start in tqdm(range(0, len(tokens), batch_size), desc="softmax layers: scoring", leave=False):
             batch = _device_rows(tokens, range(start, min(start + batch_size, len(tokens))), model)
             model.get_decoder()(input_ids=batch, use_cache=False)
             for pair in collector.take():
@@ -120,7 +121,7 @@ def _train_probe(model: torch.nn.Module, probe: Probe) -> None:
     params = freeze_for_transfer(model)
     loss_fn = transfer_objective(probe.mse_factor)
     optimizer = torch.optim.AdamW(params, lr=probe.lr, weight_decay=0.0) if params else None
-    for step in range(probe.steps if params else 0):
+    for step in tqdm(range(probe.steps if params else 0), desc="softmax layers: probe", leave=False):
         first = step * probe.micro_batch_size
         loss = loss_fn(model, _device_rows(probe.train, range(first, first + probe.micro_batch_size), model))
         optimizer.zero_grad(set_to_none=True)
@@ -152,7 +153,7 @@ def layer_kl(model: torch.nn.Module, count: int, probe: Probe) -> dict[int, floa
     model.eval()
     teacher = _logits(model, probe.held_out, ())
     scores = {}
-    for layer in candidate_layers(model):
+    for layer in tqdm(candidate_layers(model), desc="softmax layers: layer_kl", leave=False):
         converted = _logits(model, probe.held_out, (layer,))
         scores[layer] = sum(distill_kl(s, t).item() for s, t in zip(converted, teacher)) / len(teacher)
     return scores

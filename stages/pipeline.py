@@ -10,7 +10,7 @@ from pathlib import Path
 from linearize.config import config_to_dict
 from linearize.errors import UserError
 from linearize.train import check_same_config, distributed, latest_checkpoint, verify_checkpoint
-from linearize.train.blockwise import init_block_ranks
+from linearize.train.blockwise import block_dirs, init_block_ranks
 from linearize.train.checkpoint import read_checkpoint_config
 from linearize.train.distributed import DistributedSettings
 from linearize.train.layer_choice import AUTO
@@ -56,12 +56,22 @@ def _plan(stage_dir: Path, stage: str, config: dict, force: bool, accept_changes
     return RUN
 
 
+def _trained_steps(stage_dir: Path) -> int | None:
+    """Steps of a stage's last checkpoint; for a block-wise stage, of its least-trained block (each block
+    continues from its own checkpoints). None without any checkpoint."""
+    folders = block_dirs(stage_dir) or [stage_dir]
+    checkpoints = [latest_checkpoint(folder) for folder in folders]
+    if any(c is None for c in checkpoints):
+        return None
+    return min(int(c.name.split("_")[1]) for c in checkpoints)
+
+
 def _check_steps_left(stage_dir: Path, stage: str, config: dict) -> None:
-    """--accept-changes continues a finished training stage from its last checkpoint; with no step left
-    that would re-record the stage under values it never trained with."""
-    checkpoint = latest_checkpoint(stage_dir)
-    steps = int(checkpoint.name.split("_")[1]) if checkpoint is not None else 0
-    if checkpoint is None or steps >= config[stage]["max_steps"]:
+    """--accept-changes continues a finished training stage from its last checkpoint(s); with no step
+    left that would re-record the stage under values it never trained with."""
+    steps = _trained_steps(stage_dir)
+    if steps is None or steps >= config[stage]["max_steps"]:
+        steps = steps or 0
         raise UserError(f"{stage} is finished ({steps} steps, {stage}.max_steps={config[stage]['max_steps']}): "
                         f"--accept-changes has no step left to train with the new values; raise "
                         f"{stage}.max_steps to continue it, or use {RESTART_HINT}")

@@ -263,3 +263,23 @@ def test_a_finished_block_under_a_changed_config_is_refused_naming_the_key(tmp_p
     changed = _config(tmp_path, tiny_tokenizer, layers=2, **blockwise, **{"attention_transfer.lr": 0.5})
     with pytest.raises(UserError, match=r"attention_transfer: the config changed .*attention_transfer.lr"):
         _run(changed)
+
+
+def test_accept_changes_continues_every_block_of_a_finished_stage(tmp_path, tiny_tokenizer):
+    """--accept-changes on a finished block-wise stage with a higher max_steps trains each block on from its
+    own last checkpoint (the stage folder itself holds no checkpoint); with no step left it is refused."""
+    from linearize.errors import UserError
+    from stages.pipeline import run_stages
+
+    blockwise = {"attention_transfer.block_size": 1, "attention_transfer.max_steps": 2}
+    run_dir, _, _ = _run(_config(tmp_path, tiny_tokenizer, layers=2, **blockwise))
+    same_steps = _config(tmp_path, tiny_tokenizer, layers=2, **blockwise, **{"attention_transfer.lr": 0.5})
+    with pytest.raises(UserError, match=r"no step left"):
+        run_stages(same_steps, accept_changes=True)
+    more = _config(tmp_path, tiny_tokenizer, layers=2, **{**blockwise, "attention_transfer.max_steps": 3,
+                                                           "attention_transfer.lr": 0.5})
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_stages(more, accept_changes=True)
+    for block in ("block_0", "block_1"):
+        steps = [step for step, _, _ in _losses(run_dir / "attention_transfer" / block / "metrics.jsonl")]
+        assert steps == [1, 2, 3], block  # resumed at step 3, not retrained from scratch

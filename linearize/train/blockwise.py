@@ -70,6 +70,12 @@ def block_dir(stage_dir: Path, block: int) -> Path:
     return Path(stage_dir) / f"block_{block}"
 
 
+def block_dirs(stage_dir: Path) -> list[Path]:
+    """The block folders a block-wise stage wrote, in block order (none for an all-at-once stage)."""
+    found = [p for p in Path(stage_dir).glob("block_*") if p.is_dir() and p.name[len("block_"):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len("block_"):]))
+
+
 def layer_blocks(num_layers: int, block_size: int) -> list[list[int]]:
     """Consecutive decoder layers in blocks of `block_size` (the last may be shorter)."""
     return [list(range(first, min(first + block_size, num_layers))) for first in range(0, num_layers, block_size)]

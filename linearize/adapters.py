@@ -10,6 +10,7 @@ linearize, or loading an export without an adapter, never needs peft).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,15 @@ def is_wrapped(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter")
 
 
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft asks transformers >= 5 for `is_gradient_checkpointing`, which warns that it is deprecated on
+    every LoRA run; the warning is about peft's code, not the user's, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def wrap(model: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: Sequence[str],
          train_student: bool = False):
     """A PeftModel with LoRA (rank, alpha, dropout) on the modules named `targets`. Only the adapters
@@ -36,7 +46,8 @@ def wrap(model: torch.nn.Module, *, rank: int, alpha: float, dropout: float, tar
     model.requires_grad_(False)
     lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                       task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    with _quiet_peft():
+        peft_model = get_peft_model(model, lora)
     if train_student:
         for params in student_parameters(unwrap(peft_model)).values():
             for _, param in params:
@@ -50,7 +61,8 @@ def attach(model: torch.nn.Module, adapter: Path):
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, Path(adapter))
+        with _quiet_peft():
+            return PeftModel.from_pretrained(model, Path(adapter))
     except Exception as exc:  # peft/safetensors raise their own types for a damaged or foreign adapter
         raise UserError(f"cannot load the LoRA adapter {adapter}: {' '.join(str(exc).split())}") from None
 

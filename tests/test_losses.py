@@ -124,3 +124,4 @@ def test_recovery_objective_weights_ce_and_kl():
         torch.testing.assert_close(recovery_objective(kl_weight=0.5, ce_weight=2.0)(model, ids), 2.0 * ce + 0.5 * kl)
     with pytest.raises(ValueError, match="positive sum"):
         recovery_objective(kl_weight=0.0, ce_weight=0.0)
+

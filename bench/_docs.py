@@ -12,7 +12,9 @@ def write_section(path: Path, title: str, section: str, header: str) -> None:
     start = text.find(title)
     if start >= 0:
         end = text.find("\n## ", start + len(title))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        rest = text[end + 1:] if end >= 0 else ""
+        # a blank line before the next heading, however the section ends
+        text = text[:start] + (section.rstrip("\n") + "\n\n" if rest else section) + rest
     else:
         text = text.rstrip("\n") + "\n\n" + section
     tmp = path.with_name(f".{path.name}.tmp")

@@ -11,7 +11,7 @@ from linearize.config import config_to_dict
 from linearize.errors import UserError
 from linearize.train import check_same_config, distributed, latest_checkpoint, verify_checkpoint
 from linearize.train.blockwise import block_dirs, init_block_ranks
-from linearize.train.checkpoint import read_checkpoint_config
+from linearize.train.checkpoint import checkpoint_step, read_checkpoint_config
 from linearize.train.distributed import DistributedSettings
 from linearize.train.layer_choice import AUTO
 from stages.common import find_layer_choice
@@ -63,7 +63,7 @@ def _trained_steps(stage_dir: Path) -> int | None:
     checkpoints = [latest_checkpoint(folder) for folder in folders]
     if any(c is None for c in checkpoints):
         return None
-    return min(int(c.name.split("_")[1]) for c in checkpoints)
+    return min(checkpoint_step(c) for c in checkpoints)
 
 
 def _check_steps_left(stage_dir: Path, stage: str, config: dict) -> None:

@@ -66,14 +66,18 @@ def init_block_ranks(settings: Optional[DistributedSettings] = None) -> Distribu
     return settings
 
 
+BLOCK_PREFIX = "block_"  # <stage_dir>/block_<b>/
+
+
 def block_dir(stage_dir: Path, block: int) -> Path:
-    return Path(stage_dir) / f"block_{block}"
+    return Path(stage_dir) / f"{BLOCK_PREFIX}{block}"
 
 
 def block_dirs(stage_dir: Path) -> list[Path]:
     """The block folders a block-wise stage wrote, in block order (none for an all-at-once stage)."""
-    found = [p for p in Path(stage_dir).glob("block_*") if p.is_dir() and p.name[len("block_"):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len("block_"):]))
+    found = {int(p.name[len(BLOCK_PREFIX):]): p for p in Path(stage_dir).glob(f"{BLOCK_PREFIX}*")
+             if p.is_dir() and p.name[len(BLOCK_PREFIX):].isdigit()}
+    return [found[b] for b in sorted(found)]
 
 
 def layer_blocks(num_layers: int, block_size: int) -> list[list[int]]:

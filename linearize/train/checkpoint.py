@@ -77,6 +77,11 @@ def latest_checkpoint(stage_dir: Path):
     return dirs[-1] if dirs else None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a `step_<N>` checkpoint folder was written at."""
+    return int(CHECKPOINT_PATTERN.match(Path(checkpoint).name).group(1))
+
+
 def write_fault(target: Path, err: OSError, stage_dir: Path) -> UserError:
     """The one-line error for an OSError (disk full, quota, read-only, permissions) while writing
     `target`: names the path, the OS error and the newest checkpoint, which is complete on disk."""

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .checkpoint import (TrainerState, data_fingerprint, latest_checkpoint, read_checkpoint_config,
+from .checkpoint import (TrainerState, checkpoint_step, data_fingerprint, latest_checkpoint, read_checkpoint_config,
                          read_checkpoint_data, remove_partial_checkpoints, verify_checkpoint, write_fault)
 from .engine import Engine, autocast_context, build_engine
 from .metrics import MetricsLog, plot_metrics
@@ -222,7 +222,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, train_tokens: torch.Tensor, e
     final = records[-1] if records else {}
     last_eval = next((r["eval_loss"] for r in reversed(records) if r.get("eval_loss") is not None), None)
     return TrainResult(step=state.step, loss=final.get("loss"), eval_loss=last_eval, tokens=state.tokens,
-                       resumed_from=int(resumed.name.split("_")[1]) if resumed else None,
+                       resumed_from=checkpoint_step(resumed) if resumed else None,
                        checkpoint=checkpoint, plot=plot)
 
 

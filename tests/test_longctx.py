@@ -13,6 +13,7 @@ import linearize
 from linearize.config import AttentionConfig
 from linearize.evals import passkey, perplexity_by_position, run_long_context
 from linearize.evals.position_ppl import bucket_edges
+from linearize.evals.report import long_context_markdown
 from linearize.train.evaluation import compare_on_tokens
 
 from conftest import tiny_model
@@ -55,18 +56,20 @@ def test_passkey_prompt_has_the_length_and_the_needle_at_its_depth(tokenizer):
 
 
 class _Reader(torch.nn.Module):
-    """A stand-in model whose `generate` answers with the key found in the prompt, plus `offset`."""
+    """A stand-in model whose `generate` answers with the key found in the prompt, plus `offset`, cut to
+    its first `keep` digits."""
 
-    def __init__(self, tokenizer, offset: int):
+    def __init__(self, tokenizer, offset: int, keep: int = passkey.KEY_DIGITS):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.tokenizer, self.offset = tokenizer, offset
+        self.tokenizer, self.offset, self.keep = tokenizer, offset, keep
 
     def generate(self, input_ids, max_new_tokens, **kwargs):
         rows = []
         for row in input_ids:
             key = int(re.search(r"\d+", self.tokenizer.decode(row)).group(0)) + self.offset
-            answer = self.tokenizer(f" {key}.", add_special_tokens=False, return_tensors="pt").input_ids[0]
+            answer = self.tokenizer(f" {str(key)[:self.keep]}.", add_special_tokens=False,
+                                    return_tensors="pt").input_ids[0]
             rows.append(torch.cat([row, answer[:max_new_tokens]]))
         return torch.stack(rows)
 
@@ -77,6 +80,18 @@ def test_passkey_scores_exact_matches(tokenizer, offset, accuracy):
                                        trials=2)
     assert result["accuracy"] == [[accuracy, accuracy], [accuracy, accuracy]]
     assert result["mean_accuracy"] == accuracy
+    if offset == 0:
+        assert result["digit_accuracy"] == [[1.0, 1.0], [1.0, 1.0]] and result["mean_digit_accuracy"] == 1.0
+
+
+def test_passkey_digit_accuracy_gives_partial_credit(tokenizer):
+    assert passkey.digits_in_place("12395", "12345") == 0.8
+    assert passkey.digits_in_place("", "12345") == 0.0
+    # An answer with the key's first 3 digits: no exact match, 3 of 5 digits in place in every cell.
+    result = passkey.passkey_retrieval(_Reader(tokenizer, 0, keep=3), tokenizer, [LENGTH], [0.0, 1.0], trials=2)
+    assert result["mean_accuracy"] == 0.0
+    assert result["digit_accuracy"] == [[0.6, 0.6]] and result["mean_digit_accuracy"] == pytest.approx(0.6)
+    assert "digits in place: mean 0.60" in long_context_markdown({"passkey": result})
 
 
 def test_position_buckets_recombine_to_the_overall_perplexity(student):

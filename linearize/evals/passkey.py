@@ -3,7 +3,10 @@ then a question; the score is exact match of the digits in the greedy continuati
 
 Prompt (token ids, exactly `length` of them): special prefix + filler[:cut] + needle + filler[cut:] +
 question, with cut = depth · (filler tokens), so depth 0 puts the needle first and 1 right before the
-question."""
+question.
+
+Beside exact match, `digit_accuracy` gives partial credit: the share of the key's digits that the answer
+repeats in their places. Guessing scores about 0.1; it separates students that all score 0 exactly."""
 from __future__ import annotations
 
 import random
@@ -41,6 +44,11 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> torch.Tens
     return torch.tensor(prefix + filler[:cut] + needle + filler[cut:] + question)
 
 
+def digits_in_place(answer: str, key: str) -> float:
+    """Share of `key`'s digits that `answer` has at the same positions (a missing digit counts as wrong)."""
+    return sum(a == k for a, k in zip(answer, key)) / len(key)
+
+
 def _answer(tokenizer, ids: torch.Tensor) -> str:
     found = DIGITS.search(tokenizer.decode(ids, skip_special_tokens=True))
     return found.group(0) if found else ""
@@ -50,13 +58,14 @@ def _answer(tokenizer, ids: torch.Tensor) -> str:
 def passkey_retrieval(model, tokenizer, lengths: list[int], depths: list[float], trials: int = 2,
                       seed: int = 0) -> dict:
     """Accuracy per (length, depth): `accuracy[i][j]` for lengths[i], depths[j], over `trials` random
-    keys (one batch of equal-length prompts per cell; greedy decoding)."""
+    keys (one batch of equal-length prompts per cell; greedy decoding); `digit_accuracy` the same grid of
+    digits in place."""
     if trials < 1:
         raise ValueError(f"passkey trials must be >= 1, got {trials}")
     device = next(model.parameters()).device
     rng = random.Random(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    accuracy, examples = [], []
+    accuracy, digit_accuracy, examples = [], [], []
     cells = [(length, depth) for length in lengths for depth in depths]
     for length, depth in tqdm(cells, desc="passkey", leave=False):
         keys = [rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS) for _ in range(trials)]
@@ -66,7 +75,12 @@ def passkey_retrieval(model, tokenizer, lengths: list[int], depths: list[float],
         answers = [_answer(tokenizer, row[length:]) for row in out]
         hits = sum(answer == str(key) for answer, key in zip(answers, keys))
         accuracy.append(hits / trials)
+        digit_accuracy.append(sum(digits_in_place(a, str(k)) for a, k in zip(answers, keys)) / trials)
         examples.append({"length": length, "depth": depth, "key": keys[0], "answer": answers[0]})
-    grid = [accuracy[i * len(depths):(i + 1) * len(depths)] for i in range(len(lengths))]
-    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": grid,
-            "mean_accuracy": sum(accuracy) / len(accuracy), "examples": examples}
+
+    def grid(cells: list[float]) -> list[list[float]]:  # flat cells -> [len(lengths)][len(depths)]
+        return [cells[i * len(depths):(i + 1) * len(depths)] for i in range(len(lengths))]
+
+    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": grid(accuracy),
+            "mean_accuracy": sum(accuracy) / len(accuracy), "digit_accuracy": grid(digit_accuracy),
+            "mean_digit_accuracy": sum(digit_accuracy) / len(digit_accuracy), "examples": examples}

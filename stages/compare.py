@@ -15,11 +15,10 @@ import hashlib
 import json
 import os
 import platform
-import sysconfig
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from linearize.errors import UserError
 
@@ -34,33 +33,9 @@ RECORD_FILE = "compare_run.json"  # per run: wall time and the cached extra meas
 TEXTS_DIR = "texts"
 MD_FILE, JSON_FILE, PNG_FILE = "compare.md", "compare.json", "compare.png"
 BYTES_PER_MIB = 2**20
-# The stdlib modules that make the code text: plain Python with docstrings and comments, present in every
-# CPython install (the exact text follows the Python version, which compare.json records).
-CODE_MODULES = ("argparse", "dataclasses", "textwrap", "functools", "pathlib", "csv", "difflib", "heapq",
-                "shutil", "statistics", "string", "fractions", "calendar", "tokenize", "json/decoder")
-
-
-def _python_code() -> list[str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [(stdlib / f"{name}.py").read_text(encoding="utf-8") for name in CODE_MODULES]
-
-
-def _python_manual() -> list[str]:
-    from pydoc_data.topics import topics  # the Python language reference's topics, as plain text
-
-    return [topics[name] for name in sorted(topics)]
-
-
-@dataclass(frozen=True)
-class TextKind:
-    description: str
-    documents: Callable[[], list[str]]
-
-
-TEXT_KINDS: dict[str, TextKind] = {
-    "code": TextKind("Python standard-library source (" + ", ".join(CODE_MODULES) + ")", _python_code),
-    "manual": TextKind("the Python language reference (pydoc topics)", _python_manual),
-}
+# Other kinds of held-out text, by the column name of the table: registered corpora (linearize.data) that
+# every CPython install carries, so the exact text follows the Python version, which compare.json records.
+TEXT_KINDS: dict[str, str] = {"code": "python-code", "manual": "python-manual"}
 
 
 @dataclass(frozen=True)
@@ -191,12 +166,14 @@ def run_timed(cfg, run_dir: Path) -> float:
 
 def write_texts(out_dir: Path, kinds) -> dict[str, str]:
     """kind → a jsonl file of its documents under `<out>/texts/` (what `data.eval` reads)."""
+    from linearize.data import load_corpus
+
     folder = out_dir / TEXTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     specs = {}
     for kind in kinds:
         path = folder / f"{kind}.jsonl"
-        text = "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in TEXT_KINDS[kind].documents())
+        text = "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in load_corpus(TEXT_KINDS[kind]))
         if not path.is_file() or path.read_text() != text:
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             tmp.write_text(text)
@@ -308,6 +285,8 @@ def _context_label(tokens: int) -> str:
 
 
 def markdown(result: dict) -> str:
+    from linearize.data import CORPORA
+
     rows, setup = result["rows"], result["setup"]
     kinds = setup["texts"]
     lengths = sorted({r["seq_len"] for r in rows})
@@ -318,7 +297,7 @@ def markdown(result: dict) -> str:
               f"{setup['lora_tokens']:,} of LoRA, one sequence per step (configs without a transfer stage: LoRA only)")
     lines = ["# linearize compare", "",
              f"{budget}; held-out text `{setup['eval']}`, {setup['eval_sequences']} sequences; other text: "
-             + "; ".join(f"{k}: {TEXT_KINDS[k].description}, {setup['text_sequences']} sequences" for k in kinds)
+             + "; ".join(f"{k}: {CORPORA[TEXT_KINDS[k]].description}, {setup['text_sequences']} sequences" for k in kinds)
              + f". Machine: {setup['machine']}; {setup['date']}.", "",
              "| config | stages | ppl ratio | KL | top-1 | " + " | ".join(f"{k} ratio" for k in kinds)
              + f" | spread | passkey @{PASSKEY_FACTOR}× (student / teacher) | decode state @"

@@ -144,6 +144,19 @@ def test_demo_corpora_extract_and_cache(wheel_cache):
     assert load_texts("demo-news") == news
 
 
+def test_python_corpora_read_this_python_and_are_not_cached(tmp_path, monkeypatch):
+    import sysconfig
+    from pathlib import Path
+
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    code = load_texts("python-code")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert code[0] == (stdlib / "argparse.py").read_text(encoding="utf-8")  # the running Python's source
+    manual = load_texts("python-manual")
+    assert len(manual) > 20 and any("yield" in doc for doc in manual)  # the language reference's topics
+    assert not (tmp_path / "corpora").exists()  # a cache would go stale when the Python version changes
+
+
 def test_missing_wheel_says_how_to_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
     with pytest.raises(UserError, match="fetch_assets.sh"):

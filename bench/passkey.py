@@ -47,14 +47,14 @@ def _row(name: str, result: dict, seconds: float) -> dict:
             "mean": result["mean_accuracy"], "mean_digits": result["mean_digit_accuracy"], "seconds": seconds}
 
 
-def measure(runs: list[Path], lengths: list[int], depths: list[float], trials: int) -> list[dict]:
+def measure(runs: list[Path], lengths: list[int], depths: list[float], trials: int, teacher: bool = True) -> list[dict]:
     from linearize.adapters import teacher_view
     from linearize.evals.passkey import passkey_retrieval
 
     rows = []
     for i, run_dir in enumerate(runs):
         model, tokenizer, cfg = _student(run_dir)
-        if i == 0:  # the teacher is the same weights in teacher mode; once is enough
+        if i == 0 and teacher:  # the teacher is the same weights in teacher mode; once is enough
             started = time.time()
             with teacher_view(model):
                 result = passkey_retrieval(model, tokenizer, lengths, depths, trials, seed=cfg.seed)
@@ -91,9 +91,10 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048], help="prompt lengths in tokens")
     parser.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.5, 1.0], help="needle depths in [0, 1]")
     parser.add_argument("--trials", type=int, default=4, help="random keys per (length, depth) cell")
+    parser.add_argument("--no-teacher", action="store_true", help="students only (to add rows to a measured table)")
     parser.add_argument("--write", type=Path, help="markdown file to put the table in")
     args = parser.parse_args()
-    rows = measure(args.runs, args.lengths, args.depths, args.trials)
+    rows = measure(args.runs, args.lengths, args.depths, args.trials, teacher=not args.no_teacher)
     publish(table(rows, args), args.write, SECTION_TITLE, "# Passkey retrieval\n\n")
 
 

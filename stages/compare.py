@@ -319,31 +319,38 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> Path:
-    """Perplexity ratio against decode-state MiB per sequence, one labelled point per config, the teacher
-    (ratio 1, its KV cache) as the reference."""
+def figure(result: dict):
+    """Perplexity ratio against decode-state MiB per sequence, one point per config in the legend, the
+    teacher (ratio 1, its KV cache) as the reference."""
     # A figure of its own with the Agg canvas: matplotlib's process-wide backend is never switched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(7.6, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for r in result["rows"]:
-        x = r["state_bytes"] / BYTES_PER_MIB
-        ax.scatter([x], [r["ppl_ratio"]], color="tab:blue")
-        ax.annotate(r["name"], (x, r["ppl_ratio"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    # A legend, not labels beside the points: runs often sit on top of each other (same state size, close
+    # ratios) and their labels would overlap. Colour and marker both vary, so coincident points stay apart.
+    markers = "osD^vP*X<>"
+    for i, r in enumerate(result["rows"]):
+        ax.scatter([r["state_bytes"] / BYTES_PER_MIB], [r["ppl_ratio"]], color=f"C{i % 10}",
+                   marker=markers[i % len(markers)], s=40, alpha=0.85, label=r["name"])
     if result["rows"]:
         teacher = result["rows"][0]["teacher_state_bytes"] / BYTES_PER_MIB
-        ax.scatter([teacher], [1.0], color="black", marker="x")
-        ax.annotate("teacher", (teacher, 1.0), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.scatter([teacher], [1.0], color="black", marker="x", label="teacher (KV cache)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     ax.set_xscale("log")
-    ax.margins(0.15)  # room for the labels of the outermost points
+    ax.margins(0.1)
     ax.set_xlabel(f"decode state per sequence at {result['setup']['state_context']} tokens (MiB)")
     ax.set_ylabel(f"perplexity ratio on {Path(result['setup']['eval']).name}")
     fig.tight_layout()
+    return fig
+
+
+def plot(result: dict, path: Path) -> Path:
+    """`figure(result)` as a PNG at `path`, written atomically."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=120)
+    figure(result).savefig(tmp, format="png", dpi=120)
     os.replace(tmp, path)
     return path
 

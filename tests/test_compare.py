@@ -12,7 +12,7 @@ import yaml
 
 from conftest import tiny_model
 from linearize.errors import UserError
-from stages import cli
+from stages import cli, compare
 from test_stages import write_tiny_assets
 
 SEQ_LEN = 32  # write_tiny_assets' data.seq_len
@@ -80,6 +80,10 @@ def test_two_configs_give_two_rows_the_table_and_the_plot(compared):
     rows_of_table = [line for line in table.splitlines() if line.startswith("|")]
     assert len(rows_of_table) == 4 and len({line.count("|") for line in rows_of_table}) == 1  # header, rule, 2 rows
     assert (out / "compare.png").read_bytes()[:8] == PNG_MAGIC
+    # One legend entry per run and the teacher, and one point each, even where two runs coincide.
+    ax = compare.figure(result).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["window", "liger", "teacher (KV cache)"]
+    assert len(ax.collections) == 3
 
 
 def test_a_rerun_skips_finished_runs_and_reuses_their_measurements(compared, monkeypatch, capsys):

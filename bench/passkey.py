@@ -27,9 +27,8 @@ SECTION_TITLE = "## Passkey retrieval by context length (bench/passkey.py)"
 
 def _student(run_dir: Path):
     """The run's final student and tokenizer, and its config, without touching the run directory."""
-    from stages.common import attach_adapter, start_stage
     from stages.config_loader import load_config
-    from stages.evaluate import RUN_CONFIG, STAGE
+    from stages.evaluate import RUN_CONFIG, final_student
     from stages.registry import TRAINING_STAGES
 
     if not (run_dir / RUN_CONFIG).is_file():
@@ -38,8 +37,8 @@ def _student(run_dir: Path):
     if not any((run_dir / stage).is_dir() for stage in TRAINING_STAGES):
         raise SystemExit(f"error: {run_dir} has no trained student (no training stage folder)")
     cfg = load_config(run_dir / RUN_CONFIG)
-    start = start_stage(cfg, run_dir, STAGE)
-    return attach_adapter(start.model, run_dir).eval(), start.tokenizer, start.cfg
+    start = final_student(cfg, run_dir)
+    return start.model.eval(), start.tokenizer, start.cfg
 
 
 def _row(name: str, result: dict, seconds: float) -> dict:

@@ -216,11 +216,10 @@ def extra_metrics(cfg, run_dir: Path, text_specs: dict[str, str], options: Compa
     from linearize.train import default_device
     from linearize.train.evaluation import compare_on_tokens
 
-    from .common import attach_adapter, start_stage
-    from .evaluate import eval_tokens
+    from .evaluate import eval_tokens, final_student
 
-    start = start_stage(cfg, run_dir, EVALUATE)
-    model = attach_adapter(start.model, run_dir).to(default_device())
+    start = final_student(cfg, run_dir)
+    model = start.model.to(default_device())
     texts = {}
     for kind, spec in text_specs.items():
         n = options.text_sequences

@@ -5,6 +5,7 @@ and top-1 agreement, and a greedy sample from each → `<run>/evaluate/eval.json
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from linearize.adapters import teacher_view
@@ -92,21 +93,27 @@ def _branch_shares(model, tokens, out_dir: Path | None) -> dict | None:
     return shares
 
 
-def _evaluate_student(start: StageStart, run_dir: Path) -> dict:
-    return evaluate_model(start.cfg, attach_adapter(start.model, run_dir), start.tokenizer, with_teacher=True,
-                          out_dir=start.stage_dir)
+def final_student(cfg, run_dir: Path) -> StageStart:
+    """The evaluate stage's start with the run's final student as its model: the last stage's student
+    parameters plus the LoRA adapter (what evaluation, `linearize compare` and bench scripts measure)."""
+    start = start_stage(cfg, run_dir, STAGE)
+    return replace(start, model=attach_adapter(start.model, run_dir))
+
+
+def _evaluate_student(start: StageStart) -> dict:
+    return evaluate_model(start.cfg, start.model, start.tokenizer, with_teacher=True, out_dir=start.stage_dir)
 
 
 def evaluate_run(cfg, run_dir: Path) -> dict:
     """Builds the run's final student (student parameters + adapter) and evaluates it against its teacher."""
-    return _evaluate_student(start_stage(cfg, run_dir, STAGE), run_dir)
+    return _evaluate_student(final_student(cfg, run_dir))
 
 
 def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Writes `<run>/evaluate/eval.json` (teacher_ppl, student_ppl, kl, top1_agreement, samples)."""
-    start = start_stage(cfg, run_dir, STAGE)
+    start = final_student(cfg, run_dir)
     start.stage_dir.mkdir(parents=True, exist_ok=True)
-    result = _evaluate_student(start, run_dir)
+    result = _evaluate_student(start)
     write_json_atomic(start.stage_dir / EVAL_FILE, result)
     finish_stage(start, {k: v for k, v in result.items() if k != "samples"})
     return result

@@ -46,6 +46,40 @@ class AttentionConfig:
     chunk_size: int = 64
     backend: str = "auto"  # a name of linearize.ops.BACKENDS
     compile: bool = False  # torch.compile the student attention for training calls (not decoding)
+    # A serving family the student is trained in the exact form of, so it exports as that family's plain
+    # checkpoint (`linearize export --format qwen3_5`): None, or a name of linearize.models.families.FAMILIES.
+    native_family: Optional[str] = None
+    # auto with selector=recall: weight of the recall-loss score against the KL score (1 = recall only).
+    selector_recall_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TeacherSamplesConfig:
+    """The `teacher` data source: sequences the teacher writes itself (docs/configs.md)."""
+
+    prompts: str = "demo-wiki"  # a corpus name or file: the opening sentences of its documents prompt the teacher
+    instructions: Optional[str] = None  # a file of instructions (one per line); None: the teacher writes them from seed topics
+    tokens: int = 65536  # how many tokens to generate in all
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256  # per sample
+    chat: str = "auto"  # auto | on | off: answers to instructions through the teacher's chat template
+    chat_share: float = 0.5  # share of the samples that are chat (when chat is on)
+    long_share: float = 0.3  # share of chat samples with documents before the instruction
+    context_tokens: list[int] = field(default_factory=lambda: [256, 512])  # [min, max] document tokens before an instruction
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RecallDataConfig:
+    """The `recall` data source: procedurally generated in-context recall sequences."""
+
+    sequences: int = 512  # how many sequences the source yields
+    min_distance: int = 32  # tokens between a span and its query, at least
+    max_distance: int = 480  # and at most
+    queries: int = 4  # queries per sequence
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +92,11 @@ class DataConfig:
     eval_fraction: float = 0.0  # >0: hold out this fraction of data.train when data.eval is empty
     max_eval_sequences: int = 80
     shuffle: bool = True
+    # When set, replaces data.train: sequences drawn from the sources in proportion to their weights,
+    # e.g. [{source: teacher, weight: 0.7}, {source: recall, weight: 0.3}].
+    mix: Optional[list[dict[str, Any]]] = None
+    teacher_samples: TeacherSamplesConfig = field(default_factory=TeacherSamplesConfig)
+    recall: RecallDataConfig = field(default_factory=RecallDataConfig)
 
 
 @dataclass(frozen=True)
@@ -104,6 +143,9 @@ class LoraRecoveryConfig(TrainStageConfig):
     ce_weight: float = 1.0  # next-token cross-entropy weight; 0 with kl_weight > 0 = distillation on logits only
     train_student: bool = False  # keep feature maps / gates trainable during LoRA
     recompute_attention: bool = True  # recompute student attention in backward: less memory, ~1 more mechanism forward per step
+    kl_top_k: int = 0  # >0: KL over the teacher's k largest logits per position (+ one bucket for the rest); 0 = full vocabulary
+    kl_temperature: float = 1.0  # softens teacher and student in the KL (the loss is scaled by temperature²)
+    hidden_weight: float = 0.0  # >0 adds per-layer MSE of the student's decoder-layer outputs to the teacher's
 
 
 @dataclass(frozen=True)
@@ -123,11 +165,13 @@ class EvaluateConfig:
     max_sequences: int = 80
     sample_prompt: str = "The capital of France is"
     sample_tokens: int = 24
+    behaviour: bool = False  # also measure closeness and behaviour: KL per text kind, retrieval, agreement (slow)
     long_context: LongContextConfig = field(default_factory=LongContextConfig)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
+    format: str = "linearize"  # linearize (bundled modeling code) | qwen3_5 (a plain Qwen3_5ForCausalLM checkpoint)
     merge_lora: bool = True
     dtype: Optional[str] = None  # a name of linearize.dtypes.DTYPES; None: model.dtype
 

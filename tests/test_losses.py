@@ -125,3 +125,96 @@ def test_recovery_objective_weights_ce_and_kl():
     with pytest.raises(ValueError, match="positive sum"):
         recovery_objective(kl_weight=0.0, ce_weight=0.0)
 
+
+
+def _logits(*shape, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+def _top_k_kl_reference(s, t, k, tau):
+    """float64 by hand: the teacher's top-k tokens and one bucket for the rest, τ² · KL over k + 1 outcomes."""
+    p, q = (t.double() / tau).softmax(-1), (s.double() / tau).softmax(-1)
+    idx = p.topk(k, dim=-1).indices
+    p_k, q_k = p.gather(-1, idx), q.gather(-1, idx)
+    p_all = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)  # [B, T, k+1]
+    q_all = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+    return tau**2 * (p_all * (p_all / q_all).log()).sum(-1)  # [B, T]
+
+
+def test_top_k_kl_with_k_equal_vocabulary_is_the_full_kl():
+    from linearize.losses.distill import top_k_kl
+
+    s, t = _logits(2, 5, 13, seed=1), _logits(2, 5, 13, seed=2)
+    # the same sums over the same 13 tokens in a different order: fp32 rounding only
+    torch.testing.assert_close(top_k_kl(s, t, k=13), distill_kl(s, t), rtol=1e-5, atol=1e-6)
+    full_at_tau = distill_kl(s / 2.0, t / 2.0) * 4.0  # τ² · KL of the softened distributions
+    torch.testing.assert_close(top_k_kl(s, t, k=13, temperature=2.0), full_at_tau, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_kl_matches_the_bucketed_definition_and_mask():
+    from linearize.losses.distill import top_k_kl, top_k_kl_per_position, teacher_top_k
+
+    s, t = _logits(2, 6, 17, seed=3), _logits(2, 6, 17, seed=4)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1]])
+    for k, tau in ((1, 1.0), (4, 1.0), (4, 2.5), (16, 0.7)):
+        ref = _top_k_kl_reference(s, t, k, tau)
+        got = top_k_kl_per_position(s, teacher_top_k(t, k, tau), tau)
+        # fp32 against float64 on 17-way softmaxes of logits up to ~10 / 0.7
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(top_k_kl(s, t, k, tau, mask).double(), ref[mask.bool()].mean(), rtol=1e-4, atol=1e-5)
+    assert top_k_kl(t, t, k=4).abs() < 1e-5  # a distribution against itself; fp32 rounding
+
+
+def test_top_k_kl_cached_form_and_gradients():
+    """The cached form (teacher top-k stored) gives the same loss; gradients reach the student only."""
+    from linearize.losses.distill import TeacherTopK, top_k_kl, top_k_kl_cached, teacher_top_k
+
+    s = _logits(1, 4, 11, seed=5).requires_grad_(True)
+    t = _logits(1, 4, 11, seed=6).requires_grad_(True)
+    cached = teacher_top_k(t, 3, 1.5)
+    assert cached.log_probs.shape == cached.indices.shape == (1, 4, 3) and not cached.log_probs.requires_grad
+    stored = TeacherTopK(cached.log_probs.clone(), cached.indices.clone())
+    loss = top_k_kl_cached(s, stored, 1.5)
+    torch.testing.assert_close(loss, top_k_kl(s, t, 3, 1.5), rtol=0, atol=0)  # same computation
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+
+
+def test_top_k_kl_rejects_bad_k_and_temperature():
+    from linearize.losses.distill import top_k_kl
+
+    s = _logits(1, 2, 5)
+    for k in (0, 6):
+        with pytest.raises(ValueError, match="k must be"):
+            top_k_kl(s, s, k)
+    with pytest.raises(ValueError, match="temperature"):
+        top_k_kl(s, s, 2, temperature=0.0)
+
+
+def test_hidden_mse_zero_for_the_teacher_against_itself_and_positive_for_a_student():
+    """On a converted tiny model: the decoder-layer outputs of the teacher against themselves give 0,
+    the student's against the teacher's a positive mean of the per-layer MSEs."""
+    import linearize
+    from linearize.losses.distill import hidden_mse
+
+    from conftest import tiny_model
+
+    model = tiny_model("llama").eval()
+    linearize.linearize_model(model, linearize.AttentionConfig(mechanism="linear", feature_dim=8, chunk_size=4))
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        student = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[1:]
+        with linearize.teacher_mode(model):
+            teacher = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[1:]
+    assert len(student) == model.config.num_hidden_layers
+    assert hidden_mse(teacher, teacher) == 0
+    expected = sum(((s - t) ** 2).mean() for s, t in zip(student, teacher)) / len(student)
+    got = hidden_mse(student, teacher)
+    assert got > 1e-6  # linear attention differs from softmax in both layers (random weights: small outputs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)  # same sums, different order
+    mask = torch.tensor([[1] * 10, [0] * 10])
+    expected_first = sum(((s[0] - t[0]) ** 2).mean() for s, t in zip(student, teacher)) / len(student)
+    torch.testing.assert_close(hidden_mse(student, teacher, mask), expected_first, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="one teacher output per student layer"):
+        hidden_mse(student, teacher[:1])

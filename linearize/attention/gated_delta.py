@@ -57,7 +57,20 @@ def init_dt_bias(num_heads: int) -> torch.Tensor:
 
 class GatedDeltaAttention(Mechanism):
     name = "gated_delta"
-    reads = ("delta_rope", "decay_from", "gate_norm", "init", "calibration_tokens")
+    reads = ("delta_rope", "decay_from", "gate_norm", "init", "calibration_tokens", "native_family")
+
+    def __new__(cls, cfg, *args, **kwargs):
+        """`attention.native_family` set: the layer is built in that serving family's exact form
+        (`NATIVE_FORMS`); only plain gated_delta has one."""
+        family = cfg.native_family
+        if family is None:
+            return super().__new__(cls)
+        if cls is not GatedDeltaAttention:
+            raise UserError(f"attention.native_family={family} is for mechanism gated_delta only; "
+                            f"mechanism {cls.name} has no native form")
+        if family not in NATIVE_FORMS:
+            raise UserError(f"unknown attention.native_family {family!r}; valid: {', '.join(NATIVE_FORMS)}")
+        return super().__new__(NATIVE_FORMS[family])
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
@@ -304,3 +317,180 @@ class GatedDeltaWindowAttention(GatedDeltaAttention):
         t = weights.shape[-1]
         keys = sliding_window_sink_mask(t, t, self.window_size, self.sink_tokens, device=weights.device)  # [T, T]
         return (weights.double() * keys).sum(-1)[..., t // 2:].mean((0, 2))
+
+
+# --------------------------------------------------------------------------------------- native forms
+
+# The native form's conv starts as c·[0, 0, 0, 1] (the current token only): silu(c·u) ≈ c·u/2 for small c·u,
+# and the L2 norms of q and k remove c, so q and k start within O(c·|u|) of today's gated_delta; v's scale c/2
+# reaches the output norm (removed there when mean(o²) ≫ rms_norm_eps, else refitted by calibration).
+NATIVE_CONV_TAP = 0.1
+NATIVE_CONV_KERNEL = 4  # qwen3_5's linear_conv_kernel_dim
+L2_EPS = 1e-6  # the family's L2 norm: x·rsqrt(Σx² + 1e-6)
+# Ridge of the least-squares fit of a constant from the layer input (see `constant_direction`), relative to
+# the mean eigenvalue of XᵀX: enough to keep the solve stable on few tokens, small against the fit itself.
+CONSTANT_FIT_RIDGE = 1e-3
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2_EPS)
+
+
+def inverse_silu(y: torch.Tensor, iterations: int = 60) -> torch.Tensor:
+    """z ≥ 0 with silu(z) = y for y ≥ 0 (silu is increasing there), by bisection on [0, y + 10]."""
+    lo, hi = torch.zeros_like(y), y + 10.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        low = F.silu(mid) < y
+        lo, hi = torch.where(low, mid, lo), torch.where(low, hi, mid)
+    return (lo + hi) / 2
+
+
+def constant_direction(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """u `[hidden]` with x·u ≈ 1 for every token of x `[N, hidden]` (ridge least squares, float64), and the
+    fit's RMS error: a bias-free projection then gives any constant c per output as x·(c·u)."""
+    x = x.double()
+    gram = x.T @ x  # [hidden, hidden]
+    ridge = CONSTANT_FIT_RIDGE * gram.diagonal().mean()
+    u = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=x.dtype, device=x.device), x.sum(0))
+    return u, float((x @ u - 1).pow(2).mean().sqrt())
+
+
+class Qwen35GatedDelta(GatedDeltaAttention):
+    """`gated_delta` with `attention.native_family: qwen3_5`: exactly transformers' `Qwen3_5GatedDeltaNet`
+    on the teacher's projections (../shared/METHODS.md §11), so `linearize export --format qwen3_5` maps it
+    weight for weight:
+
+        [q | k | v] = silu(causal depthwise conv4([W_q x | W_k x | W_v x]))      (no conv bias)
+        q, k ← x·rsqrt(Σx² + 1e-6) per head;  β = sigmoid(x·W_b);  g = −exp(A_log)·softplus(x·W_a + dt_bias)
+        o = gated delta rule (scale D^-1/2);  out = w ⊙ o·rsqrt(mean(o²) + rms_norm_eps) ⊙ silu(x·W_z)
+
+    No RoPE and no q/k norm: a Qwen3 teacher's q/k norm weights are folded into W_q and W_k (the q/k input is
+    w ⊙ W x; the L2 norm makes the RMS division redundant). β, the decay and the conv taps of k and v are per
+    kv head as in the student (the export repeats them per query head, which is exact). Decode state: (conv
+    prefix `[B, 3, (H + 2·H_kv)·D]`, delta state `[B, H_kv, D, D]`).
+
+    The layer needs its teacher layer and config (`bind_teacher`): the fold weights, the model's
+    rms_norm_eps, and (for a teacher with q norm) the pre-norm q projection."""
+
+    def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
+        if cfg.mechanism != "gated_delta" or cfg.delta_rope or cfg.decay_from != "projection":
+            what = ("delta_rope" if cfg.delta_rope else f"decay_from={cfg.decay_from}")
+            raise UserError(f"attention.native_family=qwen3_5 cannot express attention.{what}")
+        super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
+        # The family's β and output gate have no bias (so `calibrate` fits the constants into the weights).
+        self.beta_proj = nn.Linear(hidden_size, num_kv_heads, bias=False)
+        nn.init.zeros_(self.beta_proj.weight)
+        self.out_gate = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        nn.init.zeros_(self.out_gate.weight)  # silu(0) = 0: a closed gate until calibrated (or trained)
+        channels = (num_heads + 2 * num_kv_heads) * head_dim
+        conv = torch.zeros(channels, NATIVE_CONV_KERNEL)
+        conv[:, -1] = NATIVE_CONV_TAP
+        self.conv_weight = nn.Parameter(conv)  # [C, kernel], C = [q | k | v] channels
+        if cfg.init == "copy":
+            self.random_init()
+        self.norm_eps: float | None = None
+        self.register_buffer("q_fold", torch.ones(head_dim), persistent=False)
+        self.register_buffer("k_fold", torch.ones(head_dim), persistent=False)
+        self.__dict__["teacher"] = None  # the wrapped teacher attention: a reference, not a submodule
+
+    @torch.no_grad()
+    def bind_teacher(self, base_layer: nn.Module, text_config) -> None:
+        """Reads what the family's form needs from the teacher: rms_norm_eps, and q/k norm weights to fold."""
+        self.norm_eps = float(text_config.rms_norm_eps)
+        self.__dict__["teacher"] = base_layer
+        for fold, norm in ((self.q_fold, "q_norm"), (self.k_fold, "k_norm")):
+            module = getattr(base_layer, norm, None)
+            fold.copy_(module.weight.float() if module is not None else torch.ones_like(fold))
+
+    def inputs(self, p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q `[B, T, H, D]`, k and v `[B, T, H_kv, D]` (fp32): the teacher's linear projections, with any
+        q/k norm weight folded in."""
+        if self.norm_eps is None:
+            raise UserError("a native-form gated_delta layer was run before bind_teacher (call "
+                            "linearize.attention.gated_delta.bind_native_students(model) after converting)")
+        teacher = self.__dict__["teacher"]
+        q = p.q
+        if getattr(teacher, "q_norm", None) is not None:  # p.q is after the norm: the pre-norm projection
+            q = teacher.q_proj(p.hidden).view_as(p.q)  # [B, T, H, D]
+        return q.float() * self.q_fold, p.k_raw.float() * self.k_fold, p.v.float()
+
+    def causal_conv(self, u: torch.Tensor, prefix) -> tuple[torch.Tensor, torch.Tensor]:
+        """silu(depthwise causal conv) of u `[B, T, C]` after `prefix` `[B, kernel − 1, C]` (None: zeros, the
+        start of a sequence) → (y `[B, T, C]`, the new prefix)."""
+        if prefix is None:
+            prefix = u.new_zeros(u.shape[0], NATIVE_CONV_KERNEL - 1, u.shape[2])
+        full = torch.cat([prefix.to(u.dtype), u], dim=1)  # [B, kernel − 1 + T, C]
+        y = F.conv1d(full.transpose(1, 2), self.conv_weight.float()[:, None], groups=u.shape[2])  # [B, C, T]
+        return F.silu(y.transpose(1, 2)), full[:, full.shape[1] - (NATIVE_CONV_KERNEL - 1):]
+
+    def delta_branch(self, p, state, opts, want_state):
+        if opts.form not in FORMS:
+            raise UserError(
+                f"mechanism {self.name} has no {opts.form!r} form; set attention.form to one of: {', '.join(FORMS)}"
+            )
+        prefix, delta_state = state if state is not None else (None, None)
+        q, k, v = self.inputs(p)
+        b, t, h, d = q.shape
+        u = torch.cat([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], dim=-1)  # [B, T, C]
+        u, prefix = self.causal_conv(u, prefix)
+        q, k, v = u.split([h * d, k.shape[2] * d, k.shape[2] * d], dim=-1)
+        q = l2_normalize(q.reshape(b, t, h, d))  # [B, T, H, D]
+        k = l2_normalize(k.reshape(b, t, -1, d))  # [B, T, H_kv, D]
+        x = p.hidden.float()
+        beta = torch.sigmoid(F.linear(x, self.beta_proj.weight.float()))  # [B, T, H_kv]
+        o, delta_state = chunk_gated_delta_rule(
+            q, k, v.reshape(b, t, -1, d), self.decay(x), beta, scale=d**-0.5, initial_state=delta_state,
+            output_final_state=want_state, **opts.op_kwargs(state, t),
+        )  # o [B, T, H, D] fp32
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        return o, ((prefix, delta_state) if want_state else None)
+
+    def gated_output(self, o: torch.Tensor, p) -> torch.Tensor:
+        """o `[B, T, H, D]` (normalized) times the norm weight and the gate silu(x·W_z)."""
+        b, t, h, d = o.shape
+        gate = F.silu(F.linear(p.hidden.float(), self.out_gate.weight.float()))  # [B, T, H·D]
+        return o * self.out_norm_weight.float() * gate.view(b, t, h, d)
+
+    @torch.no_grad()
+    def calibrate(self, p, y_teacher, weights, opts) -> dict:
+        """gated_delta's calibrated β, decay and output scale, with the constants the family cannot hold as
+        biases fitted into the weights: u with x·u ≈ 1 (`constant_direction`), then W_b = logit(β) ⊗ u and
+        W_z = silu⁻¹(gate) ⊗ u. The decay keeps dt_bias (the family has it)."""
+        target, stats = self.calibration_target(p, y_teacher, weights, opts)
+        x = p.hidden.reshape(-1, p.hidden.shape[-1])  # [N, hidden]
+        u, fit_error = constant_direction(x)
+        beta = beta_for_entropy(stats["entropy"])  # [H_kv]
+        self.beta_proj.weight.copy_(logit(beta)[:, None] * u[None])
+        log_decay = log_decay_for_distance(stats["distance"])  # [H_kv]
+        self.A_log.zero_()
+        self.set_decay_bias(inverse_softplus(-log_decay))
+        o, _ = self.delta_branch(p, None, opts, want_state=False)
+        weight, gate, error = channel_scale(o, target)
+        self.out_norm_weight.copy_(weight)
+        self.out_gate.weight.copy_(inverse_silu(gate).flatten()[:, None] * u[None])
+        record = {key: value.tolist() for key, value in stats.items()}
+        record.update(beta=beta.tolist(), half_life=half_life(log_decay).tolist(), relative_error=error.tolist(),
+                      constant_fit_rms=fit_error, tokens=int(weights.shape[0] * weights.shape[-1]))
+        return record
+
+    def param_groups(self):
+        groups = super().param_groups()
+        groups["conv_weight"] = "conv"
+        return groups
+
+
+# attention.native_family -> the form of gated_delta that family computes.
+NATIVE_FORMS: dict[str, type[GatedDeltaAttention]] = {"qwen3_5": Qwen35GatedDelta}
+
+
+def bind_native_students(model: nn.Module) -> nn.Module:
+    """Hands every native-form layer of a converted model its teacher attention and config (`bind_teacher`);
+    other layers are left alone. Idempotent."""
+    from .wrapper import LinearizedAttention
+
+    text_config = model.config.get_text_config(decoder=True)
+    for module in model.modules():
+        if isinstance(module, LinearizedAttention) and hasattr(module.mechanism, "bind_teacher"):
+            module.mechanism.bind_teacher(module.base_layer, text_config)
+    return model

@@ -7,13 +7,13 @@ mask is needed, and every token is trained on.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .loading import load_texts
 
 # Tokenizing in batches amortizes the fast tokenizer's per-call overhead.
 DOCS_PER_BATCH = 64
@@ -70,18 +70,26 @@ def split_sequences(sequences: torch.Tensor, fraction: float, seed: int) -> tupl
     return shuffled[held_out:], shuffled[:held_out]
 
 
-def build_datasets(data_cfg, tokenizer, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def build_datasets(data_cfg, tokenizer, seed: int, *, teacher=None,
+                   samples_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(train `[N, L]`, eval `[M, L]`) token ids for a `DataConfig`, L = data.seq_len.
 
+    Training rows come from `data.mix` when set (see `mix.py`), else from the source `data.train`: a file,
+    a registered corpus, a hub dataset, or a generated source (`recall`; `teacher`, which needs the
+    teacher model as `teacher` and a folder for its samples as `samples_dir`, e.g. `<run>/teacher_samples`).
     Eval comes from `data.eval` when set, else from `data.eval_fraction` of the training rows; it is
     capped at `data.max_eval_sequences` (the first rows, so the same rows are evaluated every time).
     Training rows are shuffled by `seed` when `data.shuffle` is true.
     """
-    train = pack_sequences(load_texts(data_cfg.train, data_cfg.text_field), tokenizer, data_cfg.seq_len,
-                           source=f"data.train {data_cfg.train!r}")
+    from .mix import SourceContext, mix_rows, source_rows
+
+    context = SourceContext(data_cfg, tokenizer, teacher=teacher, samples_dir=samples_dir)
+    if data_cfg.mix is not None:
+        train = mix_rows(data_cfg.mix, context, seed)
+    else:
+        train = source_rows(data_cfg.train, context, key="data.train")
     if data_cfg.eval:
-        evaluation = pack_sequences(load_texts(data_cfg.eval, data_cfg.text_field), tokenizer, data_cfg.seq_len,
-                                    source=f"data.eval {data_cfg.eval!r}")
+        evaluation = source_rows(data_cfg.eval, context, key="data.eval")
     elif data_cfg.eval_fraction > 0:
         train, evaluation = split_sequences(train, data_cfg.eval_fraction, seed)
     else:

@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from linearize.files import write_text
+
 
 def write_section(path: Path, title: str, section: str, header: str) -> None:
     """Replaces the section that starts with `title` in `path` (up to the next `## ` heading), or appends
-    it; other sections stay. A missing file starts with `header`. Written atomically (temp + rename)."""
+    it; other sections stay. A missing file starts with `header`. Written atomically (`linearize.files`)."""
     text = path.read_text() if path.exists() else header
     start = text.find(title)
     if start >= 0:
@@ -17,9 +19,7 @@ def write_section(path: Path, title: str, section: str, header: str) -> None:
         text = text[:start] + (section.rstrip("\n") + "\n\n" if rest else section) + rest
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text(path, text)
 
 
 def publish(section: str, path: Optional[Path], title: str, header: str) -> None:

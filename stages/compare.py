@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from linearize.errors import UserError
+from linearize.files import save_figure, write_json, write_text
 
 from .config_loader import CONFIGS_DIR, load_config
 from .registry import TRAINING_STAGES
@@ -128,9 +129,7 @@ def _read_record(run_dir: Path) -> dict:
 
 
 def _write_json(path: Path, data) -> None:
-    from linearize.train.state import write_json_atomic  # the training stack: loaded when a comparison runs
-
-    write_json_atomic(path, data)
+    write_json(path, data)
 
 
 def _evaluation(run_dir: Path) -> Optional[dict]:
@@ -175,9 +174,7 @@ def write_texts(out_dir: Path, kinds) -> dict[str, str]:
         path = folder / f"{kind}.jsonl"
         text = "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in load_corpus(TEXT_KINDS[kind]))
         if not path.is_file() or path.read_text() != text:
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text(path, text)
         specs[kind] = str(path)
     return specs
 
@@ -348,10 +345,7 @@ def figure(result: dict):
 
 def plot(result: dict, path: Path) -> Path:
     """`figure(result)` as a PNG at `path`, written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    figure(result).savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, path)
-    return path
+    return save_figure(figure(result), path)
 
 
 def _setup(options: CompareOptions, eval_spec: str) -> dict:
@@ -371,9 +365,7 @@ def _setup(options: CompareOptions, eval_spec: str) -> dict:
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     paths = {"md": out_dir / MD_FILE, "json": out_dir / JSON_FILE, "png": out_dir / PNG_FILE}
     _write_json(paths["json"], result)
-    tmp = paths["md"].with_name(f".{MD_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(markdown(result))
-    os.replace(tmp, paths["md"])
+    write_text(paths["md"], markdown(result))
     plot(result, paths["png"])
     return paths
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from linearize.adapters import teacher_view
 from linearize.data import LOCAL_FORMATS, build_datasets, load_texts, pack_sequences
 from linearize.errors import UserError
+from linearize.files import write_json
 from linearize.evals import run_long_context
 from linearize.evals.branches import branch_shares
 from linearize.evals.long_context import enabled as long_context_enabled
@@ -18,7 +19,6 @@ from linearize.evals.report import BRANCH_PLOT_FILE, plot_branch_shares
 from linearize.models.exported import RUN_CONFIG_FILE, is_export_dir, load_export
 from linearize.train import default_device
 from linearize.train.evaluation import compare_on_tokens, greedy_sample
-from linearize.train.state import write_json_atomic
 
 from .common import StageStart, attach_adapter, finish_stage, start_stage
 
@@ -114,7 +114,7 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     start = final_student(cfg, run_dir)
     start.stage_dir.mkdir(parents=True, exist_ok=True)
     result = _evaluate_student(start)
-    write_json_atomic(start.stage_dir / EVAL_FILE, result)
+    write_json(start.stage_dir / EVAL_FILE, result)
     finish_stage(start, {k: v for k, v in result.items() if k != "samples"})
     return result
 

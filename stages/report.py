@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from linearize.evals.report import branch_shares_markdown
+from linearize.files import write_text
 
 from .common import LAYER_CHOICE_PLOT, find_layer_choice
 
@@ -89,6 +90,4 @@ def write_report(run_dir: Path, statuses: dict, results: dict, export_sample: Op
     if plots:
         lines += ["", "## Loss curves", ""]
         lines += [f"![{stage}]({path.relative_to(run_dir)})" for stage, path in plots if path.exists()]
-    path = run_dir / REPORT_FILE
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text(run_dir / REPORT_FILE, "\n".join(lines) + "\n")

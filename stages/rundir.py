@@ -30,9 +30,10 @@ from typing import Iterator, Optional
 
 from linearize.adapters import ADAPTER_FILES
 from linearize.errors import UserError
+from linearize.files import write_json
 from linearize.models.exported import is_export_dir
 from linearize.train.checkpoint import MANIFEST, latest_checkpoint
-from linearize.train.state import ACCEPT_HINT, RESTART_HINT, check_same_config, stage_view, write_json_atomic
+from linearize.train.state import ACCEPT_HINT, RESTART_HINT, check_same_config, stage_view
 
 LOCK_FILE = ".lock"
 STAGE_MARKER = ".linearize_stage"
@@ -82,9 +83,7 @@ def mark_stage(stage_dir: Path, stage: str) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
     marker = stage_dir / STAGE_MARKER
     if not marker.is_file():
-        tmp = stage_dir / f"{STAGE_MARKER}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps({"stage": stage}) + "\n")
-        os.replace(tmp, marker)
+        write_json(marker, {"stage": stage}, indent=None)
 
 
 def _has_legacy_done(stage_dir: Path) -> bool:
@@ -157,7 +156,7 @@ def mark_done(stage_dir: Path, metrics: dict, config: dict, *, stage: Optional[s
         record["config"] = config
     else:
         record["config_digest"] = config_digest(config, stage)
-    write_json_atomic(Path(stage_dir) / DONE_FILE, record)
+    write_json(Path(stage_dir) / DONE_FILE, record)
 
 
 def same_config_as_done(done: dict, config: dict, stage: str, where: Path, accept: bool) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 import linearize
 from linearize.config import AttentionConfig
 from linearize.errors import UserError
-from linearize.models import bundle, exported
+from linearize.models import bundle, export_loader, export_writer, exported
 from linearize.models.exported import load_export, save_export
 
 from conftest import tiny_model
@@ -196,7 +196,7 @@ def test_a_transformers_outside_the_declared_range_warns_once(export, monkeypatc
 
     tested = exported.tested_transformers()
     assert tested is not None and transformers.__version__ in tested  # the dev venv is in range
-    monkeypatch.setattr(exported, "_warned_versions", set())
+    monkeypatch.setattr(export_loader, "_warned_versions", set())
     assert _loads_warnings(export, 2) == []
     monkeypatch.setattr(transformers, "__version__", "99.0.0")
     got = _loads_warnings(export, 2)
@@ -209,7 +209,7 @@ def test_no_warning_without_package_metadata(export, monkeypatch):
     def absent(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(exported, "_warned_versions", set())
+    monkeypatch.setattr(export_loader, "_warned_versions", set())
     monkeypatch.setattr(importlib.metadata, "requires", absent)
     monkeypatch.setattr(transformers, "__version__", "99.0.0")
     assert exported.tested_transformers() is None
@@ -239,7 +239,7 @@ def test_save_export_refuses_a_users_folder_unless_overwrite(tmp_path, tiny_toke
 @pytest.mark.parametrize("swap", [True, False], ids=["swap", "rename-aside"])
 def test_save_export_replaces_an_export_or_fills_an_empty_folder(tmp_path, tiny_tokenizer, pristine, monkeypatch, swap):
     if not swap:
-        monkeypatch.setattr(exported, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(export_writer, "_exchange", lambda a, b: False)
     (tmp_path / "empty").mkdir()
     _export(tmp_path / "empty", tiny_tokenizer)
     shutil.copytree(pristine, tmp_path / "old")
@@ -265,7 +265,7 @@ def test_a_failed_export_leaves_the_old_one_and_no_temporary_folder(tmp_path, ti
                                                                       target, fault, expected):
     out = Path(shutil.copytree(pristine, tmp_path / "export"))
     before = _snapshot(out)
-    monkeypatch.setattr(f"linearize.models.exported.{target}", fault)
+    monkeypatch.setattr(f"linearize.models.export_writer.{target}", fault)
     with pytest.raises(expected) as excinfo:
         _export(out, tiny_tokenizer)
     if expected is UserError:
@@ -278,7 +278,7 @@ def test_an_export_is_replaced_in_one_swap_where_the_system_can(tmp_path, tiny_t
     """With renameat2(RENAME_EXCHANGE) no rename is needed, so no moment passes without an export at OUT."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").write_text("b")
-    if not exported._exchange(tmp_path / "a", tmp_path / "b"):
+    if not export_writer._exchange(tmp_path / "a", tmp_path / "b"):
         pytest.skip("this system cannot swap two paths atomically")
     assert (tmp_path / "a").read_text() == "b" and (tmp_path / "b").is_dir()
     out = Path(shutil.copytree(pristine, tmp_path / "export"))
@@ -287,7 +287,7 @@ def test_an_export_is_replaced_in_one_swap_where_the_system_can(tmp_path, tiny_t
     def no_rename(src, dst):
         raise AssertionError(f"renamed {src} -> {dst}")
 
-    monkeypatch.setattr(exported.os, "rename", no_rename)
+    monkeypatch.setattr(export_writer.os, "rename", no_rename)
     _export(out, tiny_tokenizer)
     assert exported.is_export_dir(out) and not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "export"]
@@ -297,16 +297,16 @@ def test_a_failed_final_rename_puts_the_old_export_back(tmp_path, tiny_tokenizer
     """The fallback where paths cannot be swapped: rename aside, rename in, delete."""
     out = Path(shutil.copytree(pristine, tmp_path / "export"))
     before = _snapshot(out)
-    monkeypatch.setattr(exported, "_exchange", lambda a, b: False)
-    real_rename = exported.os.rename
+    monkeypatch.setattr(export_writer, "_exchange", lambda a, b: False)
+    real_rename = export_writer.os.rename
 
     def rename(src, dst):
         if Path(src).name.startswith(".export.tmp-"):
             raise OSError(errno.EIO, "I/O error")
         real_rename(src, dst)
 
-    monkeypatch.setattr(exported.os, "rename", rename)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(export_writer.os, "rename", rename)
+    with pytest.raises(UserError, match=r"cannot write the export to .*export: I/O error"):  # the machine's fault: one line
         _export(out, tiny_tokenizer)
     assert _snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

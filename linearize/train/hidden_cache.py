@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from ..dtypes import DTYPES
+from ..files import save_safetensors, write_json
 from ..models.lazy import LazyDecoder, SafetensorsReader
 from .engine import autocast_context
 from .sampler import sample_indices
-from .state import write_json_atomic
 
 INDEX_FILE = "index.json"
 HIDDEN = "hidden"
@@ -166,7 +164,7 @@ class HiddenCache:
                     decoder.release(layers)
                 barrier()
                 if rank == 0:
-                    write_json_atomic(self.folder(target) / INDEX_FILE,
+                    write_json(self.folder(target) / INDEX_FILE,
                                       {"key": self.key(target), "rows": len(self.rows), "shard_rows": per_shard,
                                        "shards": len(shards), "dtype": str(self.dtype)})
                 barrier()
@@ -186,9 +184,7 @@ class HiddenCache:
     def _write_shard(self, start: int, shard: int, hidden: torch.Tensor) -> None:
         path = self._shard_path(start, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({HIDDEN: hidden.contiguous()}, tmp, metadata={"key": self.key(start)})
-        os.replace(tmp, path)
+        save_safetensors({HIDDEN: hidden.contiguous()}, path, metadata={"key": self.key(start)})
 
     def _reader(self, start: int, shard: int) -> SafetensorsReader:
         readers = self._readers.setdefault(start, {})

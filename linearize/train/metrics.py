@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import faults_named, save_figure, write_jsonl
 
 
 # How much of the log's end `append` reads to find the last step written: many records' worth.
@@ -46,19 +47,11 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Keeps one record per step ≤ `step` (the last written, should two runs ever have appended the
         same step), in step order: a resumed run then appends exactly what an uninterrupted run would
-        have written after that step. Atomic: temp file + fsync + rename."""
+        have written after that step. Atomic (`linearize.files`)."""
         by_step = {r["step"]: r for r in self.read() if r["step"] <= step}
         kept = [by_step[s] for s in sorted(by_step)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w") as handle:
-                handle.write("".join(json.dumps(r) + "\n" for r in kept))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_jsonl(self.path, kept)
 
     def last_step(self):
         """The step of the last complete record on disk (None if there is none), read from the tail."""
@@ -78,7 +71,8 @@ class MetricsLog:
         if last is not None and record["step"] <= last:
             raise UserError(f"{self.path} already holds step {last}, this run is at step {record['step']}: "
                             "another run is writing to the same stage directory")
-        with open(self.path, "a") as handle:
+        # An append, not a rewrite: a fault can leave half a last line, which `read` drops.
+        with faults_named(self.path), open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
 
@@ -103,11 +97,4 @@ def plot_metrics(records: list[dict], png_path: Path, title: str) -> Path:
     lr_axis.set_xlabel("step")
     lr_axis.set_ylabel("lr")
     figure.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}")
-    try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, png_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return png_path
+    return save_figure(figure, Path(png_path), dpi=figure.dpi)

@@ -1,14 +1,13 @@
 """Run-state helpers shared by the loop and the stages: config snapshots and their comparison (a
-checkpoint refuses to resume under a changed config), atomic JSON writes, seeding. The DONE records
+checkpoint refuses to resume under a changed config), seeding. Files are written by `linearize.files`. The DONE records
 and the rest of the run-directory layout belong to the runners (`stages/rundir.py`)."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from ..config import RunConfig, changed_keys, config_to_dict, stage_sections  # noqa: F401  (linearize.train re-exports changed_keys, config_to_dict)
 from ..errors import UserError
+from ..files import write_json
 
 # Keys that name or order a run but change nothing a stage computes.
 NON_COMPUTING_KEYS = ("run_name", "output_dir", "stages")
@@ -40,13 +39,8 @@ def check_same_config(saved: dict, current: dict, stage: str, where: Path, accep
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Writes JSON through a temp file + fsync + rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """`linearize.files.write_json` under its older name, for callers not yet converted."""
+    write_json(path, data)
 
 
 def seed_everything(seed: int) -> None:

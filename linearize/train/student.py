@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import linearize
-from ..errors import UserError
+from ..errors import UserError, one_line
+from ..files import save_safetensors
 
 
 def student_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -19,8 +20,7 @@ def student_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_student(model: torch.nn.Module, path: Path) -> Path:
-    save_file(student_state(model), Path(path))
-    return Path(path)
+    return save_safetensors(student_state(model), Path(path))
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -31,7 +31,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
-        raise UserError(f"{path} is damaged ({' '.join(str(exc).split())})") from None
+        raise UserError(f"{path} is damaged ({one_line(exc)})") from None
 
 
 def load_student(model: torch.nn.Module, path: Path) -> None:

@@ -103,7 +103,8 @@ def hidden_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[
                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Hidden-state alignment: the mean over decoder layers of the MSE (fp32) between the student's and
     the teacher's layer outputs, each `[B, T, D]`, one per layer in the same order (e.g. HF
-    `hidden_states[1:]`, whose last entry is after the final norm). mask `[B, T]` keeps positions (None = all); the teacher gets no gradient."""
+    `hidden_states[1:]`, whose last entry is after the final norm). mask `[B, T]` keeps positions
+    (None = all); the teacher gets no gradient."""
     if len(student_hidden) != len(teacher_hidden) or not student_hidden:
         raise ValueError(f"hidden_mse: needs one teacher output per student layer, got {len(student_hidden)} "
                          f"student and {len(teacher_hidden)} teacher")

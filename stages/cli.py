@@ -3,7 +3,7 @@
     linearize run [CONFIG] [key=value ...] [--force | --accept-changes]      every stage in `stages`
     linearize stage NAME CONFIG [key=value ...] [--force | --accept-changes]  one stage
     linearize eval TARGET [key=value ...]                  evaluate a run, an export, or a config
-    linearize export RUN_DIR OUT_DIR [--overwrite]         write a self-describing HF model folder
+    linearize export RUN_DIR OUT_DIR [--overwrite] [--format F]  write a HF model folder (F: linearize, qwen3_5)
     linearize generate MODEL_DIR "prompt"                   load an export and generate
     linearize config CONFIG [key=value ...]                print the resolved config
     linearize check CONFIG [key=value ...]                 load model tokenizer and data, report sizes
@@ -90,7 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"run directory not found: {args.run_dir}")
     from .export import export_run
 
-    export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
+    export_run(args.run_dir, args.out_dir, overwrite=args.overwrite, format=args.format)
     print(f"exported {args.run_dir} to {args.out_dir}")
     return 0
 
@@ -237,6 +237,10 @@ def _add_export(sub, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT_DIR even if it holds something other than an export (never the run "
                              "itself, the working directory, or a folder containing them)")
+    parser.add_argument("--format", default=None, metavar="FORMAT",
+                        help="linearize (bundled modeling code, trust_remote_code) or a serving family: qwen3_5 "
+                             "(a plain Qwen3_5ForCausalLM checkpoint of a native-form gated_delta run); "
+                             "default: the run's export.format")
     parser.set_defaults(handler=cmd_export)
 
 

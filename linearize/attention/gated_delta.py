@@ -325,6 +325,9 @@ class GatedDeltaWindowAttention(GatedDeltaAttention):
 # and the L2 norms of q and k remove c, so q and k start within O(c·|u|) of today's gated_delta; v's scale c/2
 # reaches the output norm (removed there when mean(o²) ≫ rms_norm_eps, else refitted by calibration).
 NATIVE_CONV_TAP = 0.1
+# v's tap: its scale is not removed by an L2 norm, and the output norm removes it only while mean(o²) ≫
+# rms_norm_eps; 1 keeps v's scale (silu(v) ≈ v/2 for small v, the half refitted by calibration).
+NATIVE_CONV_TAP_V = 1.0
 NATIVE_CONV_KERNEL = 4  # qwen3_5's linear_conv_kernel_dim
 L2_EPS = 1e-6  # the family's L2 norm: x·rsqrt(Σx² + 1e-6)
 # Ridge of the least-squares fit of a constant from the layer input (see `constant_direction`), relative to
@@ -386,6 +389,7 @@ class Qwen35GatedDelta(GatedDeltaAttention):
         channels = (num_heads + 2 * num_kv_heads) * head_dim
         conv = torch.zeros(channels, NATIVE_CONV_KERNEL)
         conv[:, -1] = NATIVE_CONV_TAP
+        conv[(num_heads + num_kv_heads) * head_dim:, -1] = NATIVE_CONV_TAP_V
         self.conv_weight = nn.Parameter(conv)  # [C, kernel], C = [q | k | v] channels
         if cfg.init == "copy":
             self.random_init()

@@ -1,19 +1,23 @@
-"""Run configs: yaml files (with one level of `includes`) and `key=value` overrides, merged onto the
-typed defaults of `linearize.config.RunConfig`, validated, then frozen.
+"""Run configs: yaml files (with one level of `includes`, read by `stages/config_files.py`) and
+`key=value` overrides, merged onto the typed defaults of `linearize.config.RunConfig`, checked
+(`linearize.config.validate`: the rules beside the schema's fields and across keys), then frozen.
 
 Order of precedence (later wins): schema defaults → each included file, in order → the file itself →
 command-line overrides. Every mistake (unknown key, wrong type, missing value, unknown name, value out
-of range) raises `linearize.UserError` with one line naming the dotted key and where it was set (a file
-path, or "command line"). The library never reads yaml: only `stages/` calls this module.
+of range, a combination the mechanism cannot run) raises `linearize.UserError` with one line naming the
+dotted key and where it was set (a file path, or "command line"). The library never reads yaml: only
+`stages/` calls this module, the one importer of omegaconf.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,192 +27,19 @@ from omegaconf.errors import OmegaConfBaseException
 
 from linearize import UserError
 from linearize.config import RunConfig, config_to_dict
-from stages.registry import STAGES
+from linearize.config.validate import validate
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-INCLUDES_KEY = "includes"
+from .config_files import CONFIGS_DIR, INCLUDES_KEY, config_sources, error, one_line
+from .config_hints import ignored_attention_keys, switched_feature_map
+
+__all__ = ["CONFIGS_DIR", "config_from_dict", "config_to_dict", "ignored_attention_keys", "load_config",
+           "parse_overrides", "save_resolved"]
+
 COMMAND_LINE = "command line"
 DEFAULTS = "defaults"
-
-
-
-def _stage_names() -> tuple[str, ...]:
-    return tuple(STAGES)
-
-
-def _mechanisms() -> tuple[str, ...]:
-    from linearize.attention import MECHANISMS
-
-    return tuple(MECHANISMS)
-
-
-def _attention_names(module: str, attr: str) -> Callable[[], tuple[str, ...]]:
-    def names() -> tuple[str, ...]:
-        import importlib
-
-        return tuple(getattr(importlib.import_module(f"linearize.attention.{module}"), attr))
-
-    return names
-
-
-def _feature_maps() -> tuple[str, ...]:
-    from linearize.feature_maps import available_feature_maps
-
-    return tuple(available_feature_maps())
-
-
-def _ops_names(attr: str) -> Callable[[], tuple]:
-    def names() -> tuple:
-        from linearize.ops import _common
-
-        return tuple(getattr(_common, attr))
-
-    return names
-
-
-def _dtypes() -> tuple[str, ...]:
-    from linearize.dtypes import DTYPES
-
-    return tuple(DTYPES)
-
-
-def _schedulers() -> tuple[str, ...]:
-    from linearize.train.schedule import SCHEDULES
-
-    return tuple(SCHEDULES)
-
-
-def _autocast() -> tuple[str, ...]:
-    from linearize.train.engine import AUTOCAST_DTYPES
-
-    return tuple(AUTOCAST_DTYPES)
-
-
-def _engines() -> tuple[str, ...]:
-    from linearize.train.engine import ENGINES
-
-    return tuple(ENGINES)
-
-
-def _layer_choice(attr: str) -> Callable[[], Any]:
-    def value() -> Any:
-        from linearize.train import layer_choice
-
-        return getattr(layer_choice, attr)
-
-    return value
-
-
-def _distributed(attr: str) -> Callable[[], tuple]:
-    def names() -> tuple:
-        from linearize.train import distributed
-
-        return tuple(getattr(distributed, attr))
-
-    return names
-
-
-# Keys whose value must be one of a set of names. Each set is read from the registry that owns it (imported
-# lazily: they pull in torch), so a value the loader accepts is one the library knows.
-TRAIN_SECTIONS = ("attention_transfer", "lora_recovery")
-CHOICES: dict[str, Callable[[], Iterable[Any]]] = {
-    "model.dtype": _dtypes,
-    "attention.mechanism": _mechanisms,
-    "attention.feature_map": _feature_maps,
-    "attention.init": _attention_names("calibrate", "INITS"),
-    "attention.decay_from": _attention_names("gated_delta", "DECAY_SOURCES"),
-    "attention_transfer.cache_dtype": lambda: _dtypes() + (None,),
-    "attention.form": _ops_names("FORM_NAMES"),
-    "attention.backend": _ops_names("BACKENDS"),
-    "attention.softmax_layer_selector": lambda: tuple(_layer_choice("SELECTORS")()),
-    **{f"{section}.scheduler": _schedulers for section in TRAIN_SECTIONS},
-    **{f"{section}.autocast": _autocast for section in TRAIN_SECTIONS},
-    "export.dtype": lambda: _dtypes() + (None,),
-    "engine.name": _engines,
-    "engine.precision": _distributed("PRECISIONS"),
-    "engine.zero_stage": _distributed("ZERO_STAGES"),
-}
-# Keys holding lists whose every item must be one of a set of names.
-LIST_CHOICES: dict[str, Callable[[], Iterable[Any]]] = {"stages": _stage_names}
-
-POSITIVE = (
-    "data.seq_len", "data.max_eval_sequences", "attention.feature_dim", "attention.window_size",
-    "attention.chunk_size", "attention.gate_rank", "attention.gate_norm", "attention.conv_kernel",
-    "attention.calibration_tokens",
-    "lora_recovery.rank", "evaluate.max_sequences",
-    *(f"{s}.{k}" for s in TRAIN_SECTIONS for k in ("micro_batch_size", "grad_accum", "save_every", "eval_every", "keep_last")),
-)
-NON_NEGATIVE = (
-    "evaluate.sample_tokens", "attention.sink_tokens", "attention.liger_alpha", "attention.liger_beta", "lora_recovery.dropout",
-    "attention.softmax_layer_count", "attention.selection_steps",
-    "lora_recovery.kl_weight", "lora_recovery.ce_weight", "attention_transfer.mse_factor", "attention_transfer.attn_ce_weight",
-    "attention_transfer.block_size", "attention_transfer.cache_gb",
-    *(f"{s}.{k}" for s in TRAIN_SECTIONS for k in ("max_steps", "lr", "weight_decay", "warmup_steps", "min_lr", "grad_clip",
-                                                    "eval_sequences", "plateau_patience", "plateau_factor")),
-)
-# Half-open [0, 1): a fraction of the data that must leave something to train on.
-FRACTIONS = ("data.eval_fraction",)
-# run_name becomes one folder under output_dir: a single path component, so a run can never reach (and
-# later delete stale stages in) a folder outside output_dir.
-RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 # `${resolver:...}` calls a function while resolving (oc.env reads the environment, oc.create builds
 # nodes); plain `${key}` references to other keys stay allowed.
 RESOLVER_CALL = re.compile(r"\$\{\s*[\w.]+\s*:")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _error(source: str, key: str, problem: str) -> UserError:
-    return UserError(f"{source}: {key}: {problem}")
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise UserError(f"{path}: invalid yaml{where}: {_one_line(getattr(exc, 'problem', exc))}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def _find_include(name: str, including: Path) -> Path:
-    """An include path is relative to the including file, else to the repository's configs/."""
-    for base in (including.parent, CONFIGS_DIR):
-        candidate = base / name
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"{including}: {INCLUDES_KEY}: file not found: {name} (looked in {including.parent} and {CONFIGS_DIR})")
-
-
-def _config_sources(path: Path) -> list[tuple[str, dict]]:
-    """(source name, mapping) pairs in merge order: the includes of `path`, then `path` itself."""
-    data = _read_yaml(path)
-    includes = data.pop(INCLUDES_KEY, None) or []
-    if isinstance(includes, str):
-        includes = [includes]
-    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
-        raise _error(str(path), INCLUDES_KEY, "must be a list of yaml paths")
-    sources = []
-    for name in includes:
-        included = _find_include(name, path)
-        fragment = _read_yaml(included)
-        if INCLUDES_KEY in fragment:
-            raise _error(str(included), INCLUDES_KEY, f"only one level of includes is allowed (included from {path})")
-        sources.append((str(included), fragment))
-    sources.append((str(path), data))
-    return sources
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict:
@@ -230,29 +61,53 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
     return OmegaConf.to_container(merged)
 
 
-# ---------------------------------------------------------------------------------------------- merging
-
-
 def _first_line(exc: OmegaConfBaseException) -> str:
     msg = getattr(exc, "msg", None) or str(exc)
-    return _one_line(msg.splitlines()[0]) if msg else type(exc).__name__
+    return one_line(msg.splitlines()[0]) if msg else type(exc).__name__
+
+
+def _problem(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's message, with its several ways of saying a value is absent as one."""
+    problem = _first_line(exc)
+    absent = (("None" in problem and "Incompatible" in problem) or problem.startswith("Value '' ")
+              or "missing mandatory value" in problem.lower())
+    return "missing value" if absent else problem
+
+
+def _unknown_key(source: str, dotted: str, key: str, valid: list[str], where: str) -> UserError:
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return error(source, dotted, f"unknown key{hint}; valid keys at {where}: {', '.join(valid)}")
+
+
+def _entry_type(node: DictConfig, key: str) -> type | None:
+    """The dataclass of each item when schema field `key` of `node` is a list of dataclasses (data.mix)."""
+    hint = typing.get_type_hints(OmegaConf.get_type(node)).get(key)
+    while hint is not None and not dataclasses.is_dataclass(hint):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if args else None
+    return hint
 
 
 def _check_keys(node: DictConfig, data: Mapping, source: str, prefix: str = "") -> None:
-    """Unknown keys and scalars given for whole sections, with the valid keys listed."""
+    """Unknown keys (in sections and in list entries of a dataclass type) and scalars given for whole
+    sections, with the valid keys listed."""
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in node:
-            valid = [str(k) for k in node.keys()]
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
             where = f"'{prefix[:-1]}'" if prefix else "the top level"
-            raise _error(source, dotted, f"unknown key{hint}; valid keys at {where}: {', '.join(valid)}")
+            raise _unknown_key(source, dotted, key, [str(k) for k in node.keys()], where)
         child = node.get(key)
         if isinstance(child, DictConfig):
             if not isinstance(value, Mapping):
-                raise _error(source, dotted, f"is a section: expected a mapping of keys, got {value!r}")
+                raise error(source, dotted, f"is a section: expected a mapping of keys, got {value!r}")
             _check_keys(child, value, source, f"{dotted}.")
+        elif isinstance(value, list) and (entry := _entry_type(node, key)) is not None:
+            valid = [f.name for f in dataclasses.fields(entry)]
+            for i, item in enumerate(value):
+                for item_key in item if isinstance(item, Mapping) else ():
+                    if item_key not in valid:
+                        raise _unknown_key(source, f"{dotted}[{i}].{item_key}", item_key, valid, f"'{dotted}[{i}]'")
 
 
 def _dotted_keys(data: Mapping, prefix: str = "") -> list[str]:
@@ -275,8 +130,8 @@ def _check_no_resolvers(data: Any, source: str, key: str = "") -> None:
         for value in data:
             _check_no_resolvers(value, source, key)
     elif isinstance(data, str) and RESOLVER_CALL.search(data):
-        raise _error(source, key, f"{data!r} calls a resolver; config values cannot read environment "
-                                  "variables or run resolvers: write the value itself")
+        raise error(source, key, f"{data!r} calls a resolver; config values cannot read environment "
+                                 "variables or run resolvers: write the value itself")
 
 
 def _merge(cfg: DictConfig, data: Mapping, source: str, provenance: dict[str, str]) -> DictConfig:
@@ -285,97 +140,20 @@ def _merge(cfg: DictConfig, data: Mapping, source: str, provenance: dict[str, st
     try:
         merged = OmegaConf.merge(cfg, data)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        problem = _first_line(exc)
-        if ("None" in problem and "Incompatible" in problem) or problem.startswith("Value '' "):
-            problem = "missing value"
-        raise _error(source, key, problem) from None
+        raise error(source, getattr(exc, "full_key", None) or "?", _problem(exc)) from None
     for key in _dotted_keys(data):
         provenance[key] = source
     return merged
 
 
 def _where(key: str, provenance: Mapping[str, str]) -> str:
-    return provenance.get(key) or provenance.get(key.split(".")[0], DEFAULTS)
-
-
-# ---------------------------------------------------------------------------------------------- checks
-
-
-def _choice_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
-    for key, names in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        valid = tuple(names())
-        if value not in valid:
-            shown = ", ".join("null" if v is None else str(v) for v in valid)
-            yield key, f"unknown value {value!r}; valid: {shown}"
-    for key, names in LIST_CHOICES.items():
-        valid = tuple(names())
-        for item in OmegaConf.select(cfg, key):
-            if item not in valid:
-                yield key, f"unknown name {item!r}; valid: {', '.join(map(str, valid))}"
-
-
-def _range_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
-    for key in POSITIVE:
-        if OmegaConf.select(cfg, key) <= 0:
-            yield key, f"must be > 0, got {OmegaConf.select(cfg, key)}"
-    for key in NON_NEGATIVE:
-        if OmegaConf.select(cfg, key) < 0:
-            yield key, f"must be >= 0, got {OmegaConf.select(cfg, key)}"
-    for key in FRACTIONS:
-        if not 0.0 <= OmegaConf.select(cfg, key) < 1.0:
-            yield key, f"must be in [0, 1), got {OmegaConf.select(cfg, key)}"
-
-
-def _consistency_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
-    if not RUN_NAME.match(cfg.run_name) or cfg.run_name in (".", ".."):
-        yield "run_name", (f"{cfg.run_name!r} is not a folder name: use letters, digits, '.', '_' and '-' "
-                           "(one path component, not '.' or '..')")
-    # Attention weights [B, H, T, T] exist only in the quadratic form.
-    if cfg.attention_transfer.attn_ce_weight > 0 and cfg.attention.form != "parallel":
-        yield "attention_transfer.attn_ce_weight", "> 0 needs attention.form=parallel (attention weights)"
-    if cfg.lora_recovery.ce_weight <= 0 and cfg.lora_recovery.kl_weight <= 0:
-        yield "lora_recovery.ce_weight", "is 0 and so is lora_recovery.kl_weight: LoRA would have no loss to train on"
-    if len(set(cfg.stages)) != len(cfg.stages):
-        yield "stages", f"lists a stage twice: {list(cfg.stages)}"
-    layers = cfg.attention.layers
-    if layers is not None and any(i < 0 for i in layers):
-        yield "attention.layers", f"layer indices must be >= 0, got {list(layers)}"
-    yield from _softmax_layer_problems(cfg)
-
-
-def _softmax_layer_problems(cfg: DictConfig) -> Iterable[tuple[str, str]]:
-    """attention.softmax_layers: a list of layer indices, or auto with a layer count (see
-    linearize.train.layer_choice); a run's choice is not yet made block by block."""
-    auto = _layer_choice("AUTO")()
-    layers, count = cfg.attention.softmax_layers, cfg.attention.softmax_layer_count
-    if isinstance(layers, ListConfig):
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-            yield "attention.softmax_layers", f"layer indices must be integers >= 0, got {list(layers)}"
-    elif layers != auto:
-        yield "attention.softmax_layers", f"must be a list of layer indices or {auto!r}, got {layers!r}"
-    elif count <= 0:
-        yield "attention.softmax_layers", f"{auto} needs attention.softmax_layer_count > 0 (N layers, or a fraction < 1)"
-    elif count >= 1 and count != int(count):
-        yield "attention.softmax_layer_count", f"a count of layers (>= 1) must be a whole number, got {count}"
-    elif cfg.attention_transfer.block_size > 0:
-        yield "attention.softmax_layers", (f"{auto} is not available with block-wise transfer "
-                                           "(attention_transfer.block_size > 0) yet: list the layers")
-
-
-CHECKS = (_choice_problems, _range_problems, _consistency_problems)
-
-
-def validate_config(cfg: DictConfig, provenance: Mapping[str, str] | None = None) -> None:
-    """Raises UserError for the first bad value (names, ranges, cross-key rules)."""
-    provenance = provenance or {}
-    for check in CHECKS:
-        for key, problem in check(cfg):
-            raise _error(_where(key, provenance), key, problem)
-
-
-# ---------------------------------------------------------------------------------------------- public
+    """Where `key` (e.g. `data.mix[0].weight`) was set: its own entry, else the nearest enclosing key's."""
+    parts = key.split("[")[0].split(".")
+    for end in range(len(parts), 0, -1):
+        source = provenance.get(".".join(parts[:end]))
+        if source:
+            return source
+    return DEFAULTS
 
 
 def _make_writable(node: DictConfig) -> None:
@@ -394,47 +172,14 @@ def _finish(cfg: DictConfig, provenance: Mapping[str, str], source: str) -> RunC
     try:
         _make_writable(cfg)
         OmegaConf.resolve(cfg)
+        # The library receives plain frozen dataclasses: it never sees (or imports) omegaconf.
+        run_config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise _error(_where(key, provenance) if key != "?" else source, key, _first_line(exc)) from None
-    validate_config(cfg, provenance)
-    # The library receives plain frozen dataclasses: it never sees (or imports) omegaconf.
-    return OmegaConf.to_object(cfg)
-
-
-def ignored_attention_keys(cfg: RunConfig, keys: Iterable[str]) -> list[str]:
-    """One warning line for each dotted `attention.*` key in `keys` that cfg's mechanism does not read,
-    naming the mechanisms that do (each mechanism declares its keys: `mechanism_config_keys`)."""
-    from linearize.attention import mechanism_config_keys
-
-    reads = mechanism_config_keys()
-    mechanism = cfg.attention.mechanism
-    warnings = []
-    for dotted in keys:
-        section, _, key = dotted.partition(".")
-        if section != "attention" or key in reads[mechanism]:
-            continue
-        users = [name for name, used in reads.items() if key in used]
-        warnings.append(f"{dotted} is ignored by attention.mechanism={mechanism}; it applies to: {', '.join(users)}")
-    return warnings
-
-
-def _switched_feature_map(cfg: DictConfig, parsed: Mapping) -> dict:
-    """When the command line switches attention.mechanism without naming a feature map, and the new
-    mechanism takes only some maps, its default map replaces the one the files chose for another
-    mechanism (e.g. demo's hedgehog under `attention.mechanism=liger`). Returns the override to merge."""
-    attention = parsed.get("attention") or {}
-    if "mechanism" not in attention or "feature_map" in attention:
-        return {}
-    from linearize.attention import MECHANISMS
-
-    factory = MECHANISMS.get(attention["mechanism"])
-    default = getattr(factory, "default_feature_map", None)
-    if default is None or cfg.attention.feature_map == default:
-        return {}
-    print(f"linearize: note: attention.feature_map={default}, {attention['mechanism']}'s default, replaces "
-          f"{cfg.attention.feature_map} (set attention.feature_map to choose another)", file=sys.stderr)
-    return {"attention": {"feature_map": default}}
+        raise error(_where(key, provenance) if key != "?" else source, key, _problem(exc)) from None
+    for key, problem in validate(run_config):
+        raise error(_where(key, provenance), key, problem)
+    return run_config
 
 
 def _with_overrides(cfg: DictConfig, overrides: Iterable[str], provenance: dict[str, str], source: str) -> RunConfig:
@@ -442,8 +187,9 @@ def _with_overrides(cfg: DictConfig, overrides: Iterable[str], provenance: dict[
     attention keys set there that the chosen mechanism ignores."""
     parsed = parse_overrides(overrides)
     cfg = _merge(cfg, parsed, COMMAND_LINE, provenance)
-    switched = _switched_feature_map(cfg, parsed)
+    switched, note = switched_feature_map(cfg.attention.feature_map, parsed)
     if switched:
+        print(f"linearize: note: {note}", file=sys.stderr)
         cfg = _merge(cfg, switched, f"the default of attention.mechanism={cfg.attention.mechanism}", provenance)
     run_config = _finish(cfg, provenance, source)
     for line in ignored_attention_keys(run_config, _dotted_keys(parsed)):
@@ -456,7 +202,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunCo
     path = Path(path)
     cfg = OmegaConf.structured(RunConfig)
     provenance: dict[str, str] = {}
-    for source, data in _config_sources(path):
+    for source, data in config_sources(path):
         cfg = _merge(cfg, data, source, provenance)
     return _with_overrides(cfg, overrides, provenance, str(path))
 

@@ -39,7 +39,7 @@ def test_declared_keys_are_the_keys_read():
     module(projected(), None, RunOptions(), want_state=True)
     declared = linearize.mechanism_config_keys()["gated_delta"]
     assert cfg.read - {"mechanism"} == set(declared) - set(COMMON_CONFIG_KEYS) == {
-        "delta_rope", "decay_from", "gate_norm", "init", "calibration_tokens"}
+        "delta_rope", "decay_from", "gate_norm", "init", "calibration_tokens", "native_family"}
 
 
 def test_init_values():

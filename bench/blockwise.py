@@ -241,7 +241,7 @@ def cache_table(seq_len: int, rows: int, repeats: int, block_size: int = 6) -> s
     import torch
 
     from linearize.models.lazy import LazyDecoder, SafetensorsReader
-    from linearize.train.blockwise import layer_blocks
+    from stages.blockwise import layer_blocks
     from linearize.train.hidden_cache import BlockInputs, HiddenCache, plan_cache
 
     torch.set_num_threads(2)

@@ -4,7 +4,7 @@ converted and no training, news perplexity, KL and top-1 agreement against the t
     python bench/step0.py                                          # gated_delta, kda, gated_delta_window x 3 inits
     python bench/step0.py --mechanisms gated_delta --inits calibrated --set attention.delta_rope=true
 
-Each row builds the student as a stage does (`stages.common.calibrate_fresh_student` for `calibrated`) and
+Each row builds the student as a stage does (`linearize.surgery.calibrate` for `calibrated`) and
 evaluates it on the first `--sequences` held-out sequences of the demo config.
 """
 from __future__ import annotations
@@ -25,25 +25,22 @@ SECTION_TITLE = "## Step-0 perplexity by init (bench/step0.py)"
 
 
 def measure(mechanism: str, init: str, extra: list[str], sequences: int) -> dict:
-    import tempfile
 
     from linearize.adapters import teacher_view
     from linearize.data import build_datasets
-    from linearize.train import config_to_dict, seed_everything
+    from linearize.train import seed_everything
     from linearize.train.evaluation import compare_on_tokens
+    from linearize.surgery import calibrate
     from linearize.train.student import load_converted
-    from stages.common import StageStart, calibrate_fresh_student
     from stages.config_loader import load_config
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"attention.mechanism={mechanism}", f"attention.init={init}", *extra])
     seed_everything(cfg.seed)
     model, tokenizer = load_converted(cfg)
-    with tempfile.TemporaryDirectory() as scratch:  # an "evaluate" stage: nothing is recorded
-        start = StageStart(cfg, Path(scratch) / "evaluate", model, tokenizer, None, config_to_dict(cfg))
-        started = time.time()
-        calibrate_fresh_student(start)
-        seconds = time.time() - started
-    _, held_out = build_datasets(cfg.data, tokenizer, cfg.seed)
+    train_tokens, held_out = build_datasets(cfg.data, tokenizer, cfg.seed)
+    started = time.time()
+    calibrate(model, train_tokens, cfg.attention.init)
+    seconds = time.time() - started
     result = compare_on_tokens(model, held_out[:sequences], teacher_view=teacher_view)
     return {"mechanism": mechanism, "init": init, "set": " ".join(extra), "calibration_s": seconds, **result}
 

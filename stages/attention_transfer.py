@@ -7,7 +7,7 @@ attention-weight cross-entropy) → `<run>/attention_transfer/student.safetensor
 student parameters (liger) has nothing to learn here: the stage is recorded as skipped.
 
 With `attention_transfer.block_size: K > 0` the same per-layer objective is trained block by block
-(`linearize.train.blockwise`): K decoder layers at a time, lazily loaded, on the teacher's hidden states
+(`stages/blockwise.py`): K decoder layers at a time, lazily loaded, on the teacher's hidden states
 at the block's input (cached on disk within `cache_gb`), each block with its own optimizer, schedule and
 checkpoints, spread over the launched ranks; the blocks' students are joined into the same file."""
 from __future__ import annotations
@@ -18,9 +18,11 @@ import linearize
 from linearize.losses import transfer_objective
 from linearize.models.teacher import load_model_tokenizer
 from linearize.train import config_to_dict, distributed
-from linearize.train.blockwise import save_atomic, train_blocks
+from linearize.files import save_safetensors
 from linearize.train.student import save_student
 
+from . import layer_choice
+from .blockwise import train_blocks
 from .common import StageStart, finish_stage, skip_stage, start_stage, train_stage
 from .rundir import STUDENT_FILE
 
@@ -42,14 +44,14 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
 
 
 def run_blockwise(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
-    """Block-wise transfer: never builds the whole model (`model=None` in the StageStart)."""
-    start = StageStart(cfg, Path(run_dir) / STAGE, None, load_model_tokenizer(cfg.model), None, config_to_dict(cfg))
+    """Block-wise transfer (`stages.blockwise`): never builds the whole model (`model=None` in the start)."""
+    start = StageStart(layer_choice.applied(cfg, Path(run_dir)), Path(run_dir) / STAGE, None,
+                       load_model_tokenizer(cfg.model), None, config_to_dict(cfg))
     main = distributed.is_main_process()
-    result = train_blocks(cfg, start.stage_dir, start.tokenizer, start.config, stage=STAGE,
-                          accept_changes=accept_changes, log=print if main else lambda line: None)
+    result = train_blocks(start, accept_changes, log=print if main else lambda line: None)
     if result.skipped:
         return skip_stage(start, result.skipped)
     if main:
-        save_atomic(result.student, start.stage_dir / STUDENT_FILE)
+        save_safetensors(result.student, start.stage_dir / STUDENT_FILE)
     distributed.barrier()  # the joined student is on disk before any rank records the stage
     return finish_stage(start, result.metrics) if main else result.metrics

@@ -3,25 +3,22 @@ student parameters of the newest earlier stage (and, for the final student, the 
 resolved config dict; for a training stage the datasets, the loop and its metrics; and the DONE record."""
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-import linearize
 from linearize import adapters
 from linearize.data import build_datasets, in_stage_eval
-from linearize.errors import UserError
-from linearize.evals.report import plot_layer_scores
+from linearize.surgery import calibrate, calibration_tokens
 from linearize.train import config_to_dict, distributed, seed_everything, train
-from linearize.train.layer_choice import AUTO, REQUEST_KEYS, Probe, select_softmax_layers
 from linearize.train.state import write_json_atomic
 from linearize.train.student import load_converted, load_student
 
-from .registry import STAGES, TRAINING_STAGES
+from . import layer_choice
+from .layer_choice import LAYER_CHOICE_PLOT, find_layer_choice  # noqa: F401  (stages/report.py reads them here)
+from .registry import TRAINING_STAGES
 from .rundir import SKIPPED, STUDENT_SOURCES, adapter_dir, find_student_file, mark_done
 
 
@@ -60,114 +57,42 @@ CALIBRATION_FILE = "calibration.json"
 def start_stage(cfg, run_dir: Path, stage: str, sources=STUDENT_SOURCES) -> StageStart:
     """Seeds every RNG with cfg.seed (parameter inits, dropout), then builds the student from `sources`; a
     fresh student (no earlier stage's file) is calibrated when its layers ask for it. With
-    `attention.softmax_layers: auto` the start's cfg holds the run's recorded choice of layers (made
-    here if no stage recorded one), while its config dict keeps `auto`, as the run's config does."""
+    `attention.softmax_layers: auto` the start's cfg holds the run's recorded choice of layers
+    (`stages.layer_choice`), while its config dict keeps `auto`, as the run's config does."""
     config = config_to_dict(cfg)
-    cfg = resolve_softmax_layers(cfg, Path(run_dir), stage)
+    cfg = layer_choice.applied(cfg, Path(run_dir))
     seed_everything(cfg.seed)
     model, tokenizer, source = build_student(cfg, run_dir, sources)
     start = StageStart(cfg, Path(run_dir) / stage, model, tokenizer, source, config)
-    if source is None:
-        calibrate_fresh_student(start)
+    if source is None and calibration_tokens(model):  # the data is read only when a layer asks for it
+        train_tokens, _ = build_datasets(cfg.data, tokenizer, cfg.seed)
+        record_calibration(start.stage_dir, calibrate(model, train_tokens, cfg.attention.init))
     return start
 
 
-LAYER_CHOICE_FILE = "softmax_layers.json"
-LAYER_CHOICE_PLOT = "softmax_layers.png"
-
-
-def find_layer_choice(run_dir: Path) -> Optional[Path]:
-    """The run's recorded softmax layer choice: the file in the first stage folder, in pipeline order,
-    that holds one (the choice lives in the stage that made it, so `--force` on that stage discards it)."""
-    for stage in STAGES:
-        path = Path(run_dir) / stage / LAYER_CHOICE_FILE
-        if path.is_file():
-            return path
-    return None
-
-
-def resolve_softmax_layers(cfg, run_dir: Path, stage: str):
-    """cfg itself, or with `attention.softmax_layers: auto`, a new config holding the recorded choice
-    (made now, in `<run>/<stage>/`, if no stage recorded one: a resumed stage never chooses again)."""
-    if cfg.attention.softmax_layers != AUTO:
-        return cfg
-    if distributed.is_main_process() and find_layer_choice(run_dir) is None:
-        _record_layer_choice(cfg, run_dir / stage, stage)
-    if stage in TRAINING_STAGES:
-        distributed.barrier()  # the ranks that train this stage together look only after rank 0 has written
-    path = find_layer_choice(run_dir)
-    record = json.loads(path.read_text())
-    changed = [key for key, name in REQUEST_KEYS.items() if record.get(key) != getattr(cfg.attention, name)]
-    if changed:
-        asked = ", ".join(f"attention.{REQUEST_KEYS[k]}={getattr(cfg.attention, REQUEST_KEYS[k])} "
-                          f"(recorded {record.get(k)})" for k in changed)
-        raise UserError(f"{path} was chosen for other values: {asked}; re-run the stage that chose "
-                        f"({path.parent.name}) with --force to choose again")
-    return replace(cfg, attention=replace(cfg.attention, softmax_layers=list(record["choice"])))
-
-
-def _record_layer_choice(cfg, stage_dir: Path, stage: str) -> None:
-    """Runs the selector, writes its record atomically and the per-layer score plot, and says which
-    layers it chose (rank 0 only)."""
-    record = choose_softmax_layers(cfg)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    plot_layer_scores(record, stage_dir / LAYER_CHOICE_PLOT)
-    path = stage_dir / LAYER_CHOICE_FILE
-    write_json_atomic(path, record)
-    print(f"{stage}: softmax layers {record['choice']} chosen by {record['selector']} from "
-          f"{len(record['candidates'])} candidate layers (scores in {path})")
-
-
-def choose_softmax_layers(cfg) -> dict:
-    """The selector's record for cfg: scored on a throwaway model converted in every candidate layer,
-    probing with the transfer stage's optimizer settings on the run's data, and held out: the first rows
-    of its in-stage eval, as many as the probe trains on (at least one), so scoring costs about a third
-    of the probe (forwards only)."""
-    seed_everything(cfg.seed)
-    model, tokenizer = load_converted(replace(cfg, attention=replace(cfg.attention, softmax_layers=[])))
-    train_tokens, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
-    stage_cfg = cfg.attention_transfer
-    probe_rows = max(1, cfg.attention.selection_steps * stage_cfg.micro_batch_size)
-    held_out = in_stage_eval(eval_tokens, stage_cfg)[:probe_rows]
-    probe = Probe(train=train_tokens, held_out=held_out, steps=cfg.attention.selection_steps,
-                  lr=stage_cfg.lr, micro_batch_size=stage_cfg.micro_batch_size, grad_clip=stage_cfg.grad_clip,
-                  mse_factor=stage_cfg.mse_factor)
-    return select_softmax_layers(model, cfg.attention.softmax_layer_selector, cfg.attention.softmax_layer_count, probe)
-
-
-def calibrate_fresh_student(start: StageStart) -> None:
-    """`attention.init=calibrated`: one teacher forward over the first training tokens (at least
-    `attention.calibration_tokens`, whole sequences) sets each converted layer's new parameters from its
-    teacher attention statistics (`linearize.calibrating`). A training stage records what was set in
-    `<stage>/calibration.json`. Deterministic (same data, same values), so a resumed stage, whose checkpoint
-    then overwrites the parameters, and a later stage that starts fresh agree."""
-    wanted = linearize.calibration_tokens(start.model)
-    if wanted == 0:
+def record_calibration(stage_dir: Path, record: Optional[dict]) -> None:
+    """Keeps what calibration set (`<stage_dir>/calibration.json`, training stages and their blocks only:
+    a later stage that starts fresh recomputes the same values) and says so in one line."""
+    if record is None or not distributed.is_main_process():
         return
-    cfg = start.cfg
-    train_tokens, _ = build_datasets(cfg.data, start.tokenizer, cfg.seed)
-    rows = min(len(train_tokens), math.ceil(wanted / cfg.data.seq_len))
-    batch = train_tokens[:rows].to(next(start.model.parameters()).device)  # [rows, L]
-    with torch.no_grad(), linearize.calibrating(start.model) as records:
-        start.model(input_ids=batch)
-    if start.stage_dir.name in TRAINING_STAGES and distributed.is_main_process():
-        write_json_atomic(start.stage_dir / CALIBRATION_FILE,
-                          {"init": cfg.attention.init, "tokens": int(batch.numel()),
-                           "layers": {str(i): records[i] for i in sorted(records)}})
-    if distributed.is_main_process():
-        print(f"{start.stage_dir.name}: calibrated {len(records)} layers from the teacher's attention on "
-              f"{batch.numel()} tokens")
+    if stage_dir.name in TRAINING_STAGES or stage_dir.parent.name in TRAINING_STAGES:
+        write_json_atomic(stage_dir / CALIBRATION_FILE, record)
+    print(f"{stage_dir.name}: calibrated {len(record['layers'])} layers from the teacher's attention on "
+          f"{record['tokens']} tokens")
 
 
 def train_stage(start: StageStart, model: torch.nn.Module, loss_fn: Callable, stage_cfg,
-                accept_changes: bool) -> dict:
-    """Trains `model` (the start's model, or a wrapper of it) with `loss_fn` on cfg.data; returns the
-    final metrics every training stage records."""
+                accept_changes: bool, data: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                stage: Optional[str] = None) -> dict:
+    """Trains `model` (the start's model, or a wrapper of it) with `loss_fn` on cfg.data (or on `data`,
+    the (train, eval) token rows already built from it); returns the final metrics every training stage
+    records. `stage`: the stage whose config section applies (default: the start's folder name; a block
+    of a block-wise stage trains in its own folder under its stage's section)."""
     cfg = start.cfg
-    train_tokens, eval_tokens = build_datasets(cfg.data, start.tokenizer, cfg.seed)
+    train_tokens, eval_tokens = data if data is not None else build_datasets(cfg.data, start.tokenizer, cfg.seed)
     eval_tokens = in_stage_eval(eval_tokens, stage_cfg)
     result = train(model, loss_fn, train_tokens, eval_tokens, stage_cfg, stage_dir=start.stage_dir,
-                   stage=start.stage_dir.name, seed=cfg.seed, engine_cfg=cfg.engine, config=start.config,
+                   stage=stage or start.stage_dir.name, seed=cfg.seed, engine_cfg=cfg.engine, config=start.config,
                    shuffle=cfg.data.shuffle, accept_changes=accept_changes)
     return {"step": result.step, "loss": result.loss, "eval_loss": result.eval_loss, "tokens": result.tokens,
             "plot": result.plot.name}

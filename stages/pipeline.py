@@ -4,20 +4,18 @@ closing summary (teacher and student perplexity, a generation from the export)."
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from linearize.config import config_to_dict
 from linearize.errors import UserError
 from linearize.train import check_same_config, distributed, latest_checkpoint, verify_checkpoint
-from linearize.train.blockwise import block_dirs, init_block_ranks
 from linearize.train.checkpoint import checkpoint_step, read_checkpoint_config
 from linearize.train.distributed import DistributedSettings
 from linearize.train.layer_choice import AUTO
-from stages.common import find_layer_choice
-from stages.report import write_report
 from linearize.train.state import RESTART_HINT
-from stages import export
+from stages import export, layer_choice
+from stages.blockwise import block_dirs, init_block_ranks
+from stages.report import write_report
 from stages.registry import STAGES, TRAINING_STAGES, stage_runner
 from stages.rundir import (DONE_FILE, SKIPPED, check_owned, clear_done, discard_stage, mark_stage, read_done,
                            remove_discard_leftovers, run_lock, same_config_as_done)
@@ -108,10 +106,10 @@ def _layers_line(cfg, run_dir: Path) -> str:
     """Which layers the student keeps as softmax attention, and who chose them."""
     kept, how = cfg.attention.softmax_layers, "listed in the config"
     if kept == AUTO:
-        path = find_layer_choice(run_dir)
+        path = layer_choice.find_layer_choice(run_dir)
         if path is None:  # no stage that chooses has run yet
             return f"student: {cfg.attention.mechanism}; softmax layers: auto, not chosen yet"
-        record = json.loads(path.read_text())
+        record = layer_choice.read_layer_choice(path)
         kept, how = record["choice"], f"chosen by {record['selector']} ({path})"
     if not kept:
         return f"student: {cfg.attention.mechanism} in every converted layer, no softmax layers"
@@ -189,7 +187,8 @@ def _run_locked(cfg, run_dir: Path, names: list[str], force: bool, accept_change
                 print(f"{name}: --force, discarded its previous outputs")
             clear_done(stage_dir)
             mark_stage(stage_dir, name)
-        distributed.barrier()  # rank 0 has discarded before any rank looks for a checkpoint
+            layer_choice.ensure_choice(cfg, run_dir, name)  # once per run, before the first stage that builds
+        distributed.barrier()  # rank 0 has discarded (and chosen) before any rank looks for a checkpoint
         statuses[name] = _status(stage_dir)
         if _runs_here(name, cfg, distributed_run):
             results[name] = stage_runner(name)(cfg, run_dir, accept_changes=accept_changes)

@@ -89,6 +89,22 @@ def test_blockwise_transfer_gives_the_all_at_once_student(all_at_once, tiny_toke
     assert "all blocks trained" in printed
 
 
+def test_blockwise_transfer_with_auto_softmax_layers_gives_the_all_at_once_student(tmp_path, tiny_tokenizer):
+    """`softmax_layers: auto` is chosen once, before the blocks (the same probe as all at once), and the
+    block students are bit-identical to the all-at-once student of the same choice."""
+    auto = {"attention.softmax_layers": "auto", "attention.softmax_layer_count": 1, "attention.selection_steps": 2}
+    whole, _, _ = _run(_config(tmp_path, tiny_tokenizer, run_name="whole", **auto))
+    blocks, _, printed = _run(_config(tmp_path, tiny_tokenizer, run_name="k2", **auto,
+                                      **{"attention_transfer.block_size": 2}))
+    choices = [json.loads((run / "attention_transfer" / "softmax_layers.json").read_text())["choice"]
+               for run in (whole, blocks)]
+    assert choices[0] == choices[1] and len(choices[0]) == 1
+    assert printed.count("softmax layers [") == 1  # chosen once, not once per block
+    student = load_file(blocks / STUDENT)
+    assert not any(f".layers.{choices[0][0]}." in name for name in student)  # the kept layer trains nothing
+    _assert_same_student(student, load_file(whole / STUDENT), tol=0)  # clipping off: the same floats
+
+
 def test_a_small_disk_budget_recomputes_and_says_so(all_at_once, tiny_tokenizer):
     """Room for one of three block inputs: layers 2 and 3 recompute theirs from layer 1's stored states."""
     root, whole, _ = all_at_once
@@ -106,8 +122,8 @@ def test_a_smaller_cache_dtype_is_used_for_the_stored_states(all_at_once, tiny_t
 
     root, whole, _ = all_at_once
     written = []
-    save = hidden_cache.save_file
-    monkeypatch.setattr(hidden_cache, "save_file", lambda tensors, *a, **k: (written.append(tensors["hidden"].dtype),
+    save = hidden_cache.save_safetensors
+    monkeypatch.setattr(hidden_cache, "save_safetensors", lambda tensors, *a, **k: (written.append(tensors["hidden"].dtype),
                                                                               save(tensors, *a, **k))[1])
     run_dir, _, _ = _run(_config(root, tiny_tokenizer, run_name="bf16", **{
         "attention_transfer.block_size": 2, "attention_transfer.cache_dtype": "bfloat16"}))
@@ -186,8 +202,8 @@ def test_a_killed_block_resumes_exactly(tmp_path, tiny_tokenizer):
     crash = _run_job(killed, kill_at=("block_1", 2))
     assert crash.returncode == -signal.SIGKILL, crash.stderr[-3000:]
     stage = Path("tiny") / "attention_transfer"
-    assert (tmp_path / "killed" / stage / "block_0" / "result.json").is_file()
-    assert not (tmp_path / "killed" / stage / "block_1" / "result.json").exists()
+    assert (tmp_path / "killed" / stage / "block_0" / "DONE").is_file()
+    assert not (tmp_path / "killed" / stage / "block_1" / "DONE").exists()
     resumed = _run_job(killed)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "block 1/2 (layers 0-0) done, skipping" in resumed.stdout
@@ -248,7 +264,7 @@ def test_blocks_trained_on_two_ranks_join_into_the_one_rank_student(all_at_once,
                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     stage = tmp_path / "ranks" / "attention_transfer"
-    trained_by = {b: json.loads((stage / f"block_{b}" / "result.json").read_text())["rank"] for b in range(4)}
+    trained_by = {b: json.loads((stage / f"block_{b}" / "DONE").read_text())["metrics"]["rank"] for b in range(4)}
     assert trained_by == {0: 0, 1: 1, 2: 0, 3: 1}
     assert (stage / "DONE").is_file()
     _assert_same_student(load_file(stage / "student.safetensors"), load_file(whole / STUDENT))

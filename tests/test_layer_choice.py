@@ -122,7 +122,7 @@ def test_auto_records_and_applies_its_choice(auto_run):
 
 
 def test_a_rerun_reads_the_choice_and_force_on_its_stage_chooses_again(auto_run, tmp_path, monkeypatch):
-    import stages.common
+    import stages.layer_choice
     from stages.pipeline import run_stages
     from test_stages import copy_run
 
@@ -133,7 +133,7 @@ def test_a_rerun_reads_the_choice_and_force_on_its_stage_chooses_again(auto_run,
         calls.append(args)
         raise AssertionError("the recorded choice must be read, not made again")
 
-    monkeypatch.setattr(stages.common, "select_softmax_layers", refuse)
+    monkeypatch.setattr(stages.layer_choice, "select_softmax_layers", refuse)
     run_stages(cfg, ["export"], force=True)  # builds the student from the recorded choice
     (run_dir / "attention_transfer" / "DONE").unlink()  # as if interrupted after its last checkpoint
     run_stages(cfg, ["attention_transfer"])  # resumes from that checkpoint with the recorded choice
@@ -144,15 +144,45 @@ def test_a_rerun_reads_the_choice_and_force_on_its_stage_chooses_again(auto_run,
 
 
 def test_a_record_for_another_request_is_refused(auto_run, tmp_path):
-    from stages.common import resolve_softmax_layers
     from stages.config_loader import config_from_dict, config_to_dict
     from test_stages import copy_run
 
     cfg, run_dir = copy_run(*auto_run, tmp_path)
     other = config_from_dict(config_to_dict(cfg), "test", ["attention.softmax_layer_selector=uniform"])
+    from stages.layer_choice import applied
+
     with pytest.raises(UserError, match="softmax_layer_selector=uniform .recorded transfer_probe.") as err:
-        resolve_softmax_layers(other, run_dir, "lora_recovery")
+        applied(other, run_dir)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"selector": "uniform", "count": 1, "steps": 8}',
+                                     '{"selector": "uniform", "count": 1, "steps": 8, "choice": ["a"]}'])
+def test_a_damaged_choice_record_is_one_line_naming_it(auto_run, tmp_path, content):
+    """Invalid JSON, a list, no `choice`, or a choice that is not layer indices: one line naming the file."""
+    from stages.layer_choice import applied
+    from test_stages import copy_run
+
+    cfg, run_dir = copy_run(*auto_run, tmp_path)
+    record = run_dir / "attention_transfer" / "softmax_layers.json"
+    record.write_text(content)
+    with pytest.raises(UserError, match="softmax_layers.json is not a") as err:
+        applied(cfg, run_dir)
+    assert "\n" not in str(err.value)
+
+
+def test_a_stage_reads_the_choice_and_never_makes_it(auto_run, tmp_path):
+    """Only the pipeline chooses (`stages.layer_choice.ensure_choice`, before a stage runs); a stage started
+    without a recorded choice says so in one line instead of training a probe model."""
+    import shutil
+
+    from stages.common import start_stage
+    from test_stages import copy_run
+
+    cfg, run_dir = copy_run(*auto_run, tmp_path)
+    shutil.rmtree(run_dir / "attention_transfer")
+    with pytest.raises(UserError, match="holds no layer choice yet"):
+        start_stage(cfg, run_dir, "evaluate")
 
 
 @pytest.mark.parametrize("attention, problem", [
@@ -170,11 +200,8 @@ def test_config_errors_are_one_line(attention, problem):
     assert problem in str(err.value) and "\n" not in str(err.value)
 
 
-def test_auto_is_refused_with_blockwise_transfer_and_by_the_library():
-    from stages.config_loader import config_from_dict
-
-    with pytest.raises(UserError, match="not available with block-wise transfer"):
-        config_from_dict({"attention": AUTO_ONE_LAYER, "attention_transfer": {"block_size": 1}}, "test")
+def test_auto_is_refused_by_the_library():
+    """`auto` is resolved by a run (block-wise or not: tests/test_blockwise.py); the library takes indices."""
     with pytest.raises(UserError, match="resolved by a run"):
         linearize.linearize_model(tiny_model("llama"), AttentionConfig(softmax_layers="auto"))
 

@@ -3,6 +3,8 @@ attention transfer (stage 1) and LoRA recovery (stage 2). The stage runners pick
 the same closures."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from .. import adapters
@@ -12,21 +14,35 @@ from .lm import next_token_loss
 from .transfer import PairCollector, attention_ce, transfer_mse
 
 
-def transfer_objective(mse_factor: float = 1.0, attn_ce_weight: float = 0.0):
+def transfer_objective(mse_factor: float = 1.0, attn_ce_weight: float = 0.0, *,
+                       inputs: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                       num_layers: Optional[int] = None):
     """mse_factor · MSE (+ attn_ce_weight · attention-weight cross-entropy) over one teacher-forced
-    forward through the decoder (the LM head is skipped: transfer needs only the per-layer pairs). The
-    layers hand over their attention weights only when the cross-entropy term needs them."""
+    forward in transfer mode. The layers hand over their attention weights only when the cross-entropy
+    term needs them.
+
+    Whole model (default): the decoder runs on the token ids (the LM head is skipped: transfer needs only
+    the per-layer pairs). A block of layers (block-wise transfer): `inputs(input_ids [B, L]) -> [B, L, D]`
+    gives the teacher's hidden states at the block's input (cached), the block runs on them, and each
+    layer's loss weighs 1 / `num_layers` (all converted layers of the model), so the blocks' losses add up
+    to the whole model's."""
     collector = PairCollector()
     weights = attn_ce_weight > 0
+
+    def forward(model, input_ids):
+        if inputs is None:
+            model.get_decoder()(input_ids=input_ids, use_cache=False)  # no decode state in training
+        else:
+            model(inputs(input_ids))
 
     def loss_fn(model, input_ids):
         collector.take()
         with transfer_mode(model, collector, weights=weights):
-            model.get_decoder()(input_ids=input_ids, use_cache=False)  # no decode state in training
+            forward(model, input_ids)
         pairs = collector.take()
-        loss = transfer_mse(pairs, mse_factor)
+        loss = transfer_mse(pairs, mse_factor, num_layers=num_layers)
         if weights:
-            loss = loss + attn_ce_weight * attention_ce(pairs)
+            loss = loss + attn_ce_weight * attention_ce(pairs, num_layers=num_layers)
         return loss
 
     return loss_fn

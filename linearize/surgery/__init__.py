@@ -1,13 +1,15 @@
 """Model surgery: find the decoder layers of a supported architecture, wrap the selected attentions in
 `LinearizedAttention`, undo it exactly, freeze everything but the student, and switch modes.
 
-Decoder layers are found through one explicit table; any other architecture is refused."""
+Decoder layers are found through one explicit table; any other architecture is refused. Surgery is the only
+door through which the rest of the library (training, stages, benchmarks) builds or reaches student
+mechanisms: `linearize_model` converts, `initial_students` gives the starting parameters, `modes` switches
+what the converted layers compute, `calibration` sets a fresh student from its teacher's attention."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -16,6 +18,8 @@ from ..attention import LinearizedAttention, RunOptions, build_mechanism, mechan
 from ..config import AttentionConfig
 from ..errors import UserError
 from ..ops._common import BACKENDS, FORM_NAMES
+from .calibration import calibrate, calibrating, calibration_rows, calibration_tokens
+from .modes import students_only_in, teacher_mode, transfer_mode, wrapped_attentions
 
 
 @dataclass(frozen=True)
@@ -73,42 +77,69 @@ def check_run_options(cfg: AttentionConfig) -> None:
             raise UserError(f"unknown attention.{key} {value!r}; valid: {', '.join(valid)}")
 
 
-def linearize_model(model: nn.Module, attention_config: Any) -> nn.Module:
-    """Wrap the attention of every selected layer in place and record the conversion in
-    `model.config.linearize`. New parameters are fp32 on the model's device."""
+def head_dim_of(text_cfg) -> int:
+    """The attention head width a decoder config implies (explicit `head_dim`, else hidden / heads)."""
+    return getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+
+
+def build_students(cfg: AttentionConfig, text_cfg, layers: Iterable[int]) -> dict[int, nn.Module]:
+    """Fresh student mechanisms for `layers` (fp32, CPU), built in layer order from the current RNG state.
+    The one place that decides the order in which students draw their random inits: a block-wise stage
+    builds every initial student up front through it, an all-at-once stage builds them inside
+    `linearize_model`, and both get the same parameters from the same seed."""
+    return {idx: build_mechanism(cfg, text_cfg.num_attention_heads, text_cfg.num_key_value_heads,
+                                 head_dim_of(text_cfg), text_cfg.hidden_size).to(torch.float32)
+            for idx in sorted(layers)}
+
+
+def initial_students(attention_config: Any, text_cfg, layers: Iterable[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """The initial student parameters of `layers`, as `linearize_model` would build them from the current
+    RNG state (call right after seeding)."""
+    cfg = as_attention_config(attention_config)
+    return {idx: mechanism.state_dict() for idx, mechanism in build_students(cfg, text_cfg, layers).items()}
+
+
+def linearize_model(model: nn.Module, attention_config: Any, layers: Optional[Iterable[int]] = None,
+                    initial: Optional[dict[int, dict[str, torch.Tensor]]] = None) -> nn.Module:
+    """Wrap the attention of `layers` (default: every selected layer of `attention_config`) in place and
+    record the conversion in `model.config.linearize`. `model` is a causal LM or a lazily loaded decoder
+    (`models.lazy.LazyDecoder`, whose `layers` must be loaded). The students start from `initial` (layer →
+    state dict, from `initial_students`) when given, else freshly from the current RNG state. New parameters
+    are fp32 on their layer's device."""
     cfg = as_attention_config(attention_config)
     check_run_options(cfg)
-    layers, layout = decoder_layers(model)
-    if any(isinstance(getattr(layer, layout.attention), LinearizedAttention) for layer in layers):
+    decoder, layout = decoder_layers(model)
+    if any(isinstance(getattr(layer, layout.attention, None), LinearizedAttention) for layer in decoder):
         raise UserError("this model is already linearized; call unlinearize_model first")
     text_cfg = model.config.get_text_config(decoder=True)
     opts = RunOptions(form=cfg.form, chunk_size=cfg.chunk_size, backend=cfg.backend, compile=cfg.compile)
-    converted = selected_layers(cfg, len(layers))
+    converted = selected_layers(cfg, len(decoder)) if layers is None else sorted(layers)
     for idx in converted:
-        base = getattr(layers[idx], layout.attention)
+        if not 0 <= idx < len(decoder) or not hasattr(decoder[idx], layout.attention):
+            raise ValueError(f"layer {idx} is not a loaded decoder layer of this model")
+    if initial is None:
+        students = build_students(cfg, text_cfg, converted)
+    else:
+        with torch.random.fork_rng(devices=[]):  # the given states replace these inits: draw nothing
+            students = build_students(cfg, text_cfg, converted)
+        for idx, mechanism in students.items():
+            mechanism.load_state_dict(initial[idx])
+    for idx, mechanism in students.items():
+        base = getattr(decoder[idx], layout.attention)
         device = next(base.parameters()).device
-        mechanism = build_mechanism(
-            cfg, text_cfg.num_attention_heads, text_cfg.num_key_value_heads, base.head_dim, text_cfg.hidden_size
-        ).to(device=device, dtype=torch.float32)
-        setattr(layers[idx], layout.attention, LinearizedAttention(base, mechanism, idx, opts))
+        setattr(decoder[idx], layout.attention, LinearizedAttention(base, mechanism.to(device), idx, opts))
     model.config.linearize = {
         "attention": dataclasses.asdict(cfg),
-        "layers": {str(i): (cfg.mechanism if i in converted else "softmax") for i in range(len(layers))},
+        "layers": {str(i): (cfg.mechanism if i in converted else "softmax") for i in range(len(decoder))},
     }
     return model
-
-
-def wrapped_attentions(model: nn.Module) -> Iterator[LinearizedAttention]:
-    for module in model.modules():
-        if isinstance(module, LinearizedAttention):
-            yield module
 
 
 def unlinearize_model(model: nn.Module) -> nn.Module:
     """Put every original attention module back (the same objects) and forget the conversion."""
     layers, layout = decoder_layers(model)
     for layer in layers:
-        attn = getattr(layer, layout.attention)
+        attn = getattr(layer, layout.attention, None)  # None: a layer a lazy decoder has not loaded
         if isinstance(attn, LinearizedAttention):
             setattr(layer, layout.attention, attn.base_layer)
     if hasattr(model.config, "linearize"):
@@ -146,62 +177,9 @@ def set_recompute(model: nn.Module, recompute: bool) -> nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def _mode(model: nn.Module, mode: str, collector: Callable | None = None, weights: bool = False):
-    attns = list(wrapped_attentions(model))
-    previous = [(a.mode, a.collector, a.collect_weights) for a in attns]
-    for a in attns:
-        a.mode, a.collector, a.collect_weights = mode, collector, weights
-    try:
-        yield model
-    finally:
-        for a, (m, c, w) in zip(attns, previous):
-            a.mode, a.collector, a.collect_weights = m, c, w
-
-
-def transfer_mode(model: nn.Module, collector: Callable, weights: bool | None = None):
-    """Within the block each converted layer hands `TransferPair`s to `collector` and returns the
-    teacher's output. `weights=True` adds the student and teacher attention weights `[B, H, T, T]` to
-    each pair (mechanisms with a parallel weight form: linear, window_linear). `weights=None` reads the
-    collector's `want_weights` attribute once, here (what `PairCollector(want_weights=...)` sets)."""
-    if weights is None:
-        weights = bool(getattr(collector, "want_weights", False))
-    return _mode(model, "transfer", collector, weights)
-
-
-@contextlib.contextmanager
-def calibrating(model: nn.Module) -> Iterator[dict]:
-    """Within the block, a forward of `model` (or of any module holding converted layers) calibrates every
-    converted layer that asks for it (`attention.init=calibrated`) from the teacher attention of that call's
-    inputs, and returns the teacher's outputs, so each layer sees exact teacher inputs. Yields a dict that
-    fills with {layer_idx: record of what was set}."""
-    records: dict = {}
-
-    def collect(item) -> None:
-        layer_idx, record = item
-        records[layer_idx] = record
-
-    with _mode(model, "calibrate", collect):
-        yield records
-
-
-def calibration_tokens(model: nn.Module) -> int:
-    """The most calibration tokens any converted layer under `model` asks for; 0 = nothing to calibrate."""
-    return max((a.mechanism.calibration_tokens() for a in wrapped_attentions(model)), default=0)
-
-
-def teacher_mode(model: nn.Module):
-    """Within the block every converted layer runs its original softmax attention."""
-    return _mode(model, "teacher")
-
-
-@contextlib.contextmanager
-def students_only_in(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Module]:
-    """Within the block only the converted layers in `layers` run their student; every other converted
-    layer runs its original softmax attention (the effect of converting just those layers)."""
-    keep = set(layers)
-    with teacher_mode(model):
-        for a in wrapped_attentions(model):
-            if a.layer_idx in keep:
-                a.mode = "student"  # leaving teacher_mode restores every layer's own mode
-        yield model
+__all__ = [
+    "ARCHITECTURES", "DecoderLayout", "as_attention_config", "build_students", "calibrate", "calibrating",
+    "calibration_rows", "calibration_tokens", "check_run_options", "decoder_layers", "freeze_for_transfer",
+    "head_dim_of", "initial_students", "linearize_model", "selected_layers", "set_recompute", "student_parameters",
+    "students_only_in", "teacher_mode", "transfer_mode", "unlinearize_model", "wrapped_attentions",
+]

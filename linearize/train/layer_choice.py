@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..losses import PairCollector, distill_kl, transfer_mse, transfer_objective
-from ..surgery import (calibrating, calibration_tokens, freeze_for_transfer, students_only_in, transfer_mode,
-                       wrapped_attentions)
+from ..config import EngineConfig
+from ..surgery import calibrate, freeze_for_transfer, students_only_in, transfer_mode, wrapped_attentions
+from .engine import build_engine
 
 AUTO = "auto"  # the attention.softmax_layers value that asks a run to choose
 # The record's keys for what was asked, and the AttentionConfig keys (read by the run, whatever the
@@ -47,6 +48,17 @@ class Probe:
     micro_batch_size: int = 1
     grad_clip: float = 1.0
     mse_factor: float = 1.0
+
+    def optimizer_settings(self):
+        """What `train.engine.build_engine` reads of a stage config: AdamW at `lr`, no decay, fp32."""
+        return _ProbeOptimizer(lr=self.lr)
+
+
+@dataclass(frozen=True)
+class _ProbeOptimizer:
+    lr: float
+    weight_decay: float = 0.0
+    autocast: str = "none"
 
 
 Selector = Callable[[torch.nn.Module, int, Probe], dict[int, float]]
@@ -86,15 +98,6 @@ def _device_rows(tokens: torch.Tensor, rows: range, model: torch.nn.Module) -> t
     return tokens[index].to(next(model.parameters()).device)  # [len(rows), L]
 
 
-def _calibrate(model: torch.nn.Module, tokens: torch.Tensor) -> None:
-    """`attention.init=calibrated`: the same first-rows calibration a fresh student of the run gets."""
-    wanted = calibration_tokens(model)
-    if wanted:
-        batch = _device_rows(tokens, range(min(len(tokens), math.ceil(wanted / tokens.shape[1]))), model)
-        with torch.no_grad(), calibrating(model):
-            model(input_ids=batch)
-
-
 def held_out_relative_error(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 1) -> dict[int, float]:
     """{layer: MSE(student, teacher) / mean(teacher²) of its attention output} over `tokens` `[M, L]`, every
     converted layer on exact teacher inputs (one forward per batch). Relative, because the raw MSE follows
@@ -115,20 +118,20 @@ def held_out_relative_error(model: torch.nn.Module, tokens: torch.Tensor, batch_
 
 
 def _train_probe(model: torch.nn.Module, probe: Probe) -> None:
-    """The calibrated init (if any), then `probe.steps` steps of the stage-1 objective on every converted
-    layer's student parameters at once (a mechanism without any trains nothing)."""
-    _calibrate(model, probe.train)
+    """The calibrated init (if any, on the same first rows as a fresh student of the run), then
+    `probe.steps` steps of the stage-1 objective on every converted layer's student parameters at once,
+    through the stages' own engine (plain AdamW at a constant rate, no weight decay; a mechanism without
+    student parameters trains nothing)."""
+    calibrate(model, probe.train, init="probe")
     params = freeze_for_transfer(model)
+    if not params:
+        return
     loss_fn = transfer_objective(probe.mse_factor)
-    optimizer = torch.optim.AdamW(params, lr=probe.lr, weight_decay=0.0) if params else None
-    for step in tqdm(range(probe.steps if params else 0), desc="softmax layers: probe", leave=False):
+    engine = build_engine(EngineConfig(name="single"), model, probe.optimizer_settings(), loss_fn)
+    for step in tqdm(range(probe.steps), desc="softmax layers: probe", leave=False):
         first = step * probe.micro_batch_size
-        loss = loss_fn(model, _device_rows(probe.train, range(first, first + probe.micro_batch_size), model))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if probe.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, probe.grad_clip)
-        optimizer.step()
+        engine.backward(engine.loss(_device_rows(probe.train, range(first, first + probe.micro_batch_size), model)))
+        engine.step(probe.grad_clip)
 
 
 def transfer_probe(model: torch.nn.Module, count: int, probe: Probe) -> dict[int, float]:

@@ -28,15 +28,17 @@ SECTION_TITLE = "## Passkey retrieval by context length (bench/passkey.py)"
 def _student(run_dir: Path):
     """The run's final student and tokenizer, and its config, without touching the run directory."""
     from stages.config_loader import load_config
-    from stages.evaluate import RUN_CONFIG, final_student
+    from stages.evaluate import final_student
+    from stages.rundir import RunDir
     from stages.registry import TRAINING_STAGES
 
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise SystemExit(f"error: {run_dir} is not a run directory (no {RUN_CONFIG})")
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise SystemExit(f"error: {run_dir} is not a run directory (no {run.config.name})")
     # Checked before building: a run with no trained stage would be calibrated afresh, which writes.
-    if not any((run_dir / stage).is_dir() for stage in TRAINING_STAGES):
+    if not any(run.stage(stage).path.is_dir() for stage in TRAINING_STAGES):
         raise SystemExit(f"error: {run_dir} has no trained student (no training stage folder)")
-    cfg = load_config(run_dir / RUN_CONFIG)
+    cfg = load_config(run.config)
     start = final_student(cfg, run_dir)
     return start.model.eval(), start.tokenizer, start.cfg
 

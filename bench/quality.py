@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._docs import publish  # noqa: E402
+from stages.rundir import CompareDir  # noqa: E402
 
 PRESETS = ["lolcats", "hedgehog_linear", "lawcat", "liger", "liger_window", "baseline_window_only",
            "baseline_no_transfer", "gated_delta", "kda", "gated_delta_window"]
@@ -65,7 +66,7 @@ def run_preset(args, preset: str) -> int:
 
 def section(args, failed: list[str]) -> str:
     """compare.md under this script's heading, with the presets that failed."""
-    body = (Path(args.output_dir) / "compare.md").read_text().split("\n", 1)[1]  # without its own title
+    body = CompareDir(args.output_dir).markdown.read_text().split("\n", 1)[1]  # without its own title
     notes = [f"Failed: {', '.join(f'{p} (see {Path(args.output_dir) / p}.log)' for p in failed)}."] if failed else []
     return "\n".join([SECTION_TITLE, body.rstrip("\n"), *notes]) + "\n"
 

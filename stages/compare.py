@@ -25,14 +25,12 @@ from linearize.files import save_figure, write_json, write_text
 
 from .config_loader import CONFIGS_DIR, load_config
 from .registry import TRAINING_STAGES
+from .rundir import CompareDir, RunDir
 
 EVALUATE = "evaluate"
 BASELINES = ("baseline_window_only", "baseline_no_transfer")  # presets under configs/, added by --baselines
 PASSKEY_FACTOR = 4  # passkey prompts at 4x the training length: retrieval beyond what the student trained on
 STATE_CONTEXT = 4096
-RECORD_FILE = "compare_run.json"  # per run: wall time and the cached extra measurements
-TEXTS_DIR = "texts"
-MD_FILE, JSON_FILE, PNG_FILE = "compare.md", "compare.json", "compare.png"
 BYTES_PER_MIB = 2**20
 # Other kinds of held-out text, by the column name of the table: registered corpora (linearize.data) that
 # every CPython install carries, so the exact text follows the Python version, which compare.json records.
@@ -119,7 +117,7 @@ def run_config(path: Path, eval_spec: str, options: CompareOptions):
 
 
 def _read_record(run_dir: Path) -> dict:
-    path = run_dir / RECORD_FILE
+    path = RunDir(run_dir).compare_record
     if not path.is_file():
         return {}
     try:
@@ -141,7 +139,7 @@ def _evaluation(run_dir: Path) -> Optional[dict]:
 
 def _update_record(run_dir: Path, **values) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / RECORD_FILE, {**_read_record(run_dir), **values})
+    _write_json(RunDir(run_dir).compare_record, {**_read_record(run_dir), **values})
 
 
 def run_timed(cfg, run_dir: Path) -> float:
@@ -167,11 +165,11 @@ def write_texts(out_dir: Path, kinds) -> dict[str, str]:
     """kind → a jsonl file of its documents under `<out>/texts/` (what `data.eval` reads)."""
     from linearize.data import load_corpus
 
-    folder = out_dir / TEXTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    where = CompareDir(out_dir)
+    where.texts.mkdir(parents=True, exist_ok=True)
     specs = {}
     for kind in kinds:
-        path = folder / f"{kind}.jsonl"
+        path = where.text(kind)
         text = "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in load_corpus(TEXT_KINDS[kind]))
         if not path.is_file() or path.read_text() != text:
             write_text(path, text)
@@ -363,7 +361,8 @@ def _setup(options: CompareOptions, eval_spec: str) -> dict:
 
 
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
-    paths = {"md": out_dir / MD_FILE, "json": out_dir / JSON_FILE, "png": out_dir / PNG_FILE}
+    where = CompareDir(out_dir)
+    paths = {"md": where.markdown, "json": where.json, "png": where.plot}
     _write_json(paths["json"], result)
     write_text(paths["md"], markdown(result))
     plot(result, paths["png"])

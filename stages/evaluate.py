@@ -16,16 +16,14 @@ from linearize.evals import run_long_context
 from linearize.evals.branches import branch_shares
 from linearize.evals.long_context import enabled as long_context_enabled
 from linearize.evals.report import BRANCH_PLOT_FILE, plot_branch_shares
-from linearize.models.exported import RUN_CONFIG_FILE, is_export_dir, load_export
+from linearize.models.exported import CONFIG_FILE as EXPORT_CONFIG, RUN_CONFIG_FILE, is_export_dir, load_export
 from linearize.train import default_device
 from linearize.train.evaluation import compare_on_tokens, greedy_sample
 
 from .common import StageStart, attach_adapter, finish_stage, start_stage
+from .rundir import RUN_CONFIG, TEACHER_DIR, RunDir, StageDir  # noqa: F401  (RUN_CONFIG: older importers)
 
 STAGE = "evaluate"
-EVAL_FILE = "eval.json"
-RUN_CONFIG = "config.yaml"
-TEACHER_DIR = "teacher"  # the teacher's long-context tables and heatmap, under the stage directory
 # Held-out rows the branch shares are averaged over (a second student pass over them, with the `[T, T]`
 # weights for window_linear): the first rows of the evaluation set.
 BRANCH_SEQUENCES = 8
@@ -114,7 +112,7 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     start = final_student(cfg, run_dir)
     start.stage_dir.mkdir(parents=True, exist_ok=True)
     result = _evaluate_student(start)
-    write_json(start.stage_dir / EVAL_FILE, result)
+    write_json(StageDir(start.stage_dir).eval, result)
     finish_stage(start, {k: v for k, v in result.items() if k != "samples"})
     return result
 
@@ -139,10 +137,10 @@ def evaluate_target(target, overrides=()) -> dict:
         _check_export_eval_data(cfg, target)
         model, tokenizer = load_export(target)
         return evaluate_model(cfg, model, tokenizer, with_teacher=False, out_dir=target / STAGE)
-    if (target / RUN_CONFIG).is_file():
+    if RunDir(target).is_run():
         from stages.rundir import run_lock
 
-        cfg = load_config(target / RUN_CONFIG, overrides)
+        cfg = load_config(RunDir(target).config, overrides)
         with run_lock(target):  # writes long-context tables under <run>/evaluate/
             return evaluate_run(cfg, target)
-    raise UserError(f"{target} is neither a run directory (no {RUN_CONFIG}) nor an export (no linearize config.json)")
+    raise UserError(f"{target} is neither a run directory (no {RUN_CONFIG}) nor an export (no linearize {EXPORT_CONFIG})")

@@ -12,11 +12,12 @@ import torch
 
 import linearize
 from linearize import adapters
+from linearize.files import faults_named
 from linearize.losses import recovery_objective
 from linearize.train.student import save_student
 
 from .common import finish_stage, start_stage, train_stage
-from .rundir import ADAPTER_DIR, STUDENT_FILE
+from .rundir import StageDir
 
 STAGE = "lora_recovery"
 
@@ -36,7 +37,9 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     peft_model = wrap_with_lora(start.model, cfg.lora_recovery)
     loss_fn = recovery_objective(cfg.lora_recovery.kl_weight, cfg.lora_recovery.ce_weight)
     metrics = train_stage(start, peft_model, loss_fn, cfg.lora_recovery, accept_changes)
-    peft_model.save_pretrained(start.stage_dir / ADAPTER_DIR)
-    save_student(adapters.unwrap(peft_model), start.stage_dir / STUDENT_FILE)
+    outputs = StageDir(start.stage_dir)
+    with faults_named(outputs.adapter):  # peft writes the folder; a full disk is one line naming it
+        peft_model.save_pretrained(outputs.adapter)
+    save_student(adapters.unwrap(peft_model), outputs.student)
     student_from = str(start.student_from) if start.student_from else "none (no transfer)"
     return finish_stage(start, {**metrics, "student_from": student_from})

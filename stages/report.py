@@ -10,9 +10,9 @@ from typing import Optional
 from linearize.evals.report import branch_shares_markdown
 from linearize.files import write_text
 
-from .common import LAYER_CHOICE_PLOT, find_layer_choice
+from .layer_choice import find_layer_choice
+from .rundir import LAYER_CHOICE_PLOT, REPORT_FILE, RUN_CONFIG, RunDir  # noqa: F401  (REPORT_FILE: older importers)
 
-REPORT_FILE = "report.md"
 TRAIN_COLUMNS = ("step", "loss", "eval_loss", "tokens")
 EVAL_ROWS = (("teacher perplexity", "teacher_ppl"), ("student perplexity", "student_ppl"),
              ("KL(teacher ‖ student) per token", "kl"), ("top-1 agreement", "top1_agreement"))
@@ -77,7 +77,7 @@ def write_report(run_dir: Path, statuses: dict, results: dict, export_sample: Op
     """statuses: stage → "ran" / "resumed from step k" / "skipped (done)"; results: stage → metrics
     (`{"skipped": reason}` for a stage that had nothing to do)."""
     run_dir = Path(run_dir)
-    lines = [f"# Run `{run_dir.name}`", "", "Resolved config: [config.yaml](config.yaml)", "", "## Stages", ""]
+    lines = [f"# Run `{run_dir.name}`", "", f"Resolved config: [{RUN_CONFIG}]({RUN_CONFIG})", "", "## Stages", ""]
     lines += _stage_table(statuses, results)
     lines += _layer_choice_section(run_dir)
     if results.get("evaluate"):
@@ -90,4 +90,4 @@ def write_report(run_dir: Path, statuses: dict, results: dict, export_sample: Op
     if plots:
         lines += ["", "## Loss curves", ""]
         lines += [f"![{stage}]({path.relative_to(run_dir)})" for stage, path in plots if path.exists()]
-    return write_text(run_dir / REPORT_FILE, "\n".join(lines) + "\n")
+    return write_text(RunDir(run_dir).report, "\n".join(lines) + "\n")

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -33,15 +34,159 @@ from linearize.errors import UserError
 from linearize.files import write_json
 from linearize.models.exported import is_export_dir
 from linearize.train.checkpoint import MANIFEST, latest_checkpoint
+from linearize.train.loop import METRICS_FILE, PLOT_FILE
 from linearize.train.state import ACCEPT_HINT, RESTART_HINT, check_same_config, stage_view
 
+# Every name a run directory holds, declared once; `RunDir` / `StageDir` / `CompareDir` build the paths.
 LOCK_FILE = ".lock"
 STAGE_MARKER = ".linearize_stage"
 DISCARDED = re.compile(r"^\.(?P<stage>[\w-]+)\.discarded-\d+$")
+RUN_CONFIG = "config.yaml"  # the resolved config the run was started with
+REPORT_FILE = "report.md"
 DONE_FILE = "DONE"
 SKIPPED = "skipped"  # the metrics key of a stage that had nothing to do; its value says why
 STUDENT_FILE = "student.safetensors"
 ADAPTER_DIR = "adapter"
+CALIBRATION_FILE = "calibration.json"
+LAYER_CHOICE_FILE = "softmax_layers.json"
+LAYER_CHOICE_PLOT = "softmax_layers.png"
+BLOCK_PREFIX = "block_"  # <stage>/block_<b>/: one block of block-wise transfer, a sub-stage
+CACHE_DIR = "hidden"  # <stage>/hidden/: the teacher's hidden states at block inputs
+EXPORT_DIR = "export"
+EVAL_FILE = "eval.json"
+TEACHER_DIR = "teacher"  # <evaluate>/teacher/: the teacher's long-context tables and heatmap
+COMPARE_RECORD = "compare_run.json"  # per compared run: wall time and the cached extra measurements
+COMPARE_MD, COMPARE_JSON, COMPARE_PNG = "compare.md", "compare.json", "compare.png"
+TEXTS_DIR = "texts"  # <compare out>/texts/<kind>.jsonl
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """`<run>/<stage>/` (or a block's sub-stage folder) and the files a stage keeps there."""
+
+    path: Path
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def done(self) -> Path:
+        return self.path / DONE_FILE
+
+    @property
+    def marker(self) -> Path:
+        return self.path / STAGE_MARKER
+
+    @property
+    def student(self) -> Path:
+        return self.path / STUDENT_FILE
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    @property
+    def calibration(self) -> Path:
+        return self.path / CALIBRATION_FILE
+
+    @property
+    def layer_choice(self) -> Path:
+        return self.path / LAYER_CHOICE_FILE
+
+    @property
+    def layer_choice_plot(self) -> Path:
+        return self.path / LAYER_CHOICE_PLOT
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / PLOT_FILE
+
+    @property
+    def cache(self) -> Path:
+        return self.path / CACHE_DIR
+
+    @property
+    def eval(self) -> Path:
+        return self.path / EVAL_FILE
+
+    @property
+    def teacher(self) -> Path:
+        return self.path / TEACHER_DIR
+
+    def block(self, index: int) -> "StageDir":
+        return StageDir(self.path / f"{BLOCK_PREFIX}{index}")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """`<output_dir>/<run_name>/`: named paths for every file a run holds."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / RUN_CONFIG
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
+    def export(self) -> Path:
+        return self.root / EXPORT_DIR
+
+    @property
+    def compare_record(self) -> Path:
+        return self.root / COMPARE_RECORD
+
+    def stage(self, name: str) -> StageDir:
+        return StageDir(self.root / name)
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+
+@dataclass(frozen=True)
+class CompareDir:
+    """`linearize compare --out DIR`: the table, the numbers, the plot, the texts and one run per config."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def markdown(self) -> Path:
+        return self.root / COMPARE_MD
+
+    @property
+    def json(self) -> Path:
+        return self.root / COMPARE_JSON
+
+    @property
+    def plot(self) -> Path:
+        return self.root / COMPARE_PNG
+
+    @property
+    def texts(self) -> Path:
+        return self.root / TEXTS_DIR
+
+    def text(self, kind: str) -> Path:
+        return self.texts / f"{kind}.jsonl"
+
+    def run(self, stem: str) -> RunDir:
+        return RunDir(self.root / stem)
 # Later stages supersede earlier ones: LoRA may have trained the student parameters further.
 STUDENT_SOURCES = ("lora_recovery", "attention_transfer")
 

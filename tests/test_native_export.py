@@ -224,3 +224,15 @@ def test_widened_head_keeps_the_rotary_width_exact():
     for head_dim in (16, 64, 80, 128):
         extra = qwen3_5.widened_channels(head_dim)
         assert int((head_dim + extra) * (head_dim / (head_dim + extra))) == head_dim
+
+
+@pytest.mark.slow  # ~60 s on the shared box: a fresh interpreter importing torch and transformers
+def test_cli_refuses_a_window_linear_run_in_one_line_and_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("attention:\n  mechanism: window_linear\n")
+    result = subprocess.run([sys.executable, "-m", "linearize", "export", str(run), str(tmp_path / "out"),
+                             "--format", "qwen3_5"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "window_linear" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

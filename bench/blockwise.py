@@ -72,7 +72,7 @@ def write_wide_model(folder: Path, layers: int, hidden: int, intermediate: int, 
     """A random Llama written one layer per safetensors shard (never the whole model in memory), with the
     bench tokenizer beside it."""
     import torch
-    from safetensors.torch import save_file
+    from linearize.files import save_safetensors, write_json
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (folder / "model.safetensors.index.json").is_file():
@@ -92,9 +92,9 @@ def write_wide_model(folder: Path, layers: int, hidden: int, intermediate: int, 
         shard = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {n: (torch.ones(shapes[n]) if n.endswith("norm.weight")
                        else torch.randn(shapes[n], generator=generator) * INIT_STD) for n in names}
-        save_file(tensors, folder / shard, metadata={"format": "pt"})
+        save_safetensors(tensors, folder / shard, metadata={"format": "pt"})
         weight_map.update({n: shard for n in names})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map}, indent=None)
     config.save_pretrained(folder)
     _tokenizer(folder)
     return folder

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._docs import publish  # noqa: E402
+from linearize.files import save_figure, write_json  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 TEACHER = "teacher"
@@ -166,7 +167,7 @@ def plot(results: list[dict], path: Path) -> None:
     speed.legend()
     fig.suptitle("SmolLM2-135M decode: teacher vs linearized students")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 
@@ -210,7 +211,7 @@ def main() -> None:
     if args.png:
         plot(results, args.png)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

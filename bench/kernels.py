@@ -24,7 +24,6 @@ to .cache/linearize/bench).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from linearize.errors import UserError  # noqa: E402
+from linearize.files import save_figure, write_json  # noqa: E402
 from linearize.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: E402
 from linearize.ops.gated_linear_attn import chunk_gated_linear_attn  # noqa: E402
 from linearize.ops.linear_attn import chunk_linear_attn  # noqa: E402
@@ -266,7 +266,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
@@ -300,7 +300,7 @@ def main(argv=None) -> None:
     print("\n" + header + "\n\n" + table(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels_{device}" if args.suite == "attention" else f"kernels_{args.suite}_{device}"
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
+    write_json(args.out / f"{stem}.json", dict(header=header, rows=rows), indent=1)
     plot(rows, args.out / f"{stem}.png", f"{device.upper()} {args.suite}")
     print(f"\nwrote {args.out / f'{stem}.json'} and .png")
 

@@ -117,7 +117,7 @@ def build_prompts(tokenizer, instructions: Sequence[str], doc_tokens: int, relat
     return prompts
 
 
-def _same_length_batches(prompts: Sequence[torch.Tensor], batch_size: int) -> list[list[int]]:
+def same_length_batches(prompts: Sequence[torch.Tensor], batch_size: int) -> list[list[int]]:
     """Indices of `prompts` in batches of equal length (no padding), at most `batch_size` each."""
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -132,7 +132,7 @@ def greedy_answers(model, prompts: Sequence[torch.Tensor], tokens: int, pad_toke
     device = next(model.parameters()).device
     out_tokens = torch.full((len(prompts), tokens), pad_token_id, dtype=torch.long)
     first: list[Optional[torch.Tensor]] = [None] * len(prompts)
-    for batch in _same_length_batches(prompts, batch_size):
+    for batch in same_length_batches(prompts, batch_size):
         ids = torch.stack([prompts[i] for i in batch]).to(device)  # [N, L]
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                              do_sample=False, pad_token_id=pad_token_id, return_dict_in_generate=True,

@@ -1,5 +1,5 @@
-"""Typed configuration schemas. The yaml loader lives in `stages/config_loader.py`: the library never
-reads yaml or argv."""
+"""Typed configuration schemas, the rules beside their fields (`rules.py`) and the check of a typed config
+(`validate.py`). The yaml loader lives in `stages/config_loader.py`: the library never reads yaml or argv."""
 from .dicts import changed_keys, config_to_dict, flatten
 from .schema import (
     AttentionConfig,
@@ -8,15 +8,19 @@ from .schema import (
     EvaluateConfig,
     ExportConfig,
     LoraRecoveryConfig,
+    MixEntry,
     ModelConfig,
+    RecallDataConfig,
     RunConfig,
+    TeacherSamplesConfig,
     TrainStageConfig,
     TransferConfig,
     stage_sections,
 )
+from .validate import validate
 
 __all__ = [
     "AttentionConfig", "DataConfig", "EngineConfig", "EvaluateConfig", "ExportConfig",
-    "LoraRecoveryConfig", "ModelConfig", "RunConfig", "TrainStageConfig", "TransferConfig", "changed_keys",
-    "config_to_dict", "flatten", "stage_sections",
+    "LoraRecoveryConfig", "MixEntry", "ModelConfig", "RecallDataConfig", "RunConfig", "TeacherSamplesConfig",
+    "TrainStageConfig", "TransferConfig", "changed_keys", "config_to_dict", "flatten", "stage_sections", "validate",
 ]

@@ -91,3 +91,9 @@ def test_bad_mixes_are_one_line_errors(tiny_tokenizer, mix, expected):
     with pytest.raises(UserError, match=expected) as info:
         build_datasets(DataConfig(mix=mix, seq_len=SEQ_LEN), tok, seed=0)
     assert "\n" not in str(info.value)
+
+
+def test_an_unknown_data_train_lists_the_valid_kinds(tiny_tokenizer):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    with pytest.raises(UserError, match=r"data.train: unknown source 'no such thing!'; valid kinds: teacher, recall"):
+        build_datasets(DataConfig(train="no such thing!", seq_len=SEQ_LEN), tok, seed=0)

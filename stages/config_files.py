@@ -7,13 +7,10 @@ from pathlib import Path
 import yaml
 
 from linearize import UserError
+from linearize.errors import one_line
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 INCLUDES_KEY = "includes"
-
-
-def one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def error(source: str, key: str, problem: str) -> UserError:

@@ -28,8 +28,9 @@ from omegaconf.errors import OmegaConfBaseException
 from linearize import UserError
 from linearize.config import RunConfig, config_to_dict
 from linearize.config.validate import validate
+from linearize.errors import one_line
 
-from .config_files import CONFIGS_DIR, INCLUDES_KEY, config_sources, error, one_line
+from .config_files import CONFIGS_DIR, INCLUDES_KEY, config_sources, error
 from .config_hints import ignored_attention_keys, switched_feature_map
 
 __all__ = ["CONFIGS_DIR", "config_from_dict", "config_to_dict", "ignored_attention_keys", "load_config",

@@ -2,7 +2,7 @@
 
     linearize run [CONFIG] [key=value ...] [--force | --accept-changes]      every stage in `stages`
     linearize stage NAME CONFIG [key=value ...] [--force | --accept-changes]  one stage
-    linearize eval TARGET [key=value ...]                  evaluate a run, an export, or a config
+    linearize eval TARGET [--out DIR] [key=value ...]      evaluate a run, an export, or a config
     linearize export RUN_DIR OUT_DIR [--overwrite] [--format F]  write a HF model folder (F: linearize, qwen3_5)
     linearize generate MODEL_DIR "prompt"                   load an export and generate
     linearize config CONFIG [key=value ...]                print the resolved config
@@ -11,7 +11,7 @@
 
 A user mistake (`linearize.UserError`, a missing file) or an expected fault (disk full, no permission)
 prints one line `linearize: error: ...` on stderr and exits with status 2; `--traceback` shows the full
-trace instead. Ctrl-C exits with status 130.
+trace instead. Ctrl-C exits with status 130, SIGTERM with 143 (one line each, the same cleanup).
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ import argparse
 import errno
 import json
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from linearize import UserError
@@ -31,6 +33,7 @@ PROG = "linearize"
 DEFAULT_CONFIG = CONFIGS_DIR / "demo.yaml"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 # OS faults a user fixes outside linearize (free space, permissions, a read-only mount): one line, no trace.
 ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
@@ -46,6 +49,20 @@ ACCEPT_HELP = ("continue a stage whose config or training data changed from its 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds exactly as Ctrl-C does (temp files removed, the
+    run lock released, checkpoints already written kept)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _comma_list(text: str) -> list[str]:
+    """`--texts code,manual` (an empty string: none); one option value, so it cannot take the configs."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 # ---------------------------------------------------------------------------------------------- handlers
@@ -80,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"eval target not found: {args.target}")
     from .evaluate import evaluate_target
 
-    results = evaluate_target(args.target, list(args.overrides))
+    results = evaluate_target(args.target, list(args.overrides), out_dir=Path(args.out) if args.out else None)
     print(json.dumps(results, indent=2, default=str))
     return 0
 
@@ -221,6 +238,9 @@ def _add_eval(sub, common: argparse.ArgumentParser) -> None:
         description="Evaluate TARGET on the config's eval data (perplexity of student and teacher, "
                     "a greedy sample) and print the results as JSON.")
     parser.add_argument("target", metavar="TARGET", help="a run directory, an exported model directory, or a yaml config")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="write eval.json and the evaluation's tables to DIR instead of under TARGET (the run is "
+                             "then only read, so a read-only run can be evaluated)")
     _add_overrides(parser)
     parser.set_defaults(handler=cmd_eval)
 
@@ -300,8 +320,9 @@ def _add_compare(sub, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", metavar="SPEC", help="held-out text for every run (default: the first config's data.eval)")
     parser.add_argument("--eval-sequences", type=int, default=defaults.eval_sequences, metavar="N",
                         help=f"held-out sequences (default: {defaults.eval_sequences})")
-    parser.add_argument("--texts", nargs="*", default=list(TEXT_KINDS), metavar="KIND",
-                        help=f"other kinds of text to evaluate on, of: {', '.join(TEXT_KINDS)} (default: all)")
+    parser.add_argument("--texts", type=_comma_list, default=list(TEXT_KINDS), metavar="KIND[,KIND...]",
+                        help=f"other kinds of text to evaluate on, comma-separated, of: {', '.join(TEXT_KINDS)} "
+                             "(default: all; '' for none)")
     parser.add_argument("--text-sequences", type=int, default=defaults.text_sequences, metavar="N",
                         help=f"sequences of each other kind of text (default: {defaults.text_sequences})")
     parser.add_argument("--stage-eval-sequences", type=int, default=defaults.stage_eval_sequences, metavar="N",
@@ -362,8 +383,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `linearize` script; returns the process exit status."""
     args = parse_args(build_parser(), argv)
+    # Python can set handlers in the main thread only (an embedding caller may run us elsewhere).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         return args.handler(args)
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM); finished checkpoints and stages are kept, `linearize run` resumes",
+              file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -379,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc.strerror or exc}{where}; files finished before this point "
               "(checkpoints, earlier stages) are intact", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from linearize.files import save_figure, write_json, write_text
 
 from .config_loader import CONFIGS_DIR, load_config
 from .registry import TRAINING_STAGES
-from .rundir import CompareDir, RunDir
+from .rundir import CompareDir, RunDir, claim_compare
 
 EVALUATE = "evaluate"
 BASELINES = ("baseline_window_only", "baseline_no_transfer")  # presets under configs/, added by --baselines
@@ -110,6 +110,18 @@ def budget_overrides(path: Path, cfg, eval_spec: str, options: CompareOptions) -
     return out
 
 
+def check_one_teacher(configs: dict) -> None:
+    """One table compares students of one teacher: refuses (one line naming each model.path) configs whose
+    teachers differ, by spec or by the files behind it (`linearize.models.fingerprint`)."""
+    from linearize.models.fingerprint import teacher_fingerprint
+
+    digests = {path: teacher_fingerprint(cfg.model.path, cfg.model.tokenizer)["digest"] for path, cfg in configs.items()}
+    if len(set(digests.values())) > 1:
+        named = "; ".join(f"{path.name}: model.path {cfg.model.path!r}" for path, cfg in configs.items())
+        raise UserError(f"compare needs one teacher for every config, and these differ ({named}); run compare once "
+                        "per teacher")
+
+
 def run_config(path: Path, eval_spec: str, options: CompareOptions):
     """The config of `path` on the shared budget; the user's overrides apply last."""
     base = load_config(path, options.overrides)
@@ -117,13 +129,23 @@ def run_config(path: Path, eval_spec: str, options: CompareOptions):
 
 
 def _read_record(run_dir: Path) -> dict:
+    """`compare_run.json`, checked: an object whose `wall_s` is a number and whose `extra` holds a `key`
+    and `metrics`; one line naming the file otherwise."""
     path = RunDir(run_dir).compare_record
     if not path.is_file():
         return {}
+    redo = "delete it to measure the run again"
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is corrupt ({err}); delete it to measure the run again") from None
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is corrupt ({' '.join(str(err).split())}); {redo}") from None
+    extra = record.get("extra", {}) if isinstance(record, dict) else None
+    wall = record.get("wall_s", 0.0) if isinstance(record, dict) else None
+    if not (isinstance(wall, (int, float)) and not isinstance(wall, bool) and isinstance(extra, dict)
+            and (not extra or {"key", "metrics"} <= extra.keys())):
+        raise UserError(f"{path} is not a compare record (an object with a number 'wall_s' and 'extra' holding "
+                        f"'key' and 'metrics'); {redo}")
+    return record
 
 
 def _write_json(path: Path, data) -> None:
@@ -378,6 +400,8 @@ def compare(options: CompareOptions) -> dict:
     if not eval_spec:
         raise UserError(f"{paths[0]} has no data.eval to evaluate every run on: give --eval SPEC")
     out_dir = Path(options.out_dir)
+    check_one_teacher({path: run_config(path, eval_spec, options) for path in paths})
+    claim_compare(out_dir)
     text_specs = write_texts(out_dir, options.texts)
     rows = [compare_one(path, eval_spec, text_specs, options) for path in paths]
     result = {"setup": _setup(options, eval_spec), "rows": rows}

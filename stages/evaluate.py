@@ -5,6 +5,7 @@ and top-1 agreement, and a greedy sample from each → `<run>/evaluate/eval.json
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from linearize.train import default_device
 from linearize.train.evaluation import compare_on_tokens, greedy_sample
 
 from .common import StageStart, attach_adapter, finish_stage, start_stage
-from .rundir import RUN_CONFIG, TEACHER_DIR, RunDir, StageDir  # noqa: F401  (RUN_CONFIG: older importers)
+from .rundir import TEACHER_DIR, RunDir, StageDir
 
 STAGE = "evaluate"
 # Held-out rows the branch shares are averaged over (a second student pass over them, with the `[T, T]`
@@ -98,13 +99,14 @@ def final_student(cfg, run_dir: Path) -> StageStart:
     return replace(start, model=attach_adapter(start.model, run_dir))
 
 
-def _evaluate_student(start: StageStart) -> dict:
-    return evaluate_model(start.cfg, start.model, start.tokenizer, with_teacher=True, out_dir=start.stage_dir)
+def _evaluate_student(start: StageStart, out_dir: Path | None = None) -> dict:
+    return evaluate_model(start.cfg, start.model, start.tokenizer, with_teacher=True, out_dir=out_dir or start.stage_dir)
 
 
-def evaluate_run(cfg, run_dir: Path) -> dict:
-    """Builds the run's final student (student parameters + adapter) and evaluates it against its teacher."""
-    return _evaluate_student(final_student(cfg, run_dir))
+def evaluate_run(cfg, run_dir: Path, out_dir: Path | None = None) -> dict:
+    """Builds the run's final student (student parameters + adapter) and evaluates it against its teacher;
+    its files (long-context tables, plots) go to `out_dir` (default: `<run>/evaluate/`)."""
+    return _evaluate_student(final_student(cfg, run_dir), out_dir)
 
 
 def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
@@ -126,9 +128,11 @@ def _check_export_eval_data(cfg, target: Path) -> None:
                         "pass data.eval=FILE")
 
 
-def evaluate_target(target, overrides=()) -> dict:
+def evaluate_target(target, overrides=(), out_dir: Path | None = None) -> dict:
     """Evaluates a run directory (against its teacher) or an export directory (student only: the
-    export does not carry its teacher) with `key=value` overrides such as `data.eval=FILE`."""
+    export does not carry its teacher) with `key=value` overrides such as `data.eval=FILE`. out_dir: where
+    the evaluation's files and `eval.json` go (default: `<target>/evaluate/`, eval.json not written);
+    with it a run is only read, so a read-only finished run can be evaluated."""
     from stages.config_loader import config_from_dict, load_config
 
     target = Path(target)
@@ -136,11 +140,28 @@ def evaluate_target(target, overrides=()) -> dict:
         cfg = config_from_dict(json.loads((target / RUN_CONFIG_FILE).read_text()), str(target), overrides)
         _check_export_eval_data(cfg, target)
         model, tokenizer = load_export(target)
-        return evaluate_model(cfg, model, tokenizer, with_teacher=False, out_dir=target / STAGE)
-    if RunDir(target).is_run():
-        from stages.rundir import run_lock
+        result = evaluate_model(cfg, model, tokenizer, with_teacher=False, out_dir=out_dir or target / STAGE)
+        return _keep(result, out_dir)
+    run = RunDir(target)
+    if run.is_run():
+        from stages.rundir import check_teacher, run_lock
 
-        cfg = load_config(RunDir(target).config, overrides)
+        cfg = load_config(run.config, overrides)
+        if out_dir is not None:  # nothing is written into the run: no lock, which a read-only run could not take
+            check_teacher(run, cfg.model)
+            return _keep(evaluate_run(cfg, target, Path(out_dir)), out_dir)
+        if not os.access(target, os.W_OK):
+            raise UserError(f"{target} is read-only and `linearize eval` writes its tables under it: pass --out DIR "
+                            "to write the evaluation's files elsewhere")
         with run_lock(target):  # writes long-context tables under <run>/evaluate/
+            check_teacher(run, cfg.model)
             return evaluate_run(cfg, target)
-    raise UserError(f"{target} is neither a run directory (no {RUN_CONFIG}) nor an export (no linearize {EXPORT_CONFIG})")
+    raise UserError(f"{target} is neither a run directory (no {run.config.name}) nor an export (no linearize {EXPORT_CONFIG})")
+
+
+def _keep(result: dict, out_dir: Path | None) -> dict:
+    """Writes `<out_dir>/eval.json` when the evaluation was asked to write elsewhere."""
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_json(StageDir(Path(out_dir)).eval, result)
+    return result

@@ -17,10 +17,9 @@ from stages import export, layer_choice
 from stages.blockwise import block_dirs, init_block_ranks
 from stages.report import write_report
 from stages.registry import STAGES, TRAINING_STAGES, stage_runner
-from stages.rundir import (DONE_FILE, SKIPPED, check_owned, clear_done, discard_stage, mark_stage, read_done,
-                           remove_discard_leftovers, run_lock, same_config_as_done)
+from stages.rundir import (SKIPPED, RunDir, StageDir, check_owned, check_teacher, claim_run, clear_done, discard_stage,
+                           mark_stage, read_done, remove_discard_leftovers, run_lock, same_config_as_done)
 
-RUN_CONFIG = "config.yaml"
 SKIP, RUN = "skip", "run"
 
 
@@ -43,7 +42,7 @@ def _plan(stage_dir: Path, stage: str, config: dict, force: bool, accept_changes
         return RUN
     done = read_done(stage_dir)
     if done is not None:
-        changed = same_config_as_done(done, config, stage, stage_dir / DONE_FILE, accept_changes)
+        changed = same_config_as_done(done, config, stage, StageDir(stage_dir).done, accept_changes)
         if changed and stage in TRAINING_STAGES and SKIPPED not in done["metrics"]:
             _check_steps_left(stage_dir, stage, config)  # a skipped stage trained nothing: it simply runs again
         return RUN if changed else SKIP
@@ -83,6 +82,11 @@ def _discard_later_stages(run_dir: Path, stage: str) -> None:
         if (run_dir / later).exists():
             print(f"{later}: {stage} re-ran, so its previous results are stale; discarding them")
             discard_stage(run_dir / later)
+
+
+def _reruns_everything(run_dir: Path, names: list[str]) -> bool:
+    """--force on every stage the run holds: nothing built on the previous teacher survives."""
+    return all(stage in names for stage in STAGES if (Path(run_dir) / stage).exists())
 
 
 def _status(stage_dir: Path) -> str:
@@ -157,6 +161,8 @@ def run_stages(cfg, stage_names=None, force: bool = False, accept_changes: bool 
     elif _block_ranks(cfg, names):
         init_block_ranks()
     run_dir = run_dir_of(cfg)
+    if distributed.is_main_process():
+        claim_run(run_dir)  # before the lock creates anything: a folder that is not a run is refused untouched
     lock = run_lock(run_dir) if distributed.is_main_process() else contextlib.nullcontext()
     with lock:
         return _run_locked(cfg, run_dir, names, force, accept_changes)
@@ -169,10 +175,12 @@ def _run_locked(cfg, run_dir: Path, names: list[str], force: bool, accept_change
     main = distributed.is_main_process()
     if main:
         remove_discard_leftovers(run_dir)
+        # A teacher replaced at the same path would train the rest of the run on other weights.
+        check_teacher(RunDir(run_dir), cfg.model, record_new=force and _reruns_everything(run_dir, names))
     config = config_to_dict(cfg)
     plan = {name: _plan(run_dir / name, name, config, force, accept_changes) for name in names}
     if main:
-        save_resolved(cfg, run_dir / RUN_CONFIG)
+        save_resolved(cfg, RunDir(run_dir).config)
     results, statuses = {}, {}
     for name in names:
         stage_dir = run_dir / name

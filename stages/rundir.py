@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from linearize.adapters import ADAPTER_FILES
-from linearize.errors import UserError
-from linearize.files import write_json
+from linearize.errors import UserError, one_line
+from linearize.files import sha256_file, write_json
 from linearize.models.exported import is_export_dir
 from linearize.train.checkpoint import MANIFEST, latest_checkpoint
 from linearize.train.loop import METRICS_FILE, PLOT_FILE
@@ -39,7 +39,10 @@ from linearize.train.state import ACCEPT_HINT, RESTART_HINT, check_same_config, 
 
 # Every name a run directory holds, declared once; `RunDir` / `StageDir` / `CompareDir` build the paths.
 LOCK_FILE = ".lock"
+RUN_MARKER = ".linearize_run"  # <run>/: linearize made this run directory
 STAGE_MARKER = ".linearize_stage"
+COMPARE_MARKER = ".linearize_compare"  # <compare out>/: linearize made this compare folder
+TEACHER_RECORD = "teacher.json"  # <run>/: the teacher's fingerprint when the run started
 DISCARDED = re.compile(r"^\.(?P<stage>[\w-]+)\.discarded-\d+$")
 RUN_CONFIG = "config.yaml"  # the resolved config the run was started with
 REPORT_FILE = "report.md"
@@ -150,11 +153,19 @@ class RunDir:
     def compare_record(self) -> Path:
         return self.root / COMPARE_RECORD
 
+    @property
+    def marker(self) -> Path:
+        return self.root / RUN_MARKER
+
+    @property
+    def teacher_record(self) -> Path:
+        return self.root / TEACHER_RECORD
+
     def stage(self, name: str) -> StageDir:
         return StageDir(self.root / name)
 
     def is_run(self) -> bool:
-        return self.config.is_file()
+        return self.marker.is_file() or self.config.is_file()
 
 
 @dataclass(frozen=True)
@@ -185,8 +196,77 @@ class CompareDir:
     def text(self, kind: str) -> Path:
         return self.texts / f"{kind}.jsonl"
 
+    @property
+    def marker(self) -> Path:
+        return self.root / COMPARE_MARKER
+
     def run(self, stem: str) -> RunDir:
         return RunDir(self.root / stem)
+
+    def is_compare(self) -> bool:
+        """The marker, or (folders from before markers) a compare.json with its setup and rows."""
+        if self.marker.is_file():
+            return True
+        try:
+            record = json.loads(self.json.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(record, dict) and {"setup", "rows"} <= record.keys()
+
+
+# ---------------------------------------------------------------------------------------------- ownership
+
+
+def _foreign_content(folder: Path, ignored=(LOCK_FILE,)) -> bool:
+    """The folder holds something besides the files named in `ignored` (a lock an earlier refusal left)."""
+    return folder.is_dir() and any(entry.name not in ignored for entry in folder.iterdir())
+
+
+def _is_legacy_run(run: RunDir) -> bool:
+    """A run from before run markers: its config.yaml beside at least one linearize stage folder."""
+    from .registry import STAGES
+
+    return run.config.is_file() and any(is_linearize_stage(run.root / stage) for stage in STAGES
+                                        if (run.root / stage).is_dir())
+
+
+def claim_run(run_dir: Path) -> RunDir:
+    """Creates the run directory or takes over one linearize made; refuses (one line) a file, or a
+    non-empty folder that is not a linearize run (no marker), so nothing of the user's is overwritten."""
+    run = RunDir(run_dir)
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"run directory {run.root} is a file; move it away or use another run_name")
+    if not run.marker.is_file() and _foreign_content(run.root) and not _is_legacy_run(run):
+        raise UserError(f"{run.root} exists and is not a linearize run directory (no {RUN_MARKER} marker); "
+                        "move it away or use another run_name")
+    run.root.mkdir(parents=True, exist_ok=True)
+    if not run.marker.is_file():
+        write_json(run.marker, {"linearize": "run"}, indent=None)
+    return run
+
+
+def claim_compare(out_dir: Path) -> CompareDir:
+    """The same rule for `linearize compare --out DIR`: a new or empty folder, or a compare folder."""
+    where = CompareDir(out_dir)
+    if where.root.exists() and not where.root.is_dir():
+        raise UserError(f"compare --out {where.root} is a file; choose a folder")
+    if not where.is_compare() and _foreign_content(where.root, ignored=()):
+        raise UserError(f"compare --out {where.root} exists and is not a linearize compare folder (no "
+                        f"{COMPARE_MARKER} marker); choose a new or empty folder")
+    where.root.mkdir(parents=True, exist_ok=True)
+    if not where.marker.is_file():
+        write_json(where.marker, {"linearize": "compare"}, indent=None)
+    return where
+
+
+def enclosing_run(path: Path) -> Optional[RunDir]:
+    """The run directory `path` lies in (or is), found by the markers of its folders upwards; None."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        run = RunDir(folder)
+        if run.marker.is_file() or _is_legacy_run(run):  # a config.yaml alone is no run (a home folder may hold one)
+            return run
+    return None
 # Later stages supersede earlier ones: LoRA may have trained the student parameters further.
 STUDENT_SOURCES = ("lora_recovery", "attention_transfer")
 
@@ -292,13 +372,26 @@ def config_digest(config: dict, stage: str) -> str:
     return hashlib.sha256(json.dumps(stage_view(config, stage), sort_keys=True).encode()).hexdigest()
 
 
+# The outputs a DONE record vouches for by sha256, where the stage wrote them: a student or adapter swapped,
+# or a layer-choice record edited, after the stage finished is refused instead of silently used.
+VOUCHED = (STUDENT_FILE, LAYER_CHOICE_FILE, CALIBRATION_FILE, EVAL_FILE, *(f"{ADAPTER_DIR}/{name}" for name in ADAPTER_FILES))
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def vouched_files(stage_dir: Path) -> dict[str, str]:
+    """relative name → sha256 of the VOUCHED files present in `stage_dir`."""
+    return {name: sha256_file(Path(stage_dir) / name) for name in VOUCHED if (Path(stage_dir) / name).is_file()}
+
+
 def mark_done(stage_dir: Path, metrics: dict, config: dict, *, stage: Optional[str] = None) -> None:
-    """Writes `<stage_dir>/DONE` with the stage's final metrics and the config it ran with. With `stage`,
-    the record keeps only the digest of that stage's config: for a folder meant to be shared (the
-    export), whose config would name local paths of this machine."""
+    """Writes `<stage_dir>/DONE` with the stage's final metrics, the config it ran with, and the sha256 of
+    the outputs it vouches for (`VOUCHED`). With `stage`, the record keeps only the digest of that stage's
+    config and vouches for no file: for a folder meant to be shared (the export), whose config would name
+    local paths of this machine."""
     record = {"metrics": metrics}
     if stage is None:
         record["config"] = config
+        record["files"] = vouched_files(stage_dir)
     else:
         record["config_digest"] = config_digest(config, stage)
     write_json(Path(stage_dir) / DONE_FILE, record)
@@ -316,20 +409,43 @@ def same_config_as_done(done: dict, config: dict, stage: str, where: Path, accep
     return ["<config digest>"]
 
 
-def read_done(stage_dir: Path):
-    """The DONE record ({"metrics", "config"}) of a finished stage, or None."""
+def _well_formed_done(record) -> bool:
+    files = record.get("files", {}) if isinstance(record, dict) else None
+    return (isinstance(record, dict) and isinstance(record.get("metrics"), dict)
+            and (isinstance(record.get("config"), dict) or isinstance(record.get("config_digest"), str))
+            and isinstance(files, dict)
+            and all(isinstance(k, str) and isinstance(v, str) and SHA256_HEX.match(v) for k, v in files.items()))
+
+
+def read_done(stage_dir: Path, verify: bool = True):
+    """The DONE record ({"metrics", "config" or "config_digest", "files"}) of a finished stage, or None.
+    One line naming the file when it is not such a record; with `verify`, also when a file it vouches for
+    is missing or changed since the stage finished."""
     path = Path(stage_dir) / DONE_FILE
     if not path.exists():
         return None
     try:
         record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is corrupt ({err}); delete it to re-run the stage") from None
-    well_formed = isinstance(record, dict) and "metrics" in record and (
-        isinstance(record.get("config"), dict) or isinstance(record.get("config_digest"), str))
-    if not well_formed:
-        raise UserError(f"{path} is corrupt (not a DONE record with metrics and config); delete it to re-run the stage")
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is corrupt ({one_line(err)}); delete it, or re-run the stage with --force") from None
+    if not _well_formed_done(record):
+        raise UserError(f"{path} is corrupt (not a DONE record: an object with metrics, config and file hashes); "
+                        "delete it, or re-run the stage with --force")
+    if verify:
+        verify_done_files(Path(stage_dir), record)
     return record
+
+
+def verify_done_files(stage_dir: Path, record: dict) -> None:
+    """Refuses (one line) a vouched file that is missing or whose sha256 differs from the DONE record's."""
+    for name, digest in record.get("files", {}).items():
+        path = stage_dir / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing, though the DONE record of {stage_dir.name} vouches for it; restore "
+                            "it, or re-run the stage with --force")
+        if sha256_file(path) != digest:
+            raise UserError(f"{path} changed after {stage_dir.name} finished (its sha256 differs from the DONE "
+                            "record's): restore it, or re-run the stage with --force")
 
 
 def clear_done(stage_dir: Path) -> None:
@@ -379,3 +495,43 @@ def adapter_dir(run_dir: Path) -> Optional[Path]:
         if not (adapter / needed).is_file():
             raise _missing_output("lora_recovery", adapter / needed)
     return adapter
+
+
+# ---------------------------------------------------------------------------------------------- the teacher
+
+
+def read_teacher_record(run: RunDir) -> Optional[dict]:
+    """`<run>/teacher.json` (a teacher fingerprint), checked; None for a run from before the record."""
+    path = run.teacher_record
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is corrupt ({one_line(err)}); delete it to record the current teacher") from None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not (isinstance(files, dict) and isinstance(record.get("digest"), str)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+        raise UserError(f"{path} is not a teacher record (an object with 'files' and 'digest'); delete it to "
+                        "record the current teacher")
+    return record
+
+
+def check_teacher(run: RunDir, model_cfg, record_new: bool = False) -> dict:
+    """The teacher's fingerprint, checked against the run's record: one line naming model.path when its
+    files changed since the run started. record_new: (re)write the record instead (a new run, or every
+    stage re-run from scratch). A run without a record gets one."""
+    from linearize.models.fingerprint import changed_files, teacher_fingerprint
+
+    current = teacher_fingerprint(model_cfg.path, model_cfg.tokenizer)
+    recorded = None if record_new else read_teacher_record(run)
+    if recorded is None:
+        if run.root.is_dir() and os.access(run.root, os.W_OK):
+            write_json(run.teacher_record, current)
+        return current
+    changed = changed_files(recorded, current)
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise UserError(f"model.path {model_cfg.path!r}: the teacher changed since this run started ({shown} differ "
+                        f"from {run.teacher_record}); restore it, use a new run_name, or re-run every stage with --force")
+    return current

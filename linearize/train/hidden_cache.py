@@ -6,7 +6,10 @@ s_b. The cache runs the teacher block by block (one block loaded at a time) over
 training and the in-stage evaluation will read, once, and stores the output at each boundary as
 `<root>/layer_<s>/shard_<i>.safetensors` (tensor `hidden` `[rows, L, D]` in the cache dtype), then
 `index.json` last: a boundary without its index is (re)built, a finished shard of the same cache key is
-kept. Rows are found by the sha1 of their token ids, so the loop's batches of token ids `[B, L]` map to
+kept. Each shard carries the sha256 of its tensor's bytes in its header, verified once per process before
+it is read (at every start of the stage, and before training reads it): a damaged, truncated or missing
+shard is recomputed with one line saying so, so a resumed run trains on exactly the states an
+uninterrupted one did. Rows are found by the sha1 of their token ids, so the loop's batches of token ids `[B, L]` map to
 hidden states `[B, L, D]` without the loop knowing.
 
 Disk: `boundary_bytes` = rows × L × D × itemsize per stored boundary, for every block start but the
@@ -25,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from ..dtypes import DTYPES
+from ..errors import UserError
 from ..files import save_safetensors, write_json
 from ..models.lazy import LazyDecoder, SafetensorsReader
 from .engine import autocast_context
@@ -32,10 +36,17 @@ from .sampler import sample_indices
 
 INDEX_FILE = "index.json"
 HIDDEN = "hidden"
+CONTENT_HASH = "sha256"  # a shard's metadata key: sha256 of its tensor's bytes
+INDEX_KEYS = {"key": str, "rows": int, "shard_rows": int, "shards": int, "dtype": str}
 # Shards of about this size: big enough to write efficiently, small enough to hold one in memory while
 # the next boundary's shard is computed from it.
 SHARD_BYTES = 256 * 2**20
 GB = 10**9  # attention_transfer.cache_gb counts decimal gigabytes, as disks are sold
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (any dtype, bfloat16 included)."""
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def row_key(row: torch.Tensor) -> str:
@@ -102,6 +113,7 @@ class HiddenCache:
         self.position = {key: i for i, key in enumerate(self.keys)}
         self.identity = identity
         self._readers: dict[int, dict[int, SafetensorsReader]] = {}
+        self._verified: set[tuple[Path, int, int]] = set()  # (path, size, mtime_ns) of shards checked here
 
     def shard_rows(self, hidden_size: int) -> int:
         row_bytes = self.rows.shape[1] * hidden_size * torch.empty(0, dtype=self.dtype).element_size()
@@ -116,30 +128,55 @@ class HiddenCache:
     def folder(self, start: int) -> Path:
         return self.root / f"layer_{start}"
 
-    def complete(self, start: int) -> bool:
+    def read_index(self, start: int) -> Optional[dict]:
+        """The boundary's index, checked (INDEX_KEYS); None when it is missing or damaged (then rebuilt)."""
+        path = self.folder(start) / INDEX_FILE
+        if not path.exists():
+            return None
         try:
-            index = json.loads((self.folder(start) / INDEX_FILE).read_text())
+            index = json.loads(path.read_text())
         except (OSError, ValueError):
-            return False
-        return isinstance(index, dict) and index.get("key") == self.key(start)
+            index = None
+        if not (isinstance(index, dict) and all(isinstance(index.get(k), t) for k, t in INDEX_KEYS.items())):
+            return None
+        return index
+
+    def complete(self, start: int) -> bool:
+        index = self.read_index(start)
+        return index is not None and index["key"] == self.key(start)
 
     def _shard_path(self, start: int, shard: int) -> Path:
         return self.folder(start) / f"shard_{shard:05d}.safetensors"
 
-    def _shard_done(self, start: int, shard: int) -> bool:
+    def shard_problem(self, start: int, shard: int) -> Optional[str]:
+        """Why shard `shard` of boundary `start` cannot be used ("missing", "from another cache key",
+        "truncated", "damaged"), or None when its content hash verifies (checked once per process)."""
         path = self._shard_path(start, shard)
         if not path.is_file():
-            return False
+            return "missing"
+        stat = path.stat()
+        stamp = (path, stat.st_size, stat.st_mtime_ns)
+        if stamp in self._verified:
+            return None
         try:
-            return SafetensorsReader([path]).metadata[path].get("key") == self.key(start)
-        except Exception:  # a foreign or damaged file: rebuilt
-            return False
+            reader = SafetensorsReader([path])
+            metadata = reader.metadata[path]
+            if metadata.get("key") != self.key(start):
+                return "from another cache key"
+            hidden = reader.read(HIDDEN)
+        except Exception:  # a header or body that safetensors' layout does not describe
+            return "truncated"
+        if metadata.get(CONTENT_HASH) != tensor_sha256(hidden):
+            return "damaged (its content hash differs)"
+        self._verified.add(stamp)
+        return None
 
     def build(self, decoder: LazyDecoder, blocks: list[list[int]], plan: CachePlan, *, batch_size: int,
               autocast: str, device: torch.device, rank: int = 0, world: int = 1,
-              barrier: Callable[[], None] = lambda: None) -> None:
-        """Writes every stored boundary not yet complete, one block loaded at a time; shard i is computed
-        by rank i % world (each rank runs its shards through every block), rank 0 writes the indexes."""
+              barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print) -> None:
+        """Writes every stored shard that is not there and verified, one block loaded at a time (a shard
+        of a finished boundary that fails its check is recomputed, saying so); shard i is computed by
+        rank i % world (each rank runs its shards through every block), rank 0 writes the indexes."""
         hidden_size = decoder.config.get_text_config(decoder=True).hidden_size
         per_shard = self.shard_rows(hidden_size)
         shards = range(0, len(self.rows), per_shard)
@@ -149,25 +186,31 @@ class HiddenCache:
             target = layers[-1] + 1
             if target not in plan.stored:
                 break
-            if not self.complete(target):
-                mine = [i for i, first in enumerate(shards) if i % world == rank and not self._shard_done(target, i)]
-                if mine:
-                    decoder.load(layers)
-                    decoder.to(device)
-                    if previous is None and embeddings is None:
-                        embeddings = decoder.embedding_weight()
-                    for shard in mine:
-                        first = shards[shard]
-                        inputs = (decoder.embed(self.rows[first:first + per_shard], embeddings) if previous is None
-                                  else self.read_shard(previous, shard))
-                        self._write_shard(target, shard, self._run(decoder, inputs, batch_size, autocast, device))
-                    decoder.release(layers)
-                barrier()
-                if rank == 0:
-                    write_json(self.folder(target) / INDEX_FILE,
-                                      {"key": self.key(target), "rows": len(self.rows), "shard_rows": per_shard,
-                                       "shards": len(shards), "dtype": str(self.dtype)})
-                barrier()
+            finished = self.complete(target)
+            mine = []
+            for i in range(len(shards)):
+                problem = self.shard_problem(target, i) if i % world == rank else None
+                if problem is not None:
+                    mine.append(i)
+                    if finished or problem not in ("missing", "from another cache key"):
+                        log(f"hidden-state cache: {self._shard_path(target, i)} is {problem}; recomputing it")
+            if mine:
+                decoder.load(layers)
+                decoder.to(device)
+                if previous is None and embeddings is None:
+                    embeddings = decoder.embedding_weight()
+                for shard in mine:
+                    first = shards[shard]
+                    inputs = (decoder.embed(self.rows[first:first + per_shard], embeddings) if previous is None
+                              else self.read_shard(previous, shard))
+                    self._write_shard(target, shard, self._run(decoder, inputs, batch_size, autocast, device))
+                decoder.release(layers)
+            barrier()
+            if rank == 0 and not finished:
+                write_json(self.folder(target) / INDEX_FILE,
+                           {"key": self.key(target), "rows": len(self.rows), "shard_rows": per_shard,
+                            "shards": len(shards), "dtype": str(self.dtype)})
+            barrier()
             previous, embeddings = target, None  # only the first block reads the embeddings
 
     def _run(self, decoder: LazyDecoder, inputs: torch.Tensor, batch_size: int, autocast: str,
@@ -184,11 +227,18 @@ class HiddenCache:
     def _write_shard(self, start: int, shard: int, hidden: torch.Tensor) -> None:
         path = self._shard_path(start, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors({HIDDEN: hidden.contiguous()}, path, metadata={"key": self.key(start)})
+        hidden = hidden.contiguous()
+        save_safetensors({HIDDEN: hidden}, path, metadata={"key": self.key(start), CONTENT_HASH: tensor_sha256(hidden)})
+        stat = path.stat()
+        self._verified.add((path, stat.st_size, stat.st_mtime_ns))  # written from these very bytes
 
     def _reader(self, start: int, shard: int) -> SafetensorsReader:
         readers = self._readers.setdefault(start, {})
         if shard not in readers:
+            problem = self.shard_problem(start, shard)
+            if problem is not None:
+                raise UserError(f"hidden-state cache {self._shard_path(start, shard)} is {problem}; run the stage "
+                                "again (`linearize run` resumes and recomputes the shard)")
             readers[shard] = SafetensorsReader([self._shard_path(start, shard)])
         return readers[shard]
 

@@ -24,7 +24,7 @@ from linearize.train.student import save_student
 from . import layer_choice
 from .blockwise import train_blocks
 from .common import StageStart, finish_stage, skip_stage, start_stage, train_stage
-from .rundir import STUDENT_FILE
+from .rundir import StageDir
 
 STAGE = "attention_transfer"
 
@@ -39,7 +39,7 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     stage_cfg = cfg.attention_transfer
     loss_fn = transfer_objective(stage_cfg.mse_factor, stage_cfg.attn_ce_weight)
     metrics = train_stage(start, start.model, loss_fn, stage_cfg, accept_changes)
-    save_student(start.model, start.stage_dir / STUDENT_FILE)
+    save_student(start.model, StageDir(start.stage_dir).student)
     return finish_stage(start, metrics)
 
 
@@ -52,6 +52,6 @@ def run_blockwise(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     if result.skipped:
         return skip_stage(start, result.skipped)
     if main:
-        save_safetensors(result.student, start.stage_dir / STUDENT_FILE)
+        save_safetensors(result.student, StageDir(start.stage_dir).student)
     distributed.barrier()  # the joined student is on disk before any rank records the stage
     return finish_stage(start, result.metrics) if main else result.metrics

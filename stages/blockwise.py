@@ -34,6 +34,7 @@ from linearize.errors import UserError
 from linearize.files import write_jsonl
 from linearize.losses import transfer_objective
 from linearize.models.lazy import LazyDecoder, SafetensorsReader
+from linearize.models.fingerprint import teacher_fingerprint
 from linearize.models.teacher import resolve_model_path
 from linearize.surgery import (build_students, calibrate, calibration_rows, check_run_options, initial_students,
                                selected_layers)
@@ -41,16 +42,13 @@ from linearize.train.checkpoint import latest_checkpoint
 from linearize.train.distributed import DistributedSettings, barrier
 from linearize.train.engine import default_device
 from linearize.train.hidden_cache import GB, BlockInputs, CachePlan, HiddenCache, cache_dtype, plan_cache, wanted_rows
-from linearize.train.loop import METRICS_FILE, PLOT_FILE
 from linearize.train.metrics import MetricsLog, plot_metrics
 from linearize.train.state import seed_everything
 from linearize.train.student import check_context, save_student
 
 from .common import StageStart, record_calibration, train_stage
-from .rundir import DONE_FILE, STUDENT_FILE, mark_done, read_done, same_config_as_done
+from .rundir import BLOCK_PREFIX, StageDir, mark_done, read_done, same_config_as_done
 
-BLOCK_PREFIX = "block_"  # <stage_dir>/block_<b>/
-CACHE_DIR = "hidden"
 # Ranks wait at barriers while rank peers build their share of the hidden-state cache or train a block.
 BLOCK_RANK_TIMEOUT = datetime.timedelta(hours=24)
 
@@ -65,10 +63,6 @@ def init_block_ranks(settings: Optional[DistributedSettings] = None) -> Distribu
         torch.distributed.init_process_group("gloo", rank=settings.rank, world_size=settings.world_size,
                                              timeout=BLOCK_RANK_TIMEOUT)
     return settings
-
-
-def block_dir(stage_dir: Path, block: int) -> Path:
-    return Path(stage_dir) / f"{BLOCK_PREFIX}{block}"
 
 
 def block_dirs(stage_dir: Path) -> list[Path]:
@@ -143,8 +137,9 @@ def train_blocks(start: StageStart, accept_changes: bool = False, log: Callable[
     stage_dir = start.stage_dir
     metrics = combine_metrics(stage_dir, trainable, stage_dir.name)
     student = join_students(stage_dir, trainable, converted)
-    freed = sum(p.stat().st_size for p in (stage_dir / CACHE_DIR).rglob("*") if p.is_file())
-    shutil.rmtree(stage_dir / CACHE_DIR, ignore_errors=True)
+    cache = StageDir(stage_dir).cache
+    freed = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    shutil.rmtree(cache, ignore_errors=True)
     if freed:
         log(f"{stage_dir.name}: all blocks trained; removed the {freed / GB:.3g} GB hidden-state cache")
     return BlockwiseResult(student, {**metrics, "blocks": len(blocks), "block_size": cfg.attention_transfer.block_size})
@@ -159,8 +154,11 @@ def _prepare_cache(run: _Blocks, blocks: list[list[int]], settings, calibration_
     rows = wanted_rows(train_tokens, in_stage_eval(eval_tokens, stage_cfg), stage_cfg, cfg.seed, cfg.data.shuffle,
                        first_rows)
     dtype = cache_dtype(stage_cfg.cache_dtype, run.dtype)
-    identity = {"model": str(run.reader.model_dir), "model_dtype": cfg.model.dtype, "autocast": stage_cfg.autocast}
-    run.cache = HiddenCache(run.start.stage_dir / CACHE_DIR, rows, dtype, identity)
+    # The teacher's files by content (cached hashes): a teacher replaced at the same path is another cache.
+    teacher = teacher_fingerprint(cfg.model.path, cfg.model.tokenizer)["digest"]
+    identity = {"model": str(run.reader.model_dir), "teacher": teacher, "model_dtype": cfg.model.dtype,
+                "autocast": stage_cfg.autocast}
+    run.cache = HiddenCache(StageDir(run.start.stage_dir).cache, rows, dtype, identity)
     run.plan = plan_cache([layers[0] for layers in blocks], len(rows), rows.shape[1], run.hidden_size, dtype,
                           int(stage_cfg.cache_gb * GB))
     if run.plan.starts:
@@ -197,14 +195,14 @@ def _finished(run: _Blocks, folder: Path) -> bool:
     is refused naming the keys, as for a stage, unless accept_changes, which continues the block from its
     last checkpoint."""
     done = read_done(folder)
-    if done is None or not (folder / STUDENT_FILE).is_file():
+    if done is None or not StageDir(folder).student.is_file():
         return False
     stage = run.start.stage_dir.name
-    return not same_config_as_done(done, run.start.config, stage, folder / DONE_FILE, run.accept_changes)
+    return not same_config_as_done(done, run.start.config, stage, StageDir(folder).done, run.accept_changes)
 
 
 def _train_block(run: _Blocks, lazy: LazyDecoder, b: int, layers: list[int], num_blocks: int) -> None:
-    folder, stage = block_dir(run.start.stage_dir, b), run.start.stage_dir.name
+    folder, stage = StageDir(run.start.stage_dir).block(b).path, run.start.stage_dir.name
     if _finished(run, folder):
         run.log(f"{stage}: block {b + 1}/{num_blocks} (layers {layers[0]}-{layers[-1]}) done, skipping")
         return
@@ -228,7 +226,7 @@ def _train_block(run: _Blocks, lazy: LazyDecoder, b: int, layers: list[int], num
     loss_fn = transfer_objective(stage_cfg.mse_factor, stage_cfg.attn_ce_weight, inputs=inputs,
                                  num_layers=len(run.converted))
     metrics = train_stage(block, lazy, loss_fn, stage_cfg, run.accept_changes, data=run.data, stage=stage)
-    save_student(lazy, folder / STUDENT_FILE)
+    save_student(lazy, StageDir(folder).student)
     mark_done(folder, {**metrics, "layers": layers, "rank": run.rank}, run.start.config)
     linearize.unlinearize_model(lazy)
     lazy.release(layers)
@@ -239,7 +237,7 @@ def join_students(stage_dir: Path, blocks: list[int], converted: list[int]) -> d
     join that lacks a converted layer (a block file from another config)."""
     joined: dict[str, torch.Tensor] = {}
     for b in blocks:
-        joined.update(load_file(block_dir(stage_dir, b) / STUDENT_FILE))
+        joined.update(load_file(StageDir(stage_dir).block(b).student))
     missing = [idx for idx in converted if not any(f".layers.{idx}." in name for name in joined)]
     if missing:
         raise UserError(f"the block students in {stage_dir} lack converted layer(s) {missing}: re-run the stage "
@@ -251,7 +249,7 @@ def combine_metrics(stage_dir: Path, blocks: list[int], stage: str) -> dict:
     """The stage's `metrics.jsonl` and plot from the blocks' logs: per step the summed loss (each layer
     weighs 1 / all converted layers, so this is the all-at-once loss), the global grad norm and the
     all-at-once throughput; returns the final metrics every training stage records."""
-    logs = [{r["step"]: r for r in MetricsLog(block_dir(stage_dir, b) / METRICS_FILE).read()} for b in blocks]
+    logs = [{r["step"]: r for r in MetricsLog(StageDir(stage_dir).block(b).metrics).read()} for b in blocks]
     steps = sorted(set.intersection(*(set(log) for log in logs))) if logs else []
     records = []
     for step in steps:
@@ -262,10 +260,10 @@ def combine_metrics(stage_dir: Path, blocks: list[int], stage: str) -> dict:
         if all(r.get("eval_loss") is not None for r in rows):
             record["eval_loss"] = sum(r["eval_loss"] for r in rows)
         records.append(record)
-    write_jsonl(Path(stage_dir) / METRICS_FILE, records)
-    plot_metrics(records, Path(stage_dir) / PLOT_FILE, stage)
+    write_jsonl(StageDir(stage_dir).metrics, records)
+    plot_metrics(records, StageDir(stage_dir).loss_plot, stage)
     final = records[-1] if records else {}
     last_eval = next((r["eval_loss"] for r in reversed(records) if r.get("eval_loss") is not None), None)
     return {"step": final.get("step", 0), "loss": final.get("loss"), "eval_loss": last_eval,
-            "tokens": final.get("tokens", 0), "plot": PLOT_FILE}
+            "tokens": final.get("tokens", 0), "plot": StageDir(stage_dir).loss_plot.name}
 

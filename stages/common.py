@@ -13,13 +13,12 @@ from linearize import adapters
 from linearize.data import build_datasets, in_stage_eval
 from linearize.surgery import calibrate, calibration_tokens
 from linearize.train import config_to_dict, distributed, seed_everything, train
-from linearize.train.state import write_json_atomic
+from linearize.files import write_json
 from linearize.train.student import load_converted, load_student
 
 from . import layer_choice
-from .layer_choice import LAYER_CHOICE_PLOT, find_layer_choice  # noqa: F401  (stages/report.py reads them here)
 from .registry import TRAINING_STAGES
-from .rundir import SKIPPED, STUDENT_SOURCES, adapter_dir, find_student_file, mark_done
+from .rundir import SKIPPED, STUDENT_SOURCES, StageDir, adapter_dir, find_student_file, mark_done
 
 
 @dataclass
@@ -51,9 +50,6 @@ def attach_adapter(model: torch.nn.Module, run_dir: Path):
     return model if adapter is None else adapters.attach(model, adapter)
 
 
-CALIBRATION_FILE = "calibration.json"
-
-
 def start_stage(cfg, run_dir: Path, stage: str, sources=STUDENT_SOURCES) -> StageStart:
     """Seeds every RNG with cfg.seed (parameter inits, dropout), then builds the student from `sources`; a
     fresh student (no earlier stage's file) is calibrated when its layers ask for it. With
@@ -76,7 +72,7 @@ def record_calibration(stage_dir: Path, record: Optional[dict]) -> None:
     if record is None or not distributed.is_main_process():
         return
     if stage_dir.name in TRAINING_STAGES or stage_dir.parent.name in TRAINING_STAGES:
-        write_json_atomic(stage_dir / CALIBRATION_FILE, record)
+        write_json(StageDir(stage_dir).calibration, record)
     print(f"{stage_dir.name}: calibrated {len(record['layers'])} layers from the teacher's attention on "
           f"{record['tokens']} tokens")
 

@@ -17,19 +17,17 @@ from linearize.errors import UserError
 from linearize.evals.report import plot_layer_scores
 from linearize.train import seed_everything
 from linearize.train.layer_choice import AUTO, REQUEST_KEYS, Probe, select_softmax_layers
-from linearize.train.state import write_json_atomic
+from linearize.files import write_json
 from linearize.train.student import load_converted
 
 from .registry import STAGES
-
-LAYER_CHOICE_FILE = "softmax_layers.json"
-LAYER_CHOICE_PLOT = "softmax_layers.png"
+from .rundir import RunDir
 
 
 def find_layer_choice(run_dir: Path) -> Optional[Path]:
     """The run's recorded choice: the file in the first stage folder, in pipeline order, that holds one."""
     for stage in STAGES:
-        path = Path(run_dir) / stage / LAYER_CHOICE_FILE
+        path = RunDir(run_dir).stage(stage).layer_choice
         if path.is_file():
             return path
     return None
@@ -75,11 +73,11 @@ def ensure_choice(cfg, run_dir: Path, stage: str) -> None:
     if cfg.attention.softmax_layers != AUTO or find_layer_choice(run_dir) is not None:
         return
     record = choose_softmax_layers(cfg)
-    stage_dir = Path(run_dir) / stage
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    plot_layer_scores(record, stage_dir / LAYER_CHOICE_PLOT)
-    path = stage_dir / LAYER_CHOICE_FILE
-    write_json_atomic(path, record)
+    stage_dir = RunDir(run_dir).stage(stage)
+    stage_dir.path.mkdir(parents=True, exist_ok=True)
+    plot_layer_scores(record, stage_dir.layer_choice_plot)
+    path = stage_dir.layer_choice
+    write_json(path, record)
     print(f"{stage}: softmax layers {record['choice']} chosen by {record['selector']} from "
           f"{len(record['candidates'])} candidate layers (scores in {path})")
 

@@ -100,6 +100,90 @@ def test_peft_and_deepspeed_each_have_one_importer():
     assert importers == {package: {home} for package, home in SOLE_IMPORTERS.items()}
 
 
+# What code above surgery may take from linearize.attention: names and sizes, never a way to build or
+# reach a mechanism (surgery is the only door: linearize_model, initial_students, the modes, calibration).
+ATTENTION_NAMES_ABOVE_SURGERY = {"MECHANISMS", "mechanism_config_keys", "cache_nbytes", "StudentCache", "TransferPair",
+                                 "available_mechanisms"}
+# Below surgery (and surgery itself, and exports, which rebuild students to load them) may use the rest.
+MECHANISM_USERS = ("linearize/attention/", "linearize/surgery/", "linearize/models/", "linearize/__init__.py")
+
+
+def _attention_imports(path: Path) -> list[str]:
+    """`module:name` for every name `path` imports from linearize.attention (or a module in it)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
+                node.module.startswith("linearize.attention"):
+            found += [f"{node.module}:{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level > 0 and (node.module or "").startswith("attention"):
+            found += [f"..{node.module}:{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.startswith("linearize.attention")]
+    return found
+
+
+def test_training_code_reaches_mechanisms_only_through_surgery():
+    """train/, losses/, data/, evals/, the runners and the benchmarks build, wrap and calibrate students only
+    through linearize.surgery: no mechanism module, no build_mechanism or LinearizedAttention above it."""
+    reaching = []
+    for path in _files("linearize", "stages", "bench"):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith(MECHANISM_USERS):
+            continue
+        for item in _attention_imports(path):
+            module, _, name = item.partition(":")
+            if module.lstrip(".") not in ("linearize.attention", "attention") or name not in ATTENTION_NAMES_ABOVE_SURGERY:
+                reaching.append(f"{rel} imports {item}")
+    assert reaching == []
+
+
+def test_bench_imports_no_runners_private_helpers():
+    """Benchmarks time what the runners run through public names; a private helper is the runner's own."""
+    private = []
+    for path in _files("bench"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "stages":
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__") and node.value.id in _stage_modules_imported(path):
+                private.append(f"{path.name}: {node.value.id}.{node.attr}")
+    assert private == []
+
+
+def _stage_modules_imported(path: Path) -> set[str]:
+    """Local names bound to runner modules in `path` (`from stages import compare`, `import stages.x as y`)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "stages":
+            names |= {alias.asname or alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {alias.asname or alias.name for alias in node.names if alias.name.startswith("stages")}
+    return names
+
+
+def _run_directory_names() -> set[str]:
+    """The file and folder names stages/rundir.py declares for a run and a compare folder."""
+    import stages.rundir as rundir
+
+    # File names (with a suffix, or DONE): folder names such as "export" or "teacher" are also stage names
+    # and dictionary keys, so a plain string match cannot tell a spelled path from them.
+    return {value for name, value in vars(rundir).items() if name.isupper() and isinstance(value, str)
+            and (value == rundir.DONE_FILE or ("." in value.strip(".") and " " not in value))}
+
+
+def test_no_runner_or_benchmark_spells_a_run_directory_name():
+    """Runners and benchmarks reach a run's files through stages.rundir (RunDir/StageDir/CompareDir): a
+    renamed file is then renamed everywhere, and no second spelling can drift."""
+    names, spelled = _run_directory_names(), []
+    for path in _files("stages", "bench"):
+        if path.name == "rundir.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                spelled.append(f"{path.relative_to(REPO).as_posix()}:{node.lineno} {node.value!r}")
+    assert spelled == []
+
+
 # A finder that lets a blocked package be found (libraries probe with find_spec to see what is
 # installed) but fails when it is actually imported.
 BLOCKED_IMPORT = textwrap.dedent("""

@@ -127,6 +127,8 @@ def linearize_model(model: nn.Module, attention_config: Any, layers: Optional[It
     for idx, mechanism in students.items():
         base = getattr(decoder[idx], layout.attention)
         device = next(base.parameters()).device
+        if hasattr(mechanism, "bind_teacher"):  # a native-form student reads its teacher's norms and eps
+            mechanism.bind_teacher(base, text_cfg)
         setattr(decoder[idx], layout.attention, LinearizedAttention(base, mechanism.to(device), idx, opts))
     model.config.linearize = {
         "attention": dataclasses.asdict(cfg),

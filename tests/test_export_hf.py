@@ -132,8 +132,7 @@ STANDALONE = textwrap.dedent("""
         generated = model.generate(ids, max_new_tokens={new}, do_sample=False, pad_token_id=0)
     # The CUDA-only Triton hookup, exercised on CPU: the ops must find the bundled kernels by their names.
     modeling = sys.modules[type(model).__module__]
-    common = sys.modules[modeling.__package__ + ".lz_ops__common"]
-    kernel = common.load_triton_function(modeling.__package__ + ".lz_ops_linear_attn", "chunk_linear_attn_triton")
+    kernel = sys.modules[modeling.__package__ + ".lz_ops_linear_attn"].load_triton()
     torch.save({{"logits": logits, "generated": generated, "module": type(model).__module__,
                  "kernel": kernel.__module__}}, out_file)
 """).format(new=NEW_TOKENS)

@@ -31,7 +31,7 @@ from .lawcat import LawcatAttention
 from .liger import LigerAttention, LigerWindowAttention
 from .linear import LinearAttention
 from .window_linear import WindowLinearAttention
-from .wrapper import MODES, LinearizedAttention, TransferPair
+from .wrapper import LinearizedAttention, TransferPair
 
 
 def _both(first, second) -> tuple[str, ...]:
@@ -106,7 +106,7 @@ def build_mechanism(cfg, num_heads: int, num_kv_heads: int, head_dim: int, hidde
 
 
 __all__ = [
-    "COMMON_CONFIG_KEYS", "MECHANISMS", "MODES", "Registered", "LinearizedAttention", "Mechanism", "Projected", "RunOptions",
+    "COMMON_CONFIG_KEYS", "MECHANISMS", "Registered", "LinearizedAttention", "Mechanism", "Projected", "RunOptions",
     "StudentCache", "StudentCacheLayer", "TransferPair", "available_mechanisms", "build_mechanism", "cache_nbytes",
     "map_state", "mechanism_config_keys", "mechanism_factory", "state_nbytes",
 ]

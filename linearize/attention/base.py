@@ -64,7 +64,7 @@ def repeat_heads(x: torch.Tensor, group: int) -> torch.Tensor:
 # AttentionConfig keys every mechanism's conversion reads (surgery: layer selection and RunOptions).
 # The layer-choice keys (softmax_layers: auto) are read by the run for every mechanism.
 COMMON_CONFIG_KEYS = ("mechanism", "layers", "softmax_layers", "softmax_layer_count", "softmax_layer_selector",
-                      "selection_steps", "form", "chunk_size", "backend", "compile")
+                      "selection_steps", "selector_recall_weight", "form", "chunk_size", "backend", "compile")
 
 
 class Mechanism(nn.Module):

@@ -27,7 +27,6 @@ from ..ops._common import sliding_window_mask
 from .base import Mechanism, Projected, RunOptions, repeat_heads
 from .cache import student_layer
 
-MODES = ("student", "transfer", "teacher", "calibrate")
 # Student mode under autograd recomputes the mechanism in backward (see `run_mechanism`); set it for a
 # model with `linearize.set_recompute`.
 RECOMPUTE_IN_BACKWARD = True

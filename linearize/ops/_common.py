@@ -7,8 +7,6 @@ follows too), so importing `linearize.ops` never imports triton. The optional fl
 ops whose semantics fla covers) is imported the same way."""
 from __future__ import annotations
 
-import importlib
-import sys
 import warnings
 from typing import Callable
 
@@ -154,30 +152,6 @@ def check_form(form: str, backend: str, backends: tuple[str, ...] = BACKENDS) ->
     check_backend(backend, backends)
     if backend in ("triton", "fla") and form != "chunk":
         raise ValueError(f"backend={backend!r} implements only form='chunk', not form={form!r}")
-
-
-def triton_module_name(op_package: str) -> str:
-    """`<op_package>.triton`; in an export's flat bundle (`models/bundle.py`) the op package is a single
-    file and its kernel module the sibling file `<op_package>_triton`."""
-    module = sys.modules.get(op_package)
-    if module is not None and not hasattr(module, "__path__"):
-        return f"{op_package}_triton"
-    return f"{op_package}.triton"
-
-
-def load_triton_function(op_package: str, function_name: str) -> Callable:
-    """Import an op's kernel module by name (`triton_module_name`) and return `function_name` from it;
-    ImportError says what is missing. For callers holding only names (an export's modeling code); the ops
-    themselves import through `load_triton`."""
-    module_name = triton_module_name(op_package)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(f"Triton backend unavailable: cannot import {module_name} ({err})") from err
-    function = getattr(module, function_name, None)
-    if function is None:
-        raise ImportError(f"Triton backend unavailable: {module_name} has no function {function_name}")
-    return function
 
 
 def _load(load_triton: Callable[[], Callable]) -> Callable:

@@ -4,12 +4,10 @@ modules itself instead of the modeling file importing them for it."""
 import subprocess
 import sys
 import textwrap
-import types
 
 import pytest
 
 from linearize.models import bundle
-from linearize.ops._common import load_triton_function
 
 REGISTRATION = textwrap.dedent("""
     import linearize, linearize.models
@@ -42,12 +40,3 @@ def test_the_modeling_file_imports_no_kernel_module():
     """The kernels are reached through the ops' own lazy imports, not imported for the bundler's sake."""
     source = bundle.collect_modules()[bundle.MODELING_FILE]
     assert not [line for line in source.splitlines() if "import" in line and "triton" in line]
-
-
-def test_ops_find_a_bundled_kernel_as_the_sibling_file(monkeypatch):
-    """In a flat bundle an op package is one module; its kernels are `<module>_triton`."""
-    op, kernels = types.ModuleType("bundled.lz_ops_linear_attn"), types.ModuleType("bundled.lz_ops_linear_attn_triton")
-    kernels.chunk_linear_attn_triton = lambda: "kernel"
-    monkeypatch.setitem(sys.modules, op.__name__, op)
-    monkeypatch.setitem(sys.modules, kernels.__name__, kernels)
-    assert load_triton_function(op.__name__, "chunk_linear_attn_triton")() == "kernel"

@@ -15,7 +15,7 @@ from conftest import tiny_model
 # Weight scales that make layer 2 decisive (picked on one seed: rise 0.15 nats; 0.0003 unscaled, where
 # random attention is near uniform and linear attention imitates it).
 SHARP = {"o_proj": 10.0, "q_proj": 4.0, "k_proj": 4.0, "lm_head": 5.0}
-LENGTHS = [250, 500]  # the tiny tokenizer spends about a token per character
+LENGTHS = [400, 600]  # the tiny tokenizer spends about a token per character
 
 
 @pytest.fixture
@@ -37,8 +37,8 @@ class Copier(torch.nn.Module):
         rows = []
         for ids in input_ids:
             text = self.tokenizer.decode(ids)
-            name = re.search(r"The badge of (.+) is$", text).group(1)
-            number = re.search(rf"\n{name} wears badge( \d+)\.", text).group(1)
+            name = re.search(r"the guard reads one line of the list aloud: (.+) wears badge number$", text).group(1)
+            number = re.search(rf"\n{name} wears badge number( \d+)\.", text).group(1)
             answer = self.tokenizer(number, add_special_tokens=False)["input_ids"][:max_new_tokens]
             rows.append(torch.cat([ids, torch.tensor(answer + [0] * (max_new_tokens - len(answer)))]))
         return torch.stack(rows)
@@ -49,12 +49,12 @@ def test_badge_prompt_has_its_length_and_asks_for_a_listed_number(tokenizer):
         ids, answer = badge_prompt(tokenizer, length, random.Random(length))
         assert len(ids) == length
         text = tokenizer.decode(ids)
-        name = re.search(r"The badge of (.+) is$", text).group(1)
-        assert f"\n{name} wears badge{tokenizer.decode(answer)}." in text
-        assert len(re.findall(r" wears badge \d{4}\.", text)) >= 2  # a list, not one guest
-    same, again = badge_prompt(tokenizer, 250, random.Random(1)), badge_prompt(tokenizer, 250, random.Random(1))
+        name = re.search(r"the guard reads one line of the list aloud: (.+) wears badge number$", text).group(1)
+        assert f"\n{name} wears badge number{tokenizer.decode(answer)}." in text
+        assert len(re.findall(r" wears badge number \d{4}\.", text)) == 6  # the asked guest among 5 others
+    same, again = badge_prompt(tokenizer, 400, random.Random(1)), badge_prompt(tokenizer, 400, random.Random(1))
     assert torch.equal(same[0], again[0]) and same[1] == again[1]
-    with pytest.raises(ValueError, match="fewer than 2 guests"):
+    with pytest.raises(ValueError, match="cannot hold 6 guests"):
         badge_prompt(tokenizer, 40, random.Random(0))
 
 

@@ -1,8 +1,8 @@
 """In-context recall, two ways: an evaluation on a format no training source uses, and the recall loss
 a layer selector scores layers by.
 
-`badge_recall`: a guest list of people with 4-digit badge numbers, then a question naming one guest; the
-answer is that guest's number, copied from the list. Its wording, key kind (person names) and value kind
+`badge_recall`: a short guest list of people with 4-digit badge numbers, text about the evening, then a
+question naming one guest; the answer is that guest's number, copied from the list. Its wording, key kind (person names) and value kind
 (digits only) appear neither in the `recall` training source (letter-digit codes and word spans under
 shelf/extension/glossary/notebook frames) nor in the passkey template, so a score measures transfer of
 retrieval, not memory of a format. Scored on the greedy answer: exact match of all its tokens, and the
@@ -23,9 +23,11 @@ from ..surgery import students_only_in, wrapped_attentions
 from .agreement import same_length_batches
 
 HEADER = "Guest list for the harbour dinner, with the badge number of every guest."
-PAD_TEXT = " Badges are handed out at the gate."  # repeated and cut to make a prompt exactly its length
-LINE = "\n{name} wears badge{number}."  # `{number}` marks where the number's ids are spliced in
-QUESTION = "\n\nAt the gate, the guard looks up one guest. The badge of {name} is"
+# Between the list and the question, repeated and cut to make a prompt exactly its length.
+PAD_TEXT = (" Dinner is served at eight in the long hall by the water. Guests arrive by ferry from the old"
+            " pier, and the band plays until midnight.")
+LINE = "\n{name} wears badge number{number}."  # `{number}` marks where the number's ids are spliced in
+QUESTION = "\n\nAt the gate, the guard reads one line of the list aloud: {name} wears badge number"
 FIRST_NAMES = ("Ada", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Imani", "Jonas", "Kira",
                "Luca", "Maya", "Nils", "Olga", "Pedro", "Quinn", "Rosa", "Stefan", "Tara", "Umar", "Vera",
                "Wendell", "Xenia", "Yusuf", "Zoe", "Anton", "Beatriz", "Cyril", "Delia", "Emil", "Fiona")
@@ -33,7 +35,7 @@ LAST_NAMES = ("Abbott", "Barros", "Castillo", "Dalton", "Eriksen", "Fischer", "G
               "Jensen", "Kowalski", "Laurent", "Mendez", "Nakamura", "Ortega", "Petrov", "Quist", "Ramos",
               "Sato", "Tanaka", "Ueda", "Varga", "Weber", "Yilmaz", "Zeller", "Brandt", "Costa", "Dubois")
 NUMBERS = (1000, 10000)  # 4-digit badge numbers: guessing one is hopeless
-MIN_LINES = 2  # a list of one guest asks nothing of retrieval
+GUESTS = 6  # listed guests: one asked for, the others distractors a lookup must tell apart
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -44,39 +46,34 @@ def _has_digit(tokenizer, token: int) -> bool:
     return any(ch.isdigit() for ch in tokenizer.decode([token]))
 
 
-def badge_prompt(tokenizer, length: int, rng: random.Random) -> tuple[torch.Tensor, list[int]]:
-    """(prompt `[length]`, answer ids): special prefix + header + padding + guest lines + question. Lines are
-    added while they fit; the padding takes up the few tokens left so every prompt is exactly `length`."""
+def badge_prompt(tokenizer, length: int, rng: random.Random, guests: int = GUESTS) -> tuple[torch.Tensor, list[int]]:
+    """(prompt `[length]`, answer ids): special prefix + header + `guests` guest lines + padding text +
+    question naming one of them. The padding takes up what is left, so every prompt is exactly `length`
+    and the list sits about `length` tokens before the question."""
+    if guests < 2:
+        raise ValueError(f"badge recall: needs at least 2 guests (one is asked for), got {guests}")
     prefix, header = tokenizer("", add_special_tokens=True)["input_ids"], _ids(tokenizer, HEADER)
-    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
-    rng.shuffle(names)
-    room = length - max(len(_ids(tokenizer, QUESTION.format(name=name))) for name in names)  # any question fits
-    lines, answers, used = [], [], len(prefix) + len(header)
+    names = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], guests)
+    lines, answers = [], []
     for name in names:
         number = _ids(tokenizer, f" {rng.randrange(*NUMBERS)}")
         before, _, after = LINE.format(name=name, number="\0").partition("\0")
-        line = _ids(tokenizer, before) + number + _ids(tokenizer, after)
-        if used + len(line) > room:
-            break
-        lines.append((name, line))
+        lines += _ids(tokenizer, before) + number + _ids(tokenizer, after)
         answers.append(number)
-        used += len(line)
-    if len(lines) < MIN_LINES:
-        raise ValueError(f"badge recall: a prompt of {length} tokens holds fewer than {MIN_LINES} guests")
-    if len(lines) == len(names):
-        raise ValueError(f"badge recall: a prompt of {length} tokens needs more than the {len(names)} guest names")
-    queried = rng.randrange(len(lines))
-    question = _ids(tokenizer, QUESTION.format(name=lines[queried][0]))
-    spare = length - used - len(question)
+    queried = rng.randrange(guests)
+    question = _ids(tokenizer, QUESTION.format(name=names[queried]))
+    spare = length - len(prefix) - len(header) - len(lines) - len(question)
+    if spare < 0:
+        raise ValueError(f"badge recall: a prompt of {length} tokens cannot hold {guests} guests and the question "
+                         f"({length - spare} tokens)")
     unit = _ids(tokenizer, PAD_TEXT)
     padding = (unit * (spare // len(unit) + 1))[:spare]
-    ids = prefix + header + padding + [t for _, line in lines for t in line] + question
-    return torch.tensor(ids), answers[queried]
+    return torch.tensor(prefix + header + lines + padding + question), answers[queried]
 
 
 @torch.no_grad()
 def badge_recall(model, tokenizer, lengths: Sequence[int], trials: int = 36, seed: int = 0,
-                 batch_size: int = 8) -> dict:
+                 batch_size: int = 8, guests: int = GUESTS) -> dict:
     """Recall at each prompt length (e.g. 1x, 2x, 4x the training length), `trials` random lists each,
     greedy decoding with the KV cache: `exact[i]` share of answers whose tokens all equal the number's,
     `per_token[i]` share of the number's digit-bearing tokens right in place (a leading space token
@@ -89,7 +86,7 @@ def badge_recall(model, tokenizer, lengths: Sequence[int], trials: int = 36, see
     exact, per_token, examples = [], [], []
     with tqdm(total=len(lengths) * trials, desc="badge recall", leave=False) as bar:
         for length in lengths:
-            cases = [badge_prompt(tokenizer, length, rng) for _ in range(trials)]
+            cases = [badge_prompt(tokenizer, length, rng, guests) for _ in range(trials)]
             width = max(len(answer) for _, answer in cases)
             hits, credit = 0, 0.0
             for start in range(0, trials, batch_size):

@@ -372,6 +372,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     which argparse alone rejects once an option has ended the positionals."""
     args, extra = parser.parse_known_args(argv)
     late_overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    if hasattr(args, "items"):  # `compare a.yaml --texts code b.yaml`: configs may follow options too
+        late_items = [item for item in extra if item not in late_overrides and not item.startswith("-")]
+        args.items = list(args.items) + late_items
+        extra = [item for item in extra if item not in late_items]
     unknown = [item for item in extra if item not in late_overrides]
     if unknown or (late_overrides and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

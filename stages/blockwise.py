@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 import linearize
-from linearize.data import build_datasets, in_stage_eval
+from linearize.data import in_stage_eval
 from linearize.dtypes import torch_dtype
 from linearize.errors import UserError
 from linearize.files import write_jsonl
@@ -47,6 +47,7 @@ from linearize.train.state import seed_everything
 from linearize.train.student import check_context, save_student
 
 from .common import StageStart, record_calibration, train_stage
+from .teacher_data import run_datasets
 from .rundir import BLOCK_PREFIX, StageDir, mark_done, read_done, same_config_as_done
 
 # Ranks wait at barriers while rank peers build their share of the hidden-state cache or train a block.
@@ -121,7 +122,7 @@ def train_blocks(start: StageStart, accept_changes: bool = False, log: Callable[
     initial = initial_students(cfg.attention, lazy.config.get_text_config(decoder=True), converted)
     if not any(t.numel() for state in initial.values() for t in state.values()):
         return BlockwiseResult(None, {}, skipped=f"{cfg.attention.mechanism} adds no trainable parameters")
-    train_tokens, eval_tokens = build_datasets(cfg.data, start.tokenizer, cfg.seed)
+    train_tokens, eval_tokens = run_datasets(cfg, start.tokenizer, start.stage_dir.parent, lazy)
     text_cfg = lazy.config.get_text_config(decoder=True)
     run = _Blocks(start, accept_changes, reader, dtype, converted, initial, (train_tokens, eval_tokens),
                   rank=settings.rank, log=log, hidden_size=text_cfg.hidden_size, embed_name=lazy.embed_name)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from linearize import adapters
-from linearize.data import build_datasets, in_stage_eval
+from linearize.data import in_stage_eval
 from linearize.surgery import calibrate, calibration_tokens
 from linearize.train import config_to_dict, distributed, seed_everything, train
 from linearize.files import write_json
@@ -18,6 +18,7 @@ from linearize.train.student import load_converted, load_student
 
 from . import layer_choice
 from .registry import TRAINING_STAGES
+from .teacher_data import run_datasets
 from .rundir import SKIPPED, STUDENT_SOURCES, StageDir, adapter_dir, find_student_file, mark_done
 
 
@@ -61,7 +62,7 @@ def start_stage(cfg, run_dir: Path, stage: str, sources=STUDENT_SOURCES) -> Stag
     model, tokenizer, source = build_student(cfg, run_dir, sources)
     start = StageStart(cfg, Path(run_dir) / stage, model, tokenizer, source, config)
     if source is None and calibration_tokens(model):  # the data is read only when a layer asks for it
-        train_tokens, _ = build_datasets(cfg.data, tokenizer, cfg.seed)
+        train_tokens, _ = run_datasets(cfg, tokenizer, run_dir, model)
         record_calibration(start.stage_dir, calibrate(model, train_tokens, cfg.attention.init))
     return start
 
@@ -85,7 +86,8 @@ def train_stage(start: StageStart, model: torch.nn.Module, loss_fn: Callable, st
     records. `stage`: the stage whose config section applies (default: the start's folder name; a block
     of a block-wise stage trains in its own folder under its stage's section)."""
     cfg = start.cfg
-    train_tokens, eval_tokens = data if data is not None else build_datasets(cfg.data, start.tokenizer, cfg.seed)
+    train_tokens, eval_tokens = data if data is not None else run_datasets(cfg, start.tokenizer, start.stage_dir.parent,
+                                                                           start.model)
     eval_tokens = in_stage_eval(eval_tokens, stage_cfg)
     result = train(model, loss_fn, train_tokens, eval_tokens, stage_cfg, stage_dir=start.stage_dir,
                    stage=stage or start.stage_dir.name, seed=cfg.seed, engine_cfg=cfg.engine, config=start.config,

@@ -12,16 +12,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from linearize.data import build_datasets, in_stage_eval
+from linearize.data import in_stage_eval
+from linearize.data.recall import recall_examples
 from linearize.errors import UserError
 from linearize.evals.report import plot_layer_scores
 from linearize.train import seed_everything
-from linearize.train.layer_choice import AUTO, REQUEST_KEYS, Probe, select_softmax_layers
+from linearize.train.layer_choice import AUTO, REQUEST_KEYS, SELECTORS, Probe, select_softmax_layers
 from linearize.files import write_json
 from linearize.train.student import load_converted
 
 from .registry import STAGES
+
+# Held-out recall sequences the recall selector scores each layer on: every candidate layer costs one
+# forward of each, so a few suffice to rank 30 layers (docs/quality.md measures the choice).
+RECALL_PROBE_EXAMPLES = 8
 from .rundir import RunDir
+from .teacher_data import run_datasets
 
 
 def find_layer_choice(run_dir: Path) -> Optional[Path]:
@@ -50,20 +56,24 @@ def read_layer_choice(path: Path) -> dict:
     return record
 
 
-def choose_softmax_layers(cfg) -> dict:
+def choose_softmax_layers(cfg, run_dir: Path) -> dict:
     """The selector's record for cfg: scored on a throwaway model converted in every candidate layer,
     probing with the transfer stage's optimizer settings on the run's data, and held out: the first rows
     of its in-stage eval, as many as the probe trains on (at least one), so scoring costs about a third
     of the probe (forwards only)."""
     seed_everything(cfg.seed)
     model, tokenizer = load_converted(replace(cfg, attention=replace(cfg.attention, softmax_layers=[])))
-    train_tokens, eval_tokens = build_datasets(cfg.data, tokenizer, cfg.seed)
+    train_tokens, eval_tokens = run_datasets(cfg, tokenizer, run_dir, model)
     stage_cfg = cfg.attention_transfer
     probe_rows = max(1, cfg.attention.selection_steps * stage_cfg.micro_batch_size)
     held_out = in_stage_eval(eval_tokens, stage_cfg)[:probe_rows]
+    recall = ()
+    if SELECTORS[cfg.attention.softmax_layer_selector].reads_recall:  # held out: a stream the source never uses
+        recall = tuple(recall_examples(tokenizer, RECALL_PROBE_EXAMPLES, cfg.data.seq_len, seed=cfg.seed,
+                                       queries=cfg.data.recall.queries, min_distance=cfg.data.recall.min_distance))
     probe = Probe(train=train_tokens, held_out=held_out, steps=cfg.attention.selection_steps,
                   lr=stage_cfg.lr, micro_batch_size=stage_cfg.micro_batch_size, grad_clip=stage_cfg.grad_clip,
-                  mse_factor=stage_cfg.mse_factor)
+                  mse_factor=stage_cfg.mse_factor, recall=recall, recall_weight=cfg.attention.selector_recall_weight)
     return select_softmax_layers(model, cfg.attention.softmax_layer_selector, cfg.attention.softmax_layer_count, probe)
 
 
@@ -72,7 +82,7 @@ def ensure_choice(cfg, run_dir: Path, stage: str) -> None:
     `<run>/<stage>/` (with the per-layer score plot), saying which layers it chose. Main process only."""
     if cfg.attention.softmax_layers != AUTO or find_layer_choice(run_dir) is not None:
         return
-    record = choose_softmax_layers(cfg)
+    record = choose_softmax_layers(cfg, run_dir)
     stage_dir = RunDir(run_dir).stage(stage)
     stage_dir.path.mkdir(parents=True, exist_ok=True)
     plot_layer_scores(record, stage_dir.layer_choice_plot)

@@ -2,7 +2,8 @@
 
 teacher → linearize → student parameters from attention transfer (absent: the no-transfer baseline)
 → peft LoRA (rank, alpha, dropout, targets) → loss = ce_weight · cross-entropy + kl_weight · KL to the teacher
-(computed by the same model with the adapter disabled and teacher attention, no second copy) →
+(full or top-k, with a temperature) + hidden_weight · per-layer MSE to the teacher's layer outputs (the teacher
+computed by the same model with the adapter disabled and teacher attention, no second copy) →
 `<run>/lora_recovery/adapter/` and `student.safetensors`."""
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Trains LoRA adapters on the converted model; returns the final metrics."""
     start = start_stage(cfg, run_dir, STAGE, sources=("attention_transfer",))
     peft_model = wrap_with_lora(start.model, cfg.lora_recovery)
-    loss_fn = recovery_objective(cfg.lora_recovery.kl_weight, cfg.lora_recovery.ce_weight)
+    stage_cfg = cfg.lora_recovery
+    loss_fn = recovery_objective(stage_cfg.kl_weight, stage_cfg.ce_weight, kl_top_k=stage_cfg.kl_top_k,
+                                 kl_temperature=stage_cfg.kl_temperature, hidden_weight=stage_cfg.hidden_weight)
     metrics = train_stage(start, peft_model, loss_fn, cfg.lora_recovery, accept_changes)
     outputs = StageDir(start.stage_dir)
     with faults_named(outputs.adapter):  # peft writes the folder; a full disk is one line naming it

@@ -59,6 +59,45 @@ def test_probing_selectors_pick_the_layer_with_sharp_attention(selector):
         assert record["tokens"] == {"probe": 4 * 32, "held_out": 2 * 32}
 
 
+def _copier_in_layer(responsible: int, num_layers: int = 4):
+    """A stand-in whose copying lives in one known layer (tests/test_recall_eval.py's construction): attention
+    outputs are zero outside `responsible`, which attends sharply and weighs heavily; the recall answers are
+    its own confident greedy continuations. Returns (model converted in every layer, recall examples)."""
+    from test_recall_eval import SHARP
+
+    model = tiny_model("llama", num_hidden_layers=num_layers)
+    with torch.no_grad():
+        for idx, layer in enumerate(model.model.layers):
+            layer.self_attn.o_proj.weight.mul_(SHARP["o_proj"] if idx == responsible else 0.0)
+        for name in ("q_proj", "k_proj"):
+            getattr(model.model.layers[responsible].self_attn, name).weight.mul_(SHARP[name])
+        model.lm_head.weight.mul_(SHARP["lm_head"])
+        prompts = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))  # [N, T]
+        ids = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=8,
+                             do_sample=False, pad_token_id=0)  # [N, T + 8]
+    linearize.linearize_model(model, AttentionConfig(mechanism="linear", feature_dim=8, chunk_size=4))
+    return model, tuple((row, torch.arange(16, 24)) for row in ids)
+
+
+@pytest.mark.parametrize("responsible", [1, 2])
+def test_the_recall_selector_keeps_the_layer_the_model_copies_through(responsible):
+    """After the same short probe, converting the copying layer raises the recall loss and no other layer
+    changes it, so the recall selector keeps exactly that layer softmax; blended with layer_kl it still does."""
+    from dataclasses import replace
+
+    model, examples = _copier_in_layer(responsible)
+    probe = replace(_probe(steps=2), recall=examples)
+    record = select_softmax_layers(model, "recall", 1, probe)
+    assert record["choice"] == [responsible] and record["candidates"] == [0, 1, 2, 3]
+    others = [abs(score) for layer, score in record["scores"].items() if layer != str(responsible)]
+    assert record["scores"][str(responsible)] > 0.05 and max(others) < 1e-6  # fp32 rounding elsewhere
+    model, examples = _copier_in_layer(responsible)
+    blended = select_softmax_layers(model, "recall", 1, replace(_probe(steps=2), recall=examples, recall_weight=0.5))
+    assert blended["choice"] == [responsible]
+    with pytest.raises(UserError, match="needs held-out recall examples"):
+        select_softmax_layers(_converted(4), "recall", 1, _probe())
+
+
 def test_students_only_in_converts_just_those_layers():
     """layer_kl's view: with only layer 1 running its student, layer 0 (and every other) gives the
     teacher's output, so the logits equal those of the model converted in layer 1 alone."""

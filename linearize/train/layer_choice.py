@@ -10,6 +10,11 @@ layers with the highest scores (the ones that convert worst). Selectors form a r
 - `uniform`: evenly spaced layers, no data (score 1 on the chosen layers, 0 elsewhere).
 - `layer_kl`: the same probe, then each layer's held-out KL(teacher || the model with only that layer
   converted). Costs the probe plus (candidates + 1) held-out forwards of the whole model.
+- `recall`: the same probe, then each layer's rise in the loss of held-out in-context recall answers
+  (`data.recall.recall_examples`, never the passkey's format) when only that layer is converted: the layers
+  the model needs in order to copy from its context (../shared/METHODS.md §12). Optionally blended with
+  `layer_kl`'s score (`recall_weight` < 1; each score scaled by its largest value first). Costs the probe
+  plus (candidates + 1) forwards of the recall examples (and layer_kl's when blended).
 
 The library never reads or writes the run directory: `stages/common.py` records the choice and
 reuses it on resume."""
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..losses import PairCollector, distill_kl, transfer_mse, transfer_objective
 from ..config import EngineConfig
+from ..evals.recall import recall_scores
 from ..surgery import calibrate, freeze_for_transfer, students_only_in, transfer_mode, wrapped_attentions
 from .engine import build_engine
 
@@ -48,6 +54,8 @@ class Probe:
     micro_batch_size: int = 1
     grad_clip: float = 1.0
     mse_factor: float = 1.0
+    recall: tuple = ()  # held-out recall examples (input_ids [T], answer_positions [A]) for the recall selector
+    recall_weight: float = 1.0  # recall selector: 1 = recall only, 0 = layer_kl only, between: a blend
 
     def optimizer_settings(self):
         """What `train.engine.build_engine` reads of a stage config: AdamW at `lr`, no decay, fp32."""
@@ -148,11 +156,9 @@ def _logits(model: torch.nn.Module, tokens: torch.Tensor, students: Iterable[int
                 for row in range(len(tokens))]
 
 
-def layer_kl(model: torch.nn.Module, count: int, probe: Probe) -> dict[int, float]:
-    """After the same probe, each layer's held-out KL(teacher || model with only that layer converted), per
-    token: how far converting that layer alone moves the model's output. Keeps the teacher's logits of
-    every held-out row in memory and runs one held-out pass per candidate: costlier than transfer_probe."""
-    _train_probe(model, probe)
+def _kl_scores(model: torch.nn.Module, probe: Probe) -> dict[int, float]:
+    """Each converted layer's held-out KL(teacher || model with only that layer converted), per token. Keeps
+    the teacher's logits of every held-out row in memory and runs one held-out pass per candidate."""
     model.eval()
     teacher = _logits(model, probe.held_out, ())
     scores = {}
@@ -162,16 +168,46 @@ def layer_kl(model: torch.nn.Module, count: int, probe: Probe) -> dict[int, floa
     return scores
 
 
+def layer_kl(model: torch.nn.Module, count: int, probe: Probe) -> dict[int, float]:
+    """After the same probe, how far converting each layer alone moves the model's output (`_kl_scores`):
+    costlier than transfer_probe."""
+    _train_probe(model, probe)
+    return _kl_scores(model, probe)
+
+
+def _scaled(scores: dict[int, float]) -> dict[int, float]:
+    """Scores divided by the largest one (so two kinds of score can be blended); all-zero stays zero."""
+    top = max(scores.values(), default=0.0)
+    return {layer: value / top if top > 0 else 0.0 for layer, value in scores.items()}
+
+
+def recall(model: torch.nn.Module, count: int, probe: Probe) -> dict[int, float]:
+    """After the same probe, each layer's rise in held-out recall loss when it alone is converted (high = the
+    model copies from its context through that layer), blended with layer_kl by `probe.recall_weight`."""
+    if not probe.recall:
+        raise UserError("the recall selector needs held-out recall examples (the run builds them from the "
+                        "data.recall settings)")
+    _train_probe(model, probe)
+    model.eval()
+    rise = recall_scores(model, list(probe.recall), candidate_layers(model), batch_size=probe.micro_batch_size)
+    if probe.recall_weight >= 1.0:
+        return rise
+    kl, rise = _scaled(_kl_scores(model, probe)), _scaled(rise)
+    return {layer: probe.recall_weight * rise[layer] + (1.0 - probe.recall_weight) * kl[layer] for layer in rise}
+
+
 @dataclass(frozen=True)
 class SelectorSpec:
     score: Selector
     probes: bool  # trains and scores on the probe's tokens (False: reads no data)
+    reads_recall: bool = False  # scores on held-out recall examples (`Probe.recall`)
 
 
 SELECTORS: dict[str, SelectorSpec] = {
     "transfer_probe": SelectorSpec(transfer_probe, probes=True),
     "uniform": SelectorSpec(uniform, probes=False),
     "layer_kl": SelectorSpec(layer_kl, probes=True),
+    "recall": SelectorSpec(recall, probes=True, reads_recall=True),
 }
 
 

@@ -105,6 +105,7 @@ class RecallDataConfig:
     max_distance: int = 480  # and at most
     queries: int = field(default=4, metadata=at_least(1))  # queries per sequence
     seed: int = 0
+    filler: str = "demo-wiki"  # a corpus name or file: the natural text the spans and queries are wrapped in
 
 
 @dataclass(frozen=True)

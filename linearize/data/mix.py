@@ -49,7 +49,9 @@ def _teacher_source(ctx: SourceContext, key: str) -> torch.Tensor:
 
 
 def _recall_source(ctx: SourceContext, key: str) -> torch.Tensor:
-    return recall_rows(ctx.data_cfg.recall, ctx.tokenizer, ctx.data_cfg.seq_len)
+    recall = ctx.data_cfg.recall
+    return recall_rows(recall, ctx.tokenizer, ctx.data_cfg.seq_len,
+                       filler=load_texts(recall.filler, ctx.data_cfg.text_field))
 
 
 # Generated sources: name -> rows. Text sources (files, corpora, hub datasets) are everything else.

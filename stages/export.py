@@ -5,6 +5,7 @@ directory `<run>/export/`, in the format `export.format` names (`FORMATS`): `lin
 beside the model files."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,19 +13,35 @@ import torch
 from linearize import adapters
 from linearize.attention.gated_delta import bind_native_students
 from linearize.errors import UserError
+from linearize.files import write_text
 from linearize.models.exported import save_export
 from linearize.models.families import qwen3_5
 from linearize.train import config_to_dict
 
 from .common import attach_adapter, start_stage
-from .rundir import adapter_dir, mark_done
+from .rundir import CompareDir, RunDir, adapter_dir, check_teacher, enclosing_run, mark_done
 
 STAGE = "export"
-RUN_CONFIG = "config.yaml"
+# Folders an export publish leaves only when killed: `.<name>.tmp-*` (being written), `.<name>.old-*` (the
+# previous export, about to be deleted). Neither is ever read.
+DEBRIS = ("tmp", "old")
 
 
 def export_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / STAGE
+    return RunDir(run_dir).export
+
+
+def remove_export_debris(out_dir: Path) -> list[Path]:
+    """Deletes what a killed export to `out_dir` left beside it; only under the run lock (the stage), where
+    no other export to that folder can be running."""
+    out_dir = Path(out_dir)
+    removed = []
+    for kind in DEBRIS:
+        for leftover in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover)
+    return removed
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -35,11 +52,20 @@ def _within(path: Path, folder: Path) -> bool:
 
 def check_destination(run_dir: Path, out_dir: Path) -> None:
     """An export replaces OUT as a whole: refuse an OUT that is the run, the working directory, or a
-    folder holding either (even with --overwrite: that would delete them)."""
+    folder holding either, a compare folder, or a folder inside any run directory other than this run's
+    own `export/` (even with --overwrite: that would delete what linearize or the user keeps there)."""
+    out_dir = Path(out_dir)
     for name, folder in (("the run directory", Path(run_dir)), ("the working directory", Path.cwd())):
-        if _within(folder, Path(out_dir)):
-            what = "is" if Path(out_dir).resolve() == folder.resolve() else "contains"
+        if _within(folder, out_dir):
+            what = "is" if out_dir.resolve() == folder.resolve() else "contains"
             raise UserError(f"export destination {out_dir} {what} {name} ({folder}); choose a new folder")
+    own = RunDir(run_dir).export
+    inside = enclosing_run(out_dir)
+    if inside is not None and out_dir.resolve() != own.resolve():
+        raise UserError(f"export destination {out_dir} is inside the run directory {inside.root}; a run keeps its "
+                        f"export in {RunDir(inside.root).export}: choose a folder outside any run")
+    if CompareDir(out_dir).is_compare():
+        raise UserError(f"export destination {out_dir} is a linearize compare folder; choose a new folder")
 
 
 def export_run(run_dir: Path, out_dir: Path, cfg=None, overwrite: bool = False, format: str | None = None) -> dict:
@@ -52,9 +78,11 @@ def export_run(run_dir: Path, out_dir: Path, cfg=None, overwrite: bool = False, 
     if cfg is None:
         from stages.config_loader import load_config
 
-        if not (run_dir / RUN_CONFIG).is_file():
-            raise UserError(f"{run_dir} is not a run directory (no {RUN_CONFIG})")
-        cfg = load_config(run_dir / RUN_CONFIG)
+        run = RunDir(run_dir)
+        if not run.config.is_file():
+            raise UserError(f"{run_dir} is not a run directory (no {run.config.name})")
+        cfg = load_config(run.config)
+        check_teacher(run, cfg.model)  # the stage's own run was checked by the pipeline
     format = format or cfg.export.format
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
@@ -109,7 +137,7 @@ def write_qwen3_5(model, start, out_dir: Path, dtype: str, shipped, overwrite: b
     qwen3_5.save(model, start.tokenizer, out_dir, dtype=dtype, card=card, overwrite=overwrite)
     ids = torch.randint(0, model.config.vocab_size, (1, PARITY_TOKENS), generator=torch.Generator().manual_seed(0))
     parity = qwen3_5.logit_parity(model, out_dir, ids)
-    (Path(out_dir) / "README.md").write_text(qwen3_5.model_card(source, start.config, model, parity))
+    write_text(Path(out_dir) / "README.md", qwen3_5.model_card(source, start.config, model, parity))
     return {"parity": parity}
 
 
@@ -120,6 +148,8 @@ FORMATS = {"linearize": (check_nothing, write_linearize), "qwen3_5": (check_qwen
 def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     """Writes the export and returns what it holds. The stage owns `<run>/export/` (it carries the stage
     marker), so it replaces it."""
+    for leftover in remove_export_debris(export_dir(run_dir)):
+        print(f"{STAGE}: removed {leftover.name}, left by an export that was interrupted")
     metrics = export_run(run_dir, export_dir(run_dir), cfg, overwrite=True)
     metrics["path"] = STAGE  # relative to the run: the record sits in the export, which gets shared
     mark_done(export_dir(run_dir), metrics, config_to_dict(cfg), stage=STAGE)

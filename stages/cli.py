@@ -97,7 +97,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"eval target not found: {args.target}")
     from .evaluate import evaluate_target
 
-    results = evaluate_target(args.target, list(args.overrides), out_dir=Path(args.out) if args.out else None)
+    elsewhere = {"out_dir": Path(args.out)} if args.out else {}  # default: under the target
+    results = evaluate_target(args.target, list(args.overrides), **elsewhere)
     print(json.dumps(results, indent=2, default=str))
     return 0
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from linearize import adapters
-from linearize.attention.gated_delta import bind_native_students
 from linearize.errors import UserError
 from linearize.files import write_text
 from linearize.models.exported import save_export
@@ -130,7 +129,6 @@ PARITY_TOKENS = 64
 def write_qwen3_5(model, start, out_dir: Path, dtype: str, shipped, overwrite: bool) -> dict:
     if shipped is not None:
         raise UserError("export --format qwen3_5 merges the LoRA adapter into the weights; set export.merge_lora=true")
-    bind_native_students(model)
     model = model.float().eval()
     source = start.cfg.model.path
     card = qwen3_5.model_card(source, start.config, model, None)

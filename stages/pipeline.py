@@ -13,7 +13,7 @@ from linearize.train.checkpoint import checkpoint_step, read_checkpoint_config
 from linearize.train.distributed import DistributedSettings
 from linearize.train.layer_choice import AUTO
 from linearize.train.state import RESTART_HINT
-from stages import export, layer_choice
+from stages import export, layer_choice, teacher_data
 from stages.blockwise import block_dirs, init_block_ranks
 from stages.report import write_report
 from stages.registry import STAGES, TRAINING_STAGES, stage_runner
@@ -195,6 +195,7 @@ def _run_locked(cfg, run_dir: Path, names: list[str], force: bool, accept_change
                 print(f"{name}: --force, discarded its previous outputs")
             clear_done(stage_dir)
             mark_stage(stage_dir, name)
+            teacher_data.ensure_teacher_samples(cfg, run_dir)  # once per run: the data the stages read
             layer_choice.ensure_choice(cfg, run_dir, name)  # once per run, before the first stage that builds
         distributed.barrier()  # rank 0 has discarded (and chosen) before any rank looks for a checkpoint
         statuses[name] = _status(stage_dir)

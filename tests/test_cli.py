@@ -104,7 +104,8 @@ def fake_stages(monkeypatch):
     fake("pipeline", run_stages=lambda cfg, names, force=False, accept_changes=False:
          calls.append(("run", cfg, list(names), (force, accept_changes))))
     fake("evaluate", evaluate_target=lambda target, overrides: calls.append(("eval", target, overrides)) or {"ppl": 1.5})
-    fake("export", export_run=lambda run_dir, out_dir, overwrite=False: calls.append(("export", run_dir, out_dir, overwrite)))
+    fake("export", export_run=lambda run_dir, out_dir, overwrite=False, format=None:
+         calls.append(("export", run_dir, out_dir, overwrite)))
     return calls
 
 

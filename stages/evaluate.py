@@ -21,6 +21,7 @@ from linearize.models.exported import CONFIG_FILE as EXPORT_CONFIG, RUN_CONFIG_F
 from linearize.train import default_device
 from linearize.train.evaluation import compare_on_tokens, greedy_sample
 
+from .behaviour import behaviour_metrics
 from .common import StageStart, attach_adapter, finish_stage, start_stage
 from .rundir import TEACHER_DIR, RunDir, StageDir
 
@@ -57,7 +58,8 @@ def evaluate_model(cfg, model, tokenizer, with_teacher: bool, out_dir: Path | No
     """Metrics and greedy samples for `model` (a converted model; with_teacher: its teacher view too);
     with `evaluate.long_context` set, also `long_context` (tables and heatmap written to `out_dir`) and,
     with the teacher, `long_context_teacher`; for hybrid mechanisms, `branch_shares` (its plot written
-    to `out_dir`)."""
+    to `out_dir`); with the teacher and `evaluate.behaviour.enabled`, `texts`, `retrieval` and
+    `teacher_agreement` (`stages/behaviour.py`)."""
     model.to(default_device())
     view = teacher_view if with_teacher else None
     tokens = eval_tokens(cfg, tokenizer)
@@ -71,6 +73,8 @@ def evaluate_model(cfg, model, tokenizer, with_teacher: bool, out_dir: Path | No
     shares = _branch_shares(model, tokens, out_dir)
     if shares is not None:
         result["branch_shares"] = shares
+    if with_teacher and cfg.evaluate.behaviour.enabled:  # texts, retrieval, teacher_agreement (stages/behaviour.py)
+        result.update(behaviour_metrics(cfg, model, tokenizer))
     lc = cfg.evaluate.long_context
     if long_context_enabled(lc):
         tokens = _position_tokens(cfg, tokenizer)

@@ -13,7 +13,7 @@ from linearize.train.checkpoint import checkpoint_step, read_checkpoint_config
 from linearize.train.distributed import DistributedSettings
 from linearize.train.layer_choice import AUTO
 from linearize.train.state import RESTART_HINT
-from stages import export, layer_choice, teacher_data
+from stages import behaviour, export, layer_choice, teacher_data
 from stages.blockwise import block_dirs, init_block_ranks
 from stages.report import write_report
 from stages.registry import STAGES, TRAINING_STAGES, stage_runner
@@ -126,6 +126,8 @@ def _print_summary(cfg, run_dir: Path, results: dict, sample, report: Path) -> N
     if evaluation:
         teacher, student = evaluation["teacher_ppl"], evaluation["student_ppl"]
         print(f"teacher perplexity {teacher:.3f}, student perplexity {student:.3f} ({student / teacher:.2f}x the teacher)")
+        for line in behaviour.summary_lines(evaluation):
+            print(line)
     if sample is not None:
         print(f"export {export.export_dir(run_dir)} generates: {sample!r}")
     print(f"report: {report}")

@@ -195,11 +195,28 @@ class LongContextConfig:
 
 
 @dataclass(frozen=True)
+class BehaviourConfig:
+    """Closeness and behaviour against the teacher (docs/behaviour.md); off by default (minutes on CPU)."""
+
+    enabled: bool = False
+    texts: list[str] = field(default_factory=lambda: ["news", "code", "manual"],  # KL, top-1, ppl ratio per kind
+                             metadata=choices(Registry("stages.behaviour", "TEXT_KINDS"), each=True))
+    text_sequences: int = field(default=16, metadata=above(0))  # sequences of data.seq_len per text kind
+    # Retrieval prompt lengths in tokens; empty: 1x, 2x and 4x data.seq_len.
+    retrieval_lengths: list[int] = field(default_factory=list, metadata=above(0, each=True))
+    retrieval_prompts: int = field(default=36, metadata=above(0))  # per length and format (fewer than 36 is noisy)
+    instructions: int = field(default=60, metadata=above(0))  # fixed instructions for teacher agreement (of 66)
+    # Documents before the instructions, in windows (attention.window_size, or 64): 16 x 64 ~ 1,000 tokens.
+    context_windows: list[int] = field(default_factory=lambda: [2, 4, 16], metadata=above(0, each=True))
+    related: bool = True  # also documents that hold the facts the question asks about
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     max_sequences: int = field(default=80, metadata=above(0))
     sample_prompt: str = "The capital of France is"
     sample_tokens: int = field(default=24, metadata=at_least(0))
-    behaviour: bool = False  # also measure closeness and behaviour: KL per text kind, retrieval, agreement (slow)
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
     long_context: LongContextConfig = field(default_factory=LongContextConfig)
 
 

@@ -1,0 +1,102 @@
+"""Closeness to the teacher and its behaviours, for one converted model (`evaluate.behaviour.enabled`, so
+the evaluate stage, `linearize eval` and `linearize compare` all measure the same things;
+docs/behaviour.md):
+
+- per kind of text (`TEXT_KINDS`: the run's news eval text, Python source, the Python manual): KL to the
+  teacher, top-1 agreement and the perplexity ratio;
+- retrieval at 1x, 2x and 4x the training length: the passkey, and badge recall (a second format that
+  neither the passkey nor the `recall` training source uses), student and teacher;
+- agreement with the teacher on fixed instructions (through the chat template when there is one), short
+  and after documents of several windows, unrelated and related to the question.
+
+The teacher is the same model through `adapters.teacher_view` (adapter off, softmax attention)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+from linearize.adapters import teacher_view
+from linearize.evals.agreement import teacher_agreement
+from linearize.evals.passkey import passkey_retrieval
+from linearize.evals.recall import badge_recall
+from linearize.train.evaluation import compare_on_tokens
+
+# Kind of text -> data source; None: the run's own data.eval (news in the presets).
+TEXT_KINDS: dict[str, Optional[str]] = {"news": None, "code": "python-code", "manual": "python-manual"}
+RETRIEVAL_FACTORS = (1, 2, 4)  # retrieval prompt lengths in training lengths: seen, and beyond
+PASSKEY_DEPTHS = (0.0, 0.5, 1.0)  # the needle at the start, middle and end of the filler
+DEFAULT_WINDOW = 64  # agreement documents are measured in windows; a mechanism without one uses this
+
+
+def _texts(cfg, model, tokenizer, settings) -> dict:
+    """{kind: teacher_ppl, student_ppl, ppl_ratio, kl, top1_agreement} on `text_sequences` rows each."""
+    from .evaluate import eval_tokens
+
+    texts = {}
+    for kind in settings.texts:
+        source = TEXT_KINDS[kind] or cfg.data.eval
+        n = settings.text_sequences
+        kind_cfg = replace(cfg, data=replace(cfg.data, eval=source, max_eval_sequences=n),
+                           evaluate=replace(cfg.evaluate, max_sequences=n))
+        metrics = compare_on_tokens(model, eval_tokens(kind_cfg, tokenizer), teacher_view=teacher_view)
+        metrics["ppl_ratio"] = metrics["student_ppl"] / metrics["teacher_ppl"]
+        texts[kind] = metrics
+    return texts
+
+
+def retrieval_lengths(cfg) -> list[int]:
+    settings = cfg.evaluate.behaviour
+    return list(settings.retrieval_lengths) or [f * cfg.data.seq_len for f in RETRIEVAL_FACTORS]
+
+
+def _retrieval(cfg, model, tokenizer, settings) -> dict:
+    """Passkey (`retrieval_prompts` per length, spread over the depths) and badge recall, student and
+    teacher, at each retrieval length."""
+    lengths = retrieval_lengths(cfg)
+    per_depth = max(1, round(settings.retrieval_prompts / len(PASSKEY_DEPTHS)))
+    result = {}
+    for name, measure in (("passkey", lambda m: passkey_retrieval(m, tokenizer, lengths, list(PASSKEY_DEPTHS),
+                                                                    per_depth, seed=cfg.seed)),
+                          ("badge", lambda m: badge_recall(m, tokenizer, lengths, settings.retrieval_prompts,
+                                                           seed=cfg.seed))):
+        student = measure(model)
+        with teacher_view(model):
+            teacher = measure(model)
+        result[name] = {"student": student, "teacher": teacher}
+    return result
+
+
+def behaviour_metrics(cfg, model, tokenizer) -> dict:
+    """eval.json's behaviour keys for `model` (a converted model, possibly with its LoRA adapter):
+    `texts`, `retrieval`, `teacher_agreement`."""
+    settings = cfg.evaluate.behaviour
+    window = getattr(cfg.attention, "window_size", 0) or DEFAULT_WINDOW
+    return {
+        "texts": _texts(cfg, model, tokenizer, settings),
+        "retrieval": _retrieval(cfg, model, tokenizer, settings),
+        "teacher_agreement": teacher_agreement(model, tokenizer, window=window, n=settings.instructions,
+                                               multipliers=list(settings.context_windows), related=settings.related,
+                                               seed=cfg.seed),
+    }
+
+
+def summary_lines(behaviour: dict) -> list[str]:
+    """The closing summary's behaviour lines: KL per text kind, retrieval at the first length, agreement
+    short and after the longest document."""
+    lines = []
+    texts = behaviour.get("texts") or {}
+    if texts:
+        lines.append("KL to the teacher: " + ", ".join(f"{kind} {m['kl']:.3f}" for kind, m in texts.items())
+                     + "; top-1 agreement: " + ", ".join(f"{kind} {m['top1_agreement']:.3f}" for kind, m in texts.items()))
+    passkey = (behaviour.get("retrieval") or {}).get("passkey")
+    if passkey:
+        student, teacher = passkey["student"], passkey["teacher"]
+        cells = ", ".join(f"{length}: {sum(row) / len(row):.2f} (teacher {sum(t) / len(t):.2f})"
+                          for length, row, t in zip(student["lengths"], student["accuracy"], teacher["accuracy"]))
+        lines.append(f"passkey exact by prompt length: {cells}")
+    agreement = behaviour.get("teacher_agreement") or {}
+    if agreement:
+        longest = max(agreement, key=int)
+        lines.append(f"answers equal to the teacher's: {agreement['0']['match_share']:.2f} short, "
+                     f"{agreement[longest]['match_share']:.2f} after {longest} tokens of unrelated text")
+    return lines

@@ -1,0 +1,56 @@
+"""The evaluate stage's behaviour measurements (`evaluate.behaviour.enabled`): KL per kind of text, passkey
+and badge recall for student and teacher, teacher agreement short and after documents; eval.json holds
+them and the run's closing summary prints them beside the perplexity ratio."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from test_stages import tiny_run_config
+
+BEHAVIOUR = {"enabled": True, "texts": ["news", "code"], "text_sequences": 1, "retrieval_lengths": [400],
+             "retrieval_prompts": 3, "instructions": 2, "context_windows": [2], "related": False}
+
+
+@pytest.fixture(scope="module")
+def behaviour_run(tmp_path_factory, tiny_tokenizer):
+    from stages.pipeline import run_stages
+
+    root = tmp_path_factory.mktemp("behaviour")
+    cfg = tiny_run_config(root, tiny_tokenizer, evaluate={"behaviour": BEHAVIOUR})
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_stages(cfg, ["attention_transfer", "evaluate"])
+    return cfg, root / "runs" / "tiny", printed.getvalue()
+
+
+def test_eval_json_holds_closeness_and_behaviour(behaviour_run):
+    cfg, run_dir, _ = behaviour_run
+    result = json.loads((run_dir / "evaluate" / "eval.json").read_text())
+    assert sorted(result["texts"]) == ["code", "news"]
+    for metrics in result["texts"].values():
+        assert metrics["kl"] > 0 and 0 <= metrics["top1_agreement"] <= 1
+        assert metrics["ppl_ratio"] == pytest.approx(metrics["student_ppl"] / metrics["teacher_ppl"])
+    for name in ("passkey", "badge"):
+        student, teacher = result["retrieval"][name]["student"], result["retrieval"][name]["teacher"]
+        assert student["lengths"] == teacher["lengths"] == [400]
+    assert result["retrieval"]["passkey"]["student"]["trials"] == 1  # 3 prompts over 3 depths
+    agreement = result["teacher_agreement"]
+    window = cfg.attention.window_size
+    assert sorted(agreement, key=int) == ["0", str(2 * window)]
+    assert all(entry["n"] == 2 and 0 <= entry["match_share"] <= 1 for entry in agreement.values())
+
+
+def test_the_summary_prints_kl_passkey_and_agreement(behaviour_run):
+    _, _, printed = behaviour_run
+    assert "KL to the teacher: news " in printed and ", code " in printed
+    assert "passkey exact by prompt length: 400: " in printed
+    assert "answers equal to the teacher's: " in printed and "after 16 tokens of unrelated text" in printed
+
+
+def test_behaviour_is_off_by_default(tmp_path, tiny_tokenizer):
+    cfg = tiny_run_config(tmp_path, tiny_tokenizer)
+    assert not cfg.evaluate.behaviour.enabled

@@ -173,8 +173,10 @@ class LoraRecoveryConfig(TrainStageConfig):
     alpha: float = 16.0
     dropout: float = field(default=0.0, metadata=in_range(0, 1, high_open=True))
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    kl_weight: float = field(default=0.0, metadata=at_least(0))  # >0 adds KL(teacher || student) on logits
-    ce_weight: float = field(default=1.0, metadata=at_least(0))  # next-token cross-entropy weight; 0 with kl_weight > 0 = distillation on logits only
+    # KL-first (docs/quality.md): KL to the teacher's logits is the recovery objective; next-token CE on one
+    # corpus pulls the student away from the teacher (closer news perplexity, worse KL, code and retrieval).
+    kl_weight: float = field(default=1.0, metadata=at_least(0))  # KL(teacher || student) on logits
+    ce_weight: float = field(default=0.0, metadata=at_least(0))  # next-token cross-entropy weight (an option)
     train_student: bool = False  # keep feature maps / gates trainable during LoRA
     recompute_attention: bool = True  # recompute student attention in backward: less memory, ~1 more mechanism forward per step
     kl_top_k: int = field(default=0, metadata=at_least(0))  # >0: KL over the teacher's k largest logits per position (+ one bucket for the rest); 0 = full vocabulary

@@ -7,7 +7,7 @@ tokens, greedy tokens, and the export's cached against uncached greedy decoding.
     python bench/native_export.py                    # no run: the preset's student at step 0 (calibrated)
 
 The run should export in float32 (`export.dtype=float32`) for the logit comparison to mean parity; a bf16
-export is compared too, its error is then the cast's. tests/test_native_real.py runs the no-run path.
+export is compared too, its error is then the cast's. No pytest runs this: ~8 min on the shared 2-core box.
 """
 from __future__ import annotations
 

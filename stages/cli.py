@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from linearize import UserError
+from linearize.errors import one_line
 
 from .config_loader import CONFIGS_DIR, config_to_dict, load_config
 from .registry import STAGES
@@ -45,10 +46,6 @@ FORCE_HELP = ("re-run the stages that run from scratch: discard their previous o
               "the later stages built on them (default: skip finished stages, resume interrupted ones)")
 ACCEPT_HELP = ("continue a stage whose config or training data changed from its last checkpoint, with the "
                "new values (default: refuse, naming the changed keys)")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class Terminated(KeyboardInterrupt):
@@ -403,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.traceback:
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:
         if args.traceback or exc.errno not in ENVIRONMENT_ERRNOS:

@@ -21,7 +21,7 @@ from conftest import tiny_model
 REPO = Path(__file__).resolve().parents[1]
 # Lowest first: a unit may import its own layer or a lower one, never a higher one (docs/design.md).
 LAYERS = (
-    ("linearize.errors", "linearize.config", "linearize.dtypes", "linearize.files"),
+    ("linearize.errors", "linearize.config", "linearize.dtypes", "linearize.files", "linearize.offline"),
     ("linearize.ops", "linearize.feature_maps"),
     ("linearize.attention",),
     ("linearize.surgery", "linearize"),

@@ -8,21 +8,16 @@ Spec forms, tried in this order:
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UserError
+from ..errors import UserError, one_line
+from ..offline import datasets_offline
 from .corpora import CORPORA, is_corpus, load_corpus
 
 HUB_SPEC = re.compile(r"^(?P<name>[\w.-]+(?:/[\w.-]+)?)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.\[\]:%+-]+))?$")
 DEFAULT_HUB_SPLIT = "train"
-OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 # Real text keeps a few stray bytes (a Latin-1 name, a cut multibyte character); binary files (archives,
@@ -49,7 +44,7 @@ def _load_with_datasets(builder: str) -> Callable[[Path, str], list[str]]:
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:  # parser errors of every format: report them as a bad file
-            raise UserError(f"cannot read {path} as {builder}: {_one_line(exc)}") from None
+            raise UserError(f"cannot read {path} as {builder}: {one_line(exc)}") from None
         return _column(table, text_field, str(path))
 
     return load
@@ -71,7 +66,7 @@ def _column(table, text_field: str, source: str) -> list[str]:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(var, "").lower() in ("1", "true", "yes", "on") for var in OFFLINE_ENV)
+    return datasets_offline()
 
 
 def _load_hub(spec: str, text_field: str) -> list[str]:
@@ -86,7 +81,7 @@ def _load_hub(spec: str, text_field: str) -> list[str]:
     try:
         table = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # network, auth, missing dataset/config/split: all are the user's to fix
-        raise UserError(f"cannot load hub dataset {spec!r}: {_one_line(exc)}") from None
+        raise UserError(f"cannot load hub dataset {spec!r}: {one_line(exc)}") from None
     return _column(table, text_field, spec)
 
 

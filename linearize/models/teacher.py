@@ -8,7 +8,6 @@ and loaded from there afterwards (~2.5 s, identical logits).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..dtypes import torch_dtype
-from ..errors import UserError
+from ..errors import UserError, one_line
+from ..offline import models_offline
 from .assets import atomic_dir, cache_dir, extract_member, find_wheel
 
 # sdpa is the fastest exact attention for the layers surgery leaves as softmax and for teacher-only
@@ -25,7 +25,6 @@ TEACHER_ATTN_IMPLEMENTATION = "sdpa"
 # Dequantized gguf weights are fp32; the cache keeps them exact and casts to model.dtype on load.
 CACHE_DTYPE = torch.float32
 HUB_MODEL_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 # Every from_pretrained here passes trust_remote_code=False: transformers then never asks a [y/N]
 # question and never runs code shipped beside a model; a model that needs such code (auto_map) fails
 # with an error that names the argument, which is how `_load_error` recognises it.
@@ -46,20 +45,16 @@ REGISTERED_MODELS: dict[str, RegisteredModel] = {
 }
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def _load_error(what: str, exc: Exception) -> UserError:
     """The one-line error for a failed from_pretrained; a model that needs its own code gets its own."""
     if REMOTE_CODE_MARK in str(exc):
         return UserError(f"{what} needs the custom code it ships (auto_map), and linearize never runs code "
                          "from a model folder: use a model whose architecture transformers supports")
-    return UserError(f"cannot load {what}: {_one_line(exc)}")
+    return UserError(f"cannot load {what}: {one_line(exc)}")
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(var, "").lower() in ("1", "true", "yes", "on") for var in OFFLINE_ENV)
+    return models_offline()
 
 
 def _make_serializable(model) -> None:

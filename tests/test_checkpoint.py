@@ -86,9 +86,9 @@ def test_key_added_since_the_snapshot_counts_only_when_it_leaves_its_default(tmp
     saved = config_to_dict(RunConfig())
     del saved["lora_recovery"]["ce_weight"]  # a snapshot from before the key was added
     assert check_same_config(saved, current, "lora_recovery", tmp_path, accept=False) == []
-    current["lora_recovery"]["ce_weight"] = 0.0
+    current["lora_recovery"]["ce_weight"] = 0.5  # not the default
     with pytest.raises(UserError, match="lora_recovery.ce_weight"):
         check_same_config(saved, current, "lora_recovery", tmp_path, accept=False)
-    current["lora_recovery"]["ce_weight"] = 1.0
+    current["lora_recovery"]["ce_weight"] = RunConfig().lora_recovery.ce_weight
     saved["lora_recovery"]["retired_key"] = 1  # a key the schema no longer has still counts
     assert check_same_config(saved, current, "lora_recovery", tmp_path, accept=True) == ["lora_recovery.retired_key"]

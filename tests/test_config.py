@@ -131,7 +131,7 @@ def test_range_and_consistency_checks(tmp_path):
     assert "lora_recovery.eval_sequences" in load_error(path, ["lora_recovery.eval_sequences=-1"])
     assert "parallel" in load_error(path, ["attention_transfer.attn_ce_weight=1"])
     load_config(path, ["attention_transfer.attn_ce_weight=1", "attention.form=parallel"])
-    assert "no loss to train on" in load_error(path, ["lora_recovery.ce_weight=0"])  # kl_weight defaults to 0
+    assert "no loss to train on" in load_error(path, ["lora_recovery.ce_weight=0", "lora_recovery.kl_weight=0"])
     assert "lora_recovery.ce_weight" in load_error(path, ["lora_recovery.ce_weight=-1"])
     load_config(path, ["lora_recovery.ce_weight=0", "lora_recovery.kl_weight=1"])  # KL-only distillation
 

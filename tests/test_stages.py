@@ -243,7 +243,7 @@ def test_no_transfer_baseline_and_unknown_stage(tmp_path, tiny_tokenizer):
 
     from stages.pipeline import run_stages
 
-    cfg = tiny_run_config(tmp_path, tiny_tokenizer, lora_recovery={"kl_weight": 0.0, "train_student": True})
+    cfg = tiny_run_config(tmp_path, tiny_tokenizer, lora_recovery={"kl_weight": 0.0, "ce_weight": 1.0, "train_student": True})
     results = run_stages(cfg, ["lora_recovery", "evaluate"])
     assert results["lora_recovery"]["student_from"].startswith("none")
     lora_dir = tmp_path / "runs" / "tiny" / "lora_recovery"

@@ -234,10 +234,6 @@ def test_lora_recovery_and_export_run_on_a_blockwise_student(tmp_path, tiny_toke
 def test_calibrated_blocks_match_the_calibrated_whole_model(tmp_path, tiny_tokenizer):
     """attention.init=calibrated: each fresh block calibrates on its cached input states, as the whole
     model calibrates on its own forward, and records what it set in its folder."""
-    import linearize
-
-    if not hasattr(linearize, "calibrating"):
-        pytest.skip("linearize.calibrating is not available yet")
     gated = {"attention.mechanism": "gated_delta", "attention.calibration_tokens": 40}
     whole, _, _ = _run(_config(tmp_path, tiny_tokenizer, run_name="whole", **gated))
     blocks, _, _ = _run(_config(tmp_path, tiny_tokenizer, run_name="k2", **gated, **{"attention_transfer.block_size": 2}))

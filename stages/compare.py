@@ -42,6 +42,8 @@ RETRIEVAL_SCORES = {
     "passkey": lambda result: [sum(row) / len(row) for row in result["accuracy"]],  # exact, mean over depths
     "badge": lambda result: list(result["exact"]),
 }
+# The behaviour settings each row records and the table states (the user's overrides may change them).
+BEHAVIOUR_SETTINGS = ("text_sequences", "retrieval_prompts", "instructions", "context_windows")
 AGREEMENT_PLOT_SUFFIX = "_agreement"  # compare.png's sibling: compare_agreement.png
 
 
@@ -291,6 +293,7 @@ def make_row(path: Path, cfg, evaluation: dict, extra: dict, wall_s: float) -> d
             "ppl_ratio": _ratio(evaluation), "kl": evaluation["kl"], "top1_agreement": evaluation["top1_agreement"],
             "texts": _texts(evaluation), "retrieval": _retrieval(evaluation),
             "teacher_agreement": evaluation["teacher_agreement"], "retrieval_lengths": retrieval_lengths(cfg),
+            "behaviour": {key: getattr(cfg.evaluate.behaviour, key) for key in BEHAVIOUR_SETTINGS},
             "state_bytes": extra["state_bytes"], "teacher_state_bytes": extra["teacher_state_bytes"],
             "wall_s": wall_s, "run_dir": str(run_dir)}
 
@@ -331,6 +334,12 @@ def _retrieval_headers(rows: list[dict]) -> list[str]:
     return [f"{n / rows[0]['seq_len']:g}×" for n in rows[0]["retrieval_lengths"]]
 
 
+def _setting(rows: list[dict], key: str) -> str:
+    """A behaviour setting of the rows: its value when they share it, else a pointer to compare.json."""
+    values = {json.dumps(r["behaviour"][key]) for r in rows}
+    return values.pop() if len(values) == 1 else "(per row: compare.json)"
+
+
 def _kinds(rows: list[dict]) -> list[str]:
     measured = {kind for r in rows for kind in r["texts"]}
     return [kind for kind in TEXT_KINDS if kind in measured]
@@ -351,10 +360,11 @@ def markdown(result: dict) -> str:
     others = [k for k in kinds if TEXT_KINDS[k] is not None]
     lines = ["# linearize compare", "",
              f"{budget}; {HELD_OUT}: held-out text `{setup['eval']}`, {setup['eval_sequences']} sequences"
-             + "".join(f"; {k}: {CORPORA[TEXT_KINDS[k]].description}, {setup['text_sequences']} sequences"
+             + "".join(f"; {k}: {CORPORA[TEXT_KINDS[k]].description}, {_setting(rows, 'text_sequences')} sequences"
                        for k in others)
-             + f"; retrieval {setup['retrieval_prompts']} prompts a length and format; agreement on "
-             f"{setup['instructions']} instructions. Machine: {setup['machine']}; {setup['date']}.", ""]
+             + f"; retrieval: {_setting(rows, 'retrieval_prompts')} prompts a length and format; agreement: "
+             f"{_setting(rows, 'instructions')} instructions, documents of {_setting(rows, 'context_windows')} "
+             f"windows. Machine: {setup['machine']}; {setup['date']}.", ""]
     labels = _retrieval_headers(rows) if rows else []
     header = (["config"] + [f"KL {k}" for k in kinds] + [f"top-1 {HELD_OUT}"]
               + [f"{name} @{label} (s / t)" for name in formats for label in labels]
@@ -406,6 +416,8 @@ def _style(i: int) -> dict:
 def figure(result: dict):
     """KL to the teacher on the held-out text against decode-state MiB per sequence, one point per config
     in the legend, the teacher (KL 0, its KV cache) as the reference."""
+    from matplotlib.ticker import NullFormatter
+
     fig, ax = _new_figure((7.6, 4.4))
     for i, r in enumerate(result["rows"]):
         ax.scatter([r["state_bytes"] / BYTES_PER_MIB], [r["texts"][HELD_OUT]["kl"]], s=40, alpha=0.85,
@@ -415,6 +427,7 @@ def figure(result: dict):
         ax.scatter([teacher], [0.0], color="black", marker="x", label="teacher (KV cache)")
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a narrow log range run into each other
     ax.margins(0.1)
     ax.set_xlabel(f"decode state per sequence at {result['setup']['state_context']} tokens (MiB)")
     ax.set_ylabel(f"KL to the teacher on {Path(result['setup']['eval']).name} (lower is closer)")

@@ -90,6 +90,7 @@ def test_two_configs_give_two_rows_the_table_and_the_plot(compared):
     assert code[0] == pytest.approx(code[1])
     table = (out / "compare.md").read_text()
     assert f"{SEQ_LEN}-token sequences" in table  # one length: every row scored on the same tokens
+    assert "retrieval: 1 prompts a length" in table and "agreement: 2 instructions" in table  # the runs' own settings
     rows_of_table = [line for line in table.splitlines() if line.startswith("|")]
     assert len(rows_of_table) == 4 and len({line.count("|") for line in rows_of_table}) == 1  # header, rule, 2 rows
     header = [cell.strip() for cell in rows_of_table[0].strip("|").split("|")]

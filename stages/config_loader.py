@@ -15,7 +15,6 @@ import difflib
 import os
 import re
 import sys
-import tempfile
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from linearize import UserError
+from linearize.files import write_text
 from linearize.config import RunConfig, config_to_dict
 from linearize.config.validate import validate
 from linearize.errors import one_line
@@ -219,9 +219,4 @@ def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Writes the resolved config as yaml (atomically: a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,7 +1,8 @@
 """The long-context evaluation `linearize eval` runs when `evaluate.long_context` asks for it."""
 from __future__ import annotations
 
-import json
+from ..files import write_json, write_text
+
 from pathlib import Path
 from typing import Optional
 
@@ -33,8 +34,8 @@ def run_long_context(lc_cfg, model, tokenizer, position_tokens: Optional[torch.T
     if out_dir is not None and result:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MARKDOWN_FILE).write_text(long_context_markdown(result))
+        write_text(out_dir / MARKDOWN_FILE, long_context_markdown(result))
         if "passkey" in result:
             result["passkey_heatmap"] = str(plot_passkey_heatmap(result["passkey"], out_dir / HEATMAP_FILE))
-        (out_dir / JSON_FILE).write_text(json.dumps(result, indent=2))
+        write_json(out_dir / JSON_FILE, result)
     return result

@@ -12,6 +12,8 @@ a relative import inside a function), which is what makes transformers copy them
 bundler refuses to write a bundle that does not reach every listed kernel module that way."""
 from __future__ import annotations
 
+from ..files import write_text
+
 import ast
 import importlib.util
 import re
@@ -111,5 +113,5 @@ def write_bundle(out_dir: Path) -> list[str]:
     """Writes the modeling file and its flat siblings into `out_dir`; returns the file names."""
     files = collect_modules()
     for file_name, text in files.items():
-        (Path(out_dir) / file_name).write_text(text)
+        write_text(Path(out_dir) / file_name, text)
     return sorted(files)

@@ -57,6 +57,14 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _int_list(text: str) -> list[int]:
+    """`2,4,16` → [2, 4, 16]; argparse turns the error into one line and exit 2."""
+    try:
+        return [int(item) for item in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+
+
 def _comma_list(text: str) -> list[str]:
     """`--texts code,manual` (an empty string: none); one option value, so it cannot take the configs."""
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -187,7 +195,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         configs=tuple(Path(c) for c in configs), out_dir=Path(args.out), transfer_tokens=args.transfer_tokens,
         lora_tokens=args.lora_tokens, overrides=tuple(overrides), eval=args.eval, eval_sequences=args.eval_sequences,
         text_sequences=args.text_sequences, stage_eval_sequences=args.stage_eval_sequences, texts=tuple(args.texts),
-        baselines=args.baselines, state_context=args.state_context))
+        baselines=args.baselines, state_context=args.state_context, retrieval_prompts=args.retrieval_prompts,
+        instructions=args.instructions, context_windows=tuple(args.context_windows)))
     return 0
 
 
@@ -306,8 +315,9 @@ def _add_compare(sub, common: argparse.ArgumentParser) -> None:
         "compare", parents=[common], help="run several configs at one token budget and compare them",
         description="Run each CONFIG through the pipeline as <DIR>/<config stem>/ at the same token budget "
                     "(one sequence per step; finished runs are skipped, interrupted ones resume), evaluate every "
-                    "run on the same held-out tokens and on other kinds of text, and write compare.md, "
-                    "compare.json and compare.png (quality against decode-state memory) to DIR.")
+                    "run on the same held-out tokens, on other kinds of text and for its behaviour (retrieval, agreement "
+                    "with the teacher short and after long context), and write compare.md, compare.json, compare.png "
+                    "(KL against decode-state memory) and compare_agreement.png (agreement against context) to DIR.")
     parser.add_argument("items", nargs="+", metavar="CONFIG", help="yaml configs (key=value overrides may follow)")
     parser.add_argument("--transfer-tokens", type=int, default=defaults.transfer_tokens, metavar="N",
                         help=f"attention-transfer tokens per run (default: {defaults.transfer_tokens})")
@@ -319,10 +329,17 @@ def _add_compare(sub, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-sequences", type=int, default=defaults.eval_sequences, metavar="N",
                         help=f"held-out sequences (default: {defaults.eval_sequences})")
     parser.add_argument("--texts", type=_comma_list, default=list(TEXT_KINDS), metavar="KIND[,KIND...]",
-                        help=f"other kinds of text to evaluate on, comma-separated, of: {', '.join(TEXT_KINDS)} "
+                        help=f"kinds of text to evaluate on (news: the held-out text), comma-separated, of: {', '.join(TEXT_KINDS)} "
                              "(default: all; '' for none)")
     parser.add_argument("--text-sequences", type=int, default=defaults.text_sequences, metavar="N",
                         help=f"sequences of each other kind of text (default: {defaults.text_sequences})")
+    parser.add_argument("--retrieval-prompts", type=int, default=defaults.retrieval_prompts, metavar="N",
+                        help=f"passkey and badge prompts per length (default: {defaults.retrieval_prompts})")
+    parser.add_argument("--instructions", type=int, default=defaults.instructions, metavar="N",
+                        help=f"fixed instructions for teacher agreement (default: {defaults.instructions})")
+    parser.add_argument("--context-windows", type=_int_list, metavar="M[,M...]", default=list(defaults.context_windows),
+                        help="documents before the instructions, in windows (default: "
+                             f"{','.join(map(str, defaults.context_windows))})")
     parser.add_argument("--stage-eval-sequences", type=int, default=defaults.stage_eval_sequences, metavar="N",
                         help=f"held-out sequences of each training stage's own final eval (default: "
                              f"{defaults.stage_eval_sequences})")

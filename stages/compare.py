@@ -44,7 +44,6 @@ RETRIEVAL_SCORES = {
 }
 # The behaviour settings each row records and the table states (the user's overrides may change them).
 BEHAVIOUR_SETTINGS = ("text_sequences", "retrieval_prompts", "instructions", "context_windows")
-AGREEMENT_PLOT_SUFFIX = "_agreement"  # compare.png's sibling: compare_agreement.png
 
 
 @dataclass(frozen=True)
@@ -457,8 +456,7 @@ def agreement_figure(result: dict):
 
 
 def agreement_plot_path(out_dir: Path) -> Path:
-    plot = CompareDir(out_dir).plot
-    return plot.with_name(f"{plot.stem}{AGREEMENT_PLOT_SUFFIX}{plot.suffix}")
+    return CompareDir(out_dir).agreement_plot
 
 
 def _setup(options: CompareOptions, eval_spec: str) -> dict:

@@ -60,6 +60,7 @@ EVAL_FILE = "eval.json"
 TEACHER_DIR = "teacher"  # <evaluate>/teacher/: the teacher's long-context tables and heatmap
 COMPARE_RECORD = "compare_run.json"  # per compared run: wall time and the cached extra measurements
 COMPARE_MD, COMPARE_JSON, COMPARE_PNG = "compare.md", "compare.json", "compare.png"
+COMPARE_AGREEMENT_PNG = "compare_agreement.png"
 TEXTS_DIR = "texts"  # <compare out>/texts/<kind>.jsonl
 
 
@@ -188,6 +189,10 @@ class CompareDir:
     @property
     def plot(self) -> Path:
         return self.root / COMPARE_PNG
+
+    @property
+    def agreement_plot(self) -> Path:
+        return self.root / COMPARE_AGREEMENT_PNG
 
     @property
     def texts(self) -> Path:

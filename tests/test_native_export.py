@@ -177,7 +177,9 @@ def test_native_start_is_near_todays_gated_delta():
         hook.remove()
         outs[native] = captured[0]
     relative = (outs["qwen3_5"] - outs[None]).norm() / outs[None].norm()
-    assert relative < 0.15  # q/k: O(c·|u|) with c = 0.1; v (tap 0.5): silu(v/2) ≈ v/4 up to O(|v|/4)
+    # q/k: O(c·|u|) with c = 0.1; v (tap 0.25): silu(v/4) ≈ v/8 puts the tiny model's small outputs near the
+    # output norm's eps (0.20 measured; 0.12 at tap 1, which measured 3.5x worse on SmolLM2: docs/export.md)
+    assert relative < 0.25
 
 
 def test_calibration_fits_the_biases_into_the_weights():

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from linearize.models.standalone import BLOCK_LINEARIZE
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -35,28 +37,9 @@ EVAL_ROWS, EVAL_LEN = 2, 128  # held-out news tokens compared logit by logit
 STEP0 = ["data.seq_len=512", "attention.softmax_layers=[4,8,10]"]
 
 # Runs in `python -I` with linearize and stages blocked: what a user without linearize gets.
-STANDALONE = textwrap.dedent("""
-    import importlib.abc
-    import sys
+STANDALONE = BLOCK_LINEARIZE + textwrap.dedent("""
     import time
     import torch
-
-
-    class _Refuse(importlib.abc.MetaPathFinder):
-        # an editable install puts linearize on every path, so -I alone cannot hide it
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("linearize", "stages"):
-                raise ImportError(f"{name} is blocked in the standalone check")
-            return None
-
-
-    sys.meta_path.insert(0, _Refuse())
-    try:
-        import linearize  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("linearize is importable in the standalone check")
     from transformers import AutoModelForCausalLM
     export, ids_file, out_file, new_tokens = sys.argv[1:]
     started = time.time()

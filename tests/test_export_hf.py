@@ -16,6 +16,7 @@ import linearize
 from linearize.config import AttentionConfig
 from linearize.models import bundle
 from linearize.models.exported import load_export, save_export
+from linearize.models.standalone import BLOCK_LINEARIZE
 
 from conftest import tiny_model
 from test_stages import DELTA_MECHANISMS
@@ -101,28 +102,8 @@ def test_bundle_has_only_flat_relative_linearize_imports(tmp_path):
                 assert f"{target}.py" in files, (name, line)
 
 
-STANDALONE = textwrap.dedent("""
-    import importlib.abc
-    import sys
+STANDALONE = BLOCK_LINEARIZE + textwrap.dedent("""
     import torch
-
-
-    class _Refuse(importlib.abc.MetaPathFinder):
-        # The dev venv installs linearize in editable mode, so -I alone cannot hide it: refuse it outright,
-        # and any import of it from the exported code fails here.
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("linearize", "stages"):
-                raise ImportError(f"{{name}} is blocked in the standalone check")
-            return None
-
-
-    sys.meta_path.insert(0, _Refuse())
-    try:
-        import linearize  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("linearize is importable in the standalone check")
     from transformers import AutoModelForCausalLM
     export, ids_file, out_file = sys.argv[1:]
     model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()

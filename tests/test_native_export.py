@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from linearize.models.standalone import BLOCK_LINEARIZE
 from transformers import AutoTokenizer, DynamicCache
 
 import linearize
@@ -56,28 +58,9 @@ def ids(batch: int = 2, length: int = 20, seed: int = 3) -> torch.Tensor:
     return torch.randint(1, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-STANDALONE = textwrap.dedent("""
-    import importlib.abc
+STANDALONE = BLOCK_LINEARIZE + textwrap.dedent("""
     import json
-    import sys
     import torch
-
-
-    class _Refuse(importlib.abc.MetaPathFinder):
-        # The dev venv installs linearize in editable mode, so -I alone cannot hide it.
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("linearize", "stages"):
-                raise ImportError(f"{name} is blocked in the standalone check")
-            return None
-
-
-    sys.meta_path.insert(0, _Refuse())
-    try:
-        import linearize  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("linearize is importable in the standalone check")
     from transformers import AutoModelForCausalLM
     export, ids_file, out_file, new_tokens = sys.argv[1:]
     model, info = AutoModelForCausalLM.from_pretrained(export, output_loading_info=True)

@@ -10,6 +10,7 @@ from typing import Optional
 from linearize.evals.report import branch_shares_markdown
 from linearize.files import write_text
 
+from .behaviour import summary_lines
 from .layer_choice import find_layer_choice
 from .rundir import LAYER_CHOICE_PLOT, REPORT_FILE, RUN_CONFIG, RunDir  # noqa: F401  (REPORT_FILE: older importers)
 
@@ -70,6 +71,9 @@ def _eval_section(evaluation: dict) -> list[str]:
         lines += [f"- {who}: `{samples[who]!r}`" for who in ("teacher", "student") if who in samples]
     if evaluation.get("branch_shares"):
         lines += _branch_section(evaluation["branch_shares"], "evaluate")
+    if evaluation.get("teacher_agreement"):
+        lines += ["", "## Behaviour", "", "Closeness to the teacher and its behaviours (docs/behaviour.md):", ""]
+        lines += [f"- {line}" for line in summary_lines(evaluation)]
     return lines
 
 

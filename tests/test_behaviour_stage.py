@@ -45,8 +45,10 @@ def test_eval_json_holds_closeness_and_behaviour(behaviour_run):
 
 
 def test_the_summary_prints_kl_passkey_and_agreement(behaviour_run):
-    _, _, printed = behaviour_run
+    _, run_dir, printed = behaviour_run
     assert "KL to the teacher: news " in printed and ", code " in printed
+    report = (run_dir / "report.md").read_text()  # the report carries the same lines
+    assert "## Behaviour" in report and "- passkey exact by prompt length: 400: " in report
     assert "passkey exact by prompt length: 400: " in printed
     assert "answers equal to the teacher's: " in printed and "after 16 tokens of unrelated text" in printed
 

@@ -56,6 +56,7 @@ LAYER_CHOICE_PLOT = "softmax_layers.png"
 BLOCK_PREFIX = "block_"  # <stage>/block_<b>/: one block of block-wise transfer, a sub-stage
 CACHE_DIR = "hidden"  # <stage>/hidden/: the teacher's hidden states at block inputs
 EXPORT_DIR = "export"
+TEACHER_SAMPLES_DIR = "teacher_samples"  # <run>/teacher_samples/: the teacher source's shards (stages/teacher_data.py)
 EVAL_FILE = "eval.json"
 TEACHER_DIR = "teacher"  # <evaluate>/teacher/: the teacher's long-context tables and heatmap
 COMPARE_RECORD = "compare_run.json"  # per compared run: wall time and the cached extra measurements
@@ -149,6 +150,10 @@ class RunDir:
     @property
     def export(self) -> Path:
         return self.root / EXPORT_DIR
+
+    @property
+    def teacher_samples(self) -> Path:
+        return self.root / TEACHER_SAMPLES_DIR
 
     @property
     def compare_record(self) -> Path:

@@ -42,7 +42,7 @@ class RecordedTeacher:
 
 
 def samples_dir(run_dir: Path) -> Path:
-    return RunDir(run_dir).root / "teacher_samples"
+    return RunDir(run_dir).teacher_samples
 
 
 def ensure_teacher_samples(cfg, run_dir: Path) -> None:

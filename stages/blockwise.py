@@ -103,14 +103,16 @@ class _Blocks:
     cache: Optional[HiddenCache] = None
     plan: Optional[CachePlan] = None
     rank: int = 0
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = lambda line: print(line)  # print as it is when called, not at import
     hidden_size: int = 0
     embed_name: str = ""
 
 
-def train_blocks(start: StageStart, accept_changes: bool = False, log: Callable[[str], None] = print) -> BlockwiseResult:
+def train_blocks(start: StageStart, accept_changes: bool = False,
+                 log: Optional[Callable[[str], None]] = None) -> BlockwiseResult:
     """Trains the student of `start.cfg` block by block (see the module docstring). `start.model` is None:
     the whole teacher is never built; `start.cfg` already holds the run's softmax layers."""
+    log = log or print  # looked up now, not bound at import
     cfg, settings = start.cfg, DistributedSettings.from_env()
     reader = SafetensorsReader.for_model(resolve_model_path(cfg.model.path))
     dtype = torch_dtype(cfg.model.dtype)

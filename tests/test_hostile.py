@@ -54,14 +54,6 @@ def cli(*args) -> tuple[int, str, str]:
     return rc, err.getvalue(), out.getvalue()
 
 
-def cli_process(*args) -> tuple[int, str, str]:
-    """`linearize ARGS` in a fresh interpreter: (exit status, stderr, stdout). For cases whose result must not
-    depend on what earlier tests left in this process (the hidden-state cache's per-process checks)."""
-    proc = subprocess.run([sys.executable, "-m", "linearize", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    return proc.returncode, proc.stderr, proc.stdout
-
-
 def one_line(stderr: str, *expected: str) -> str:
     """The single `linearize: ...` line of stderr, holding every expected fragment; no traceback."""
     assert "Traceback" not in stderr
@@ -452,7 +444,7 @@ def test_a_bad_cache_shard_is_recomputed_and_the_student_is_unchanged(blockwise,
     r = _interrupted_copy(blockwise, tmp_path)
     shard = r.dir / "attention_transfer" / "hidden" / "layer_1" / "shard_00000.safetensors"
     _damage(shard, how)
-    code, err, out = cli_process("run", r.config)
+    code, err, out = cli("run", r.config)
     assert code == 0, err
     assert f"{shard} is" in out and "recomputing it" in out
     assert student_of(r.dir) == blockwise[2]

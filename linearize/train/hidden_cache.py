@@ -173,10 +173,11 @@ class HiddenCache:
 
     def build(self, decoder: LazyDecoder, blocks: list[list[int]], plan: CachePlan, *, batch_size: int,
               autocast: str, device: torch.device, rank: int = 0, world: int = 1,
-              barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print) -> None:
+              barrier: Callable[[], None] = lambda: None, log: Optional[Callable[[str], None]] = None) -> None:
         """Writes every stored shard that is not there and verified, one block loaded at a time (a shard
         of a finished boundary that fails its check is recomputed, saying so); shard i is computed by
         rank i % world (each rank runs its shards through every block), rank 0 writes the indexes."""
+        log = log or print  # looked up now: a default bound at import would keep whatever print was then
         hidden_size = decoder.config.get_text_config(decoder=True).hidden_size
         per_shard = self.shard_rows(hidden_size)
         shards = range(0, len(self.rows), per_shard)

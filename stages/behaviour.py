@@ -28,14 +28,19 @@ PASSKEY_DEPTHS = (0.0, 0.5, 1.0)  # the needle at the start, middle and end of t
 DEFAULT_WINDOW = 64  # agreement documents are measured in windows; a mechanism without one uses this
 
 
-def _texts(cfg, model, tokenizer, settings) -> dict:
-    """{kind: teacher_ppl, student_ppl, ppl_ratio, kl, top1_agreement} on `text_sequences` rows each."""
+def _texts(cfg, model, tokenizer, settings, held_out: Optional[dict]) -> dict:
+    """{kind: teacher_ppl, student_ppl, ppl_ratio, kl, top1_agreement} on `text_sequences` rows each.
+    `held_out`: the evaluation's own measurement of the run's eval text, reused for that kind when it
+    covers the same rows (no second teacher and student pass over them)."""
     from .evaluate import eval_tokens
 
     texts = {}
     for kind in settings.texts:
         source = TEXT_KINDS[kind] or cfg.data.eval
         n = settings.text_sequences
+        if TEXT_KINDS[kind] is None and held_out is not None and held_out.get("sequences") == n:
+            texts[kind] = {**held_out, "ppl_ratio": held_out["student_ppl"] / held_out["teacher_ppl"]}
+            continue
         kind_cfg = replace(cfg, data=replace(cfg.data, eval=source, max_eval_sequences=n),
                            evaluate=replace(cfg.evaluate, max_sequences=n))
         metrics = compare_on_tokens(model, eval_tokens(kind_cfg, tokenizer), teacher_view=teacher_view)
@@ -66,13 +71,14 @@ def _retrieval(cfg, model, tokenizer, settings) -> dict:
     return result
 
 
-def behaviour_metrics(cfg, model, tokenizer) -> dict:
+def behaviour_metrics(cfg, model, tokenizer, held_out: Optional[dict] = None) -> dict:
     """eval.json's behaviour keys for `model` (a converted model, possibly with its LoRA adapter):
-    `texts`, `retrieval`, `teacher_agreement`."""
+    `texts`, `retrieval`, `teacher_agreement`. `held_out`: the evaluation's metrics on the run's eval text
+    (`compare_on_tokens` with the teacher), reused for the news kind when they cover the same rows."""
     settings = cfg.evaluate.behaviour
     window = getattr(cfg.attention, "window_size", 0) or DEFAULT_WINDOW
     return {
-        "texts": _texts(cfg, model, tokenizer, settings),
+        "texts": _texts(cfg, model, tokenizer, settings, held_out),
         "retrieval": _retrieval(cfg, model, tokenizer, settings),
         "teacher_agreement": teacher_agreement(model, tokenizer, window=window, n=settings.instructions,
                                                multipliers=list(settings.context_windows), related=settings.related,

@@ -74,7 +74,7 @@ def evaluate_model(cfg, model, tokenizer, with_teacher: bool, out_dir: Path | No
     if shares is not None:
         result["branch_shares"] = shares
     if with_teacher and cfg.evaluate.behaviour.enabled:  # texts, retrieval, teacher_agreement (stages/behaviour.py)
-        result.update(behaviour_metrics(cfg, model, tokenizer))
+        result.update(behaviour_metrics(cfg, model, tokenizer, held_out=metrics))
     lc = cfg.evaluate.long_context
     if long_context_enabled(lc):
         tokens = _position_tokens(cfg, tokenizer)

@@ -56,3 +56,22 @@ def test_the_summary_prints_kl_passkey_and_agreement(behaviour_run):
 def test_behaviour_is_off_by_default(tmp_path, tiny_tokenizer):
     cfg = tiny_run_config(tmp_path, tiny_tokenizer)
     assert not cfg.evaluate.behaviour.enabled
+
+
+def test_the_news_kind_reuses_the_evaluations_own_rows(behaviour_run, monkeypatch):
+    """When the evaluation already measured the run's eval text on as many rows, the news kind reuses it
+    (no second teacher and student pass); other kinds, and another row count, are measured."""
+    import stages.behaviour as behaviour
+
+    cfg, _, _ = behaviour_run
+    calls = []
+    monkeypatch.setattr(behaviour, "compare_on_tokens", lambda *a, **k: calls.append(a) or dict(HELD_OUT))
+    monkeypatch.setattr("stages.evaluate.eval_tokens", lambda cfg, tokenizer: [0])
+    settings = cfg.evaluate.behaviour
+    texts = behaviour._texts(cfg, None, None, settings, {**HELD_OUT, "sequences": settings.text_sequences})
+    assert len(calls) == 1 and texts["news"]["ppl_ratio"] == pytest.approx(2.0)  # only code was measured
+    behaviour._texts(cfg, None, None, settings, {**HELD_OUT, "sequences": settings.text_sequences + 1})
+    assert len(calls) == 3
+
+
+HELD_OUT = {"teacher_ppl": 10.0, "student_ppl": 20.0, "kl": 0.5, "top1_agreement": 0.5, "sequences": 1}

@@ -14,7 +14,7 @@ import torch
 
 from linearize.data import build_datasets
 from linearize.errors import UserError
-from linearize.models.teacher import load_teacher
+from linearize.models.teacher import load_model_tokenizer, load_teacher, resolve_model_path
 
 from .rundir import RunDir
 
@@ -27,6 +27,10 @@ def uses_teacher(data_cfg) -> bool:
     return TEACHER_SOURCE in sources
 
 
+class IncompleteSamples(UserError):
+    """The stored teacher samples do not cover the data's settings yet."""
+
+
 class RecordedTeacher:
     """The teacher as a reader of stored samples needs it: its config (the samples' record names it) and
     nothing that generates."""
@@ -35,7 +39,7 @@ class RecordedTeacher:
         self.config, self.samples_dir = config, samples_dir
 
     def _missing(self, *args, **kwargs):
-        raise UserError(f"the teacher samples in {self.samples_dir} are incomplete for data.teacher_samples: run "
+        raise IncompleteSamples(f"the teacher samples in {self.samples_dir} are incomplete for data.teacher_samples: run "
                         "`linearize run` (it generates them before the first stage)")
 
     parameters = generate = _missing
@@ -50,6 +54,16 @@ def ensure_teacher_samples(cfg, run_dir: Path) -> None:
     has no teacher source). Loads the plain teacher for it and frees it afterwards."""
     if not uses_teacher(cfg.data):
         return
+    from transformers import AutoConfig
+
+    tokenizer = load_model_tokenizer(cfg.model)
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.path), trust_remote_code=False)
+    try:  # already complete (a later stage, a resume): read, without loading the teacher's weights
+        build_datasets(cfg.data, tokenizer, cfg.seed, teacher=RecordedTeacher(config, samples_dir(run_dir)),
+                       samples_dir=samples_dir(run_dir))
+        return
+    except IncompleteSamples:
+        pass
     teacher, tokenizer = load_teacher(cfg.model)
     build_datasets(cfg.data, tokenizer, cfg.seed, teacher=teacher, samples_dir=samples_dir(run_dir))
     del teacher

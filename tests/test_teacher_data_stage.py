@@ -48,3 +48,19 @@ def test_a_stage_never_generates_missing_samples(tmp_path, tiny_tokenizer):
     model, tokenizer = load_converted(cfg)
     with pytest.raises(UserError, match="teacher samples in .* are incomplete"):
         run_datasets(cfg, tokenizer, tmp_path / "runs" / "tiny", model)
+
+
+def test_complete_samples_are_read_without_loading_the_teacher(tmp_path, tiny_tokenizer, monkeypatch):
+    """Before every later stage (and on resume) the pipeline only reads the stored samples: the teacher's
+    weights are loaded only while samples are missing."""
+    import stages.teacher_data as teacher_data
+
+    cfg = _config(tmp_path, tiny_tokenizer)
+    run_dir = tmp_path / "runs" / "tiny"
+    loads = []
+    real = teacher_data.load_teacher
+    monkeypatch.setattr(teacher_data, "load_teacher", lambda model_cfg: loads.append(1) or real(model_cfg))
+    with contextlib.redirect_stdout(io.StringIO()):
+        teacher_data.ensure_teacher_samples(cfg, run_dir)
+        teacher_data.ensure_teacher_samples(cfg, run_dir)
+    assert loads == [1]

@@ -170,11 +170,87 @@ def cmd_teacher(dirs: tuple[Path, Path], out: str) -> None:
     print(f"wrote the embedded SmolLM2-135M-Instruct (dequantized Q4_1, fp32) to {out}")
 
 
+# ggml_log_level in the vendored ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5. llama-cpp-python
+# 0.3.36's own logger still maps the older order (ERROR 3), so it files llama.cpp's errors as debug lines.
+LLAMA_LOG_ERROR = 4
+llama_errors: list[str] = []
+
+
+def keep_llama_errors() -> None:
+    """llama.cpp logs why it refuses a file at ERROR level, but llama-cpp-python (verbose=False) sends the C
+    side's stderr to /dev/null while loading (and files errors as debug, above), then raises only 'Failed
+    to load model from file': keep the ERROR lines through llama.cpp's log callback instead."""
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data) -> None:
+        if level == LLAMA_LOG_ERROR:
+            llama_errors.append(text.decode("utf-8", "replace").strip())
+
+    keep_llama_errors.callback = on_log  # referenced, or ctypes frees it while llama.cpp still calls it
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+
+
 def llama(path: str, n_ctx: int, all_logits: bool, threads: int):
     from llama_cpp import Llama
 
-    return Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                 logits_all=all_logits, verbose=False)
+    if not hasattr(keep_llama_errors, "callback"):
+        keep_llama_errors()
+    llama_errors.clear()
+    try:
+        return Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                     logits_all=all_logits, verbose=False)
+    except ValueError as err:
+        # The first ERROR line is the cause (e.g. 'llama_model_load: error loading model: ...'); the
+        # ones after it only say that loading stopped.
+        sys.exit(f"llama.cpp cannot load {path}: {llama_errors[0] if llama_errors else err}")
+
+
+O_BIAS_SUFFIX = ".self_attn.o_proj.bias"
+
+
+def cmd_stage(export: str, staging: str) -> None:
+    """Prints the folder the converter should read. llama.cpp's qwen35 loads q/k/v biases but no attention
+    output bias (attn_output.bias), and refuses a GGUF with a tensor it did not load ('wrong number of
+    tensors'). transformers' qwen3_5 ties o_proj's bias to q/k/v's (attention_bias), so an export that needs
+    q/k biases (the widened map of a Llama-family teacher) stores an o_proj bias, all zeros: dropping the
+    zeros changes nothing. A non-zero one cannot be expressed in llama.cpp, and the check stops here."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dest = Path(export), Path(staging) / Path(export).name
+    if json.loads((src / "config.json").read_text()).get("model_type") != "qwen3_5_text":
+        print(src)
+        return
+    dropped = {}
+    for file in sorted(src.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            names = [n for n in f.keys() if n.endswith(O_BIAS_SUFFIX)]
+            for name in names:
+                if bool(f.get_tensor(name).abs().max() > 0):
+                    sys.exit(f"{export}: {name} is non-zero, and llama.cpp's qwen35 has no attention output "
+                             "bias (attn_output.bias): this export cannot run in llama.cpp")
+            dropped.update({name: file.name for name in names})
+    if not dropped:
+        print(src)
+        return
+    dest.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.name.endswith(".safetensors") and item.name in dropped.values():
+            with safe_open(item, framework="pt") as f:
+                kept = {n: f.get_tensor(n) for n in f.keys() if n not in dropped}
+                save_file(kept, dest / item.name, metadata=f.metadata())
+        elif item.name == "model.safetensors.index.json":
+            index = json.loads(item.read_text())
+            index["weight_map"] = {n: v for n, v in index["weight_map"].items() if n not in dropped}
+            (dest / item.name).write_text(json.dumps(index, indent=2))
+        else:
+            (dest / item.name).symlink_to(item.resolve())
+    print(f"dropped {len(dropped)} all-zero o_proj biases for llama.cpp (its qwen35 loads no "
+          "attn_output.bias)", file=sys.stderr)
+    print(dest)
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:
@@ -282,7 +358,9 @@ def cmd_speed(threads: int, contexts: str, steps: int, repeats: int, *ggufs: str
 if __name__ == "__main__":
     torch.set_num_threads(int(sys.argv[1]))
     dirs, cmd, args = (Path(sys.argv[2]), Path(sys.argv[3])), sys.argv[4], sys.argv[5:]
-    if cmd == "random":
+    if cmd == "stage":
+        cmd_stage(*args)
+    elif cmd == "random":
         cmd_random(dirs, *args)
     elif cmd == "teacher":
         cmd_teacher(dirs, *args)
@@ -295,15 +373,21 @@ wheels=${LINEARIZE_CACHE:-.cache/linearize}/wheels
 py() { "$venv/bin/python" "$helper" "$threads" "$wheels" "$root" "$@"; }
 
 convert() {  # DIR -> DIR-f32.gguf DIR-q8_0.gguf
-  local dir=${1%/} type flags=()
+  local dir=${1%/} type flags=() staging input
   # qwen3_5 checkpoints without a multi-token-prediction head assert without --no-mtp; other
   # architectures (the Llama teacher) refuse the flag.
   grep -q '"model_type": *"qwen3_5' "$dir/config.json" && flags=(--no-mtp)
+  # The converter reads DIR itself, or a copy without what llama.cpp cannot load (see cmd_stage).
+  staging=$(mktemp -d "${TMPDIR:-/tmp}/check_llamacpp.XXXXXX")
+  # shellcheck disable=SC2064  # expanded now: $staging is local to this function
+  trap "rm -rf '$staging'" EXIT
+  input=$(py stage "$dir" "$staging")
   for type in f32 q8_0; do
-    PYTHONPATH="$src/gguf-py" "$venv/bin/python" "$src/convert_hf_to_gguf.py" "$dir" --outtype "$type" \
+    PYTHONPATH="$src/gguf-py" "$venv/bin/python" "$src/convert_hf_to_gguf.py" "$input" --outtype "$type" \
       --outfile "$dir-$type.gguf" "${flags[@]}" 2>&1 | grep -E "^INFO:hf-to-gguf:(Model successfully|Loading model)|ERROR|Error" || true
     [ -s "$dir-$type.gguf" ] || { echo "conversion to $type failed for $dir" >&2; exit 1; }
   done
+  rm -rf "$staging"
 }
 
 case "$1" in

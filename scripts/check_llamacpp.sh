@@ -8,6 +8,9 @@
 #   scripts/check_llamacpp.sh --random KIND OUT     writes a random-weight Qwen3_5ForCausalLM with SmolLM2's
 #                                                   tokenizer: KIND tiny (4 layers, for developing the check)
 #                                                   or smollm2 (SmolLM2-135M's sizes, for speed)
+#   scripts/check_llamacpp.sh --widened OUT         a tiny native export of a random Llama teacher (one kept
+#                                                   softmax layer: the widened, biased map; needs the project's
+#                                                   .venv or LINEARIZE_PYTHON), SmolLM2's tokenizer
 #   scripts/check_llamacpp.sh --teacher OUT         writes the embedded SmolLM2-135M-Instruct (Q4_1 gguf,
 #                                                   dequantized) as an fp32 HF folder
 #   scripts/check_llamacpp.sh --convert DIR         only the GGUF conversion (f32 and q8_0 beside DIR)
@@ -30,7 +33,7 @@ threads=${LINEARIZE_THREADS:-2}
 # A failed GGML_ASSERT aborts the process; without this it also attaches gdb and prints pages of stack.
 export GGML_NO_BACKTRACE=1
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 
 # transformers as a user's `pip install linearize` resolves it: the range declared in pyproject.toml.
@@ -366,7 +369,9 @@ def cmd_speed(threads: int, contexts: str, steps: int, repeats: int, *ggufs: str
 if __name__ == "__main__":
     torch.set_num_threads(int(sys.argv[1]))
     dirs, cmd, args = (Path(sys.argv[2]), Path(sys.argv[3])), sys.argv[4], sys.argv[5:]
-    if cmd == "stage":
+    if cmd == "tokenizer":
+        save_tokenizer(dirs, Path(args[0]))
+    elif cmd == "stage":
         cmd_stage(*args)
     elif cmd == "random":
         cmd_random(dirs, *args)
@@ -398,8 +403,46 @@ convert() {  # DIR -> DIR-f32.gguf DIR-q8_0.gguf
   rm -rf "$staging"
 }
 
+widened() {  # OUT: random Llama teacher -> native student, layer 1 kept softmax -> qwen3_5.save
+  local tok
+  tok=$(mktemp -d "${TMPDIR:-/tmp}/check_llamacpp.XXXXXX")
+  # shellcheck disable=SC2064  # expanded now: $tok is local to this function
+  trap "rm -rf '$tok'" EXIT
+  py tokenizer "$tok"
+  "${LINEARIZE_PYTHON:-.venv/bin/python}" - "$1" "$tok" <<'WIDENED'
+import sys
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import linearize
+from linearize.attention.gated_delta import bind_native_students
+from linearize.config import AttentionConfig
+from linearize.models.families import qwen3_5
+
+out, tok = sys.argv[1:]
+torch.manual_seed(0)
+# head_dim 32 -> 40 widened (P = 8, 32 rotary dims): llama.cpp needs >= 32 rotary dims (its mrope sections).
+cfg = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+model = LlamaForCausalLM(cfg).eval()
+linearize.linearize_model(model, AttentionConfig(mechanism="gated_delta", native_family="qwen3_5",
+                                                 chunk_size=16, softmax_layers=[1]))
+bind_native_students(model)
+gen = torch.Generator().manual_seed(1)
+with torch.no_grad():  # off the student's init, so a dropped or misplaced tensor shows in the logits
+    for name, param in model.named_parameters():
+        if ".mechanism." in name or "norm" in name:
+            param.add_(0.3 * torch.randn(param.shape, generator=gen))
+qwen3_5.save(model, AutoTokenizer.from_pretrained(tok), out)
+print(f"wrote a tiny widened-map export (Llama teacher, layer 1 kept softmax) to {out}")
+WIDENED
+}
+
 case "$1" in
   --random) [ $# = 3 ] || usage; bash scripts/fetch_assets.sh; py random "$2" "$3" ;;
+  --widened) [ $# = 2 ] || usage; bash scripts/fetch_assets.sh; widened "$2" ;;
   --teacher) [ $# = 2 ] || usage; bash scripts/fetch_assets.sh; py teacher "$2" ;;
   --convert) [ $# = 2 ] || usage; convert "$2" ;;
   --speed) shift; [ $# -ge 1 ] || usage

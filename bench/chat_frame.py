@@ -1,0 +1,128 @@
+"""What keeps the chat frame in view past the window: LoRA variants from one finished transfer student.
+
+    python bench/chat_frame.py --from checkpoints/demo --out checkpoints/chat_frame
+    python bench/chat_frame.py --from checkpoints/demo --out checkpoints/chat_frame --variants kl_wiki mix_long
+
+Every variant starts from the same attention-transfer student (the `--from` run's stage-1 folder is copied,
+the source run is only read), runs the demo's LoRA stage with its own overrides and the evaluate stage with
+the same behaviour settings, and reports closeness (news KL, top-1), retrieval (passkey, badge) and
+agreement with the teacher short and after documents of 4 and 16 windows (first-token KL beside it).
+Variants that train on teacher samples reuse the first variant's samples when their settings match (the
+samples are made once, by the teacher, and their folder records the settings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The teacher source as these variants use it: instructions through the chat template, most of them after a
+# document, answers of at most 96 tokens; 6,144 generated tokens cover the 30 LoRA steps' teacher share.
+TEACHER = ["data.teacher_samples.tokens=6144", "data.teacher_samples.max_new_tokens=96",
+           "data.teacher_samples.chat_share=1.0", "data.teacher_samples.long_share=0.7",
+           "data.teacher_samples.context_tokens=[192,400]"]
+MIX_LONG = ["data.mix=[{source: teacher, weight: 0.5}, {source: demo-wiki, weight: 0.5}]", *TEACHER]
+MIX_RECALL = ["data.mix=[{source: teacher, weight: 0.4}, {source: recall, weight: 0.2}, {source: demo-wiki, weight: 0.4}]",
+              *TEACHER]
+# SmolLM2's template opens every prompt with a ~30-token system turn: 32 sinks keep it in every window.
+SINKS32 = ["attention.sink_tokens=32"]
+
+VARIANTS = {
+    "kl_wiki": [],  # the demo's LoRA stage as it is: KL to the teacher on the Wikipedia slice
+    "kl_wiki_sinks32": SINKS32,
+    "mix_long": MIX_LONG,
+    "mix_long_sinks32": [*MIX_LONG, *SINKS32],
+    # the documents are measured in windows: 2 and 8 windows of 128 are the same 256 and 1,024 tokens
+    "mix_long_window128": [*MIX_LONG, "attention.window_size=128", "evaluate.behaviour.context_windows=[2,8]"],
+    "mix_recall": MIX_RECALL,
+}
+# The same behaviour evaluation for every variant: the demo's, plus agreement after 4 windows (256 tokens)
+# and closeness on code and the manual (8 sequences each: a taste, as the demo's retrieval is).
+EVALUATE = ["evaluate.behaviour.context_windows=[4,16]", "evaluate.behaviour.texts=[news,code,manual]",
+            "evaluate.behaviour.text_sequences=8"]
+STAGE1_ITEMS = (".linearize_run", "config.yaml", "teacher.json", "attention_transfer")  # not the .lock
+
+
+def _copy_stage1(source: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name in STAGE1_ITEMS:
+            target = dest / item.name
+            if target.exists():
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
+
+
+def _reuse_samples(out: Path, dest: Path) -> None:
+    """Copies teacher samples made by an earlier variant (same settings) into `dest` if it has none."""
+    if (dest / "teacher_samples").exists():
+        return
+    for other in sorted(out.iterdir()):
+        if other != dest and (other / "teacher_samples" / "samples.json").exists():
+            shutil.copytree(other / "teacher_samples", dest / "teacher_samples")
+            return
+
+
+def run_variant(name: str, source: Path, out: Path, config: str) -> float:
+    dest = out / name
+    _copy_stage1(source, dest)
+    overrides = VARIANTS[name]
+    if not overrides and (source / "lora_recovery" / "DONE").exists() and not (dest / "lora_recovery").exists():
+        shutil.copytree(source / "lora_recovery", dest / "lora_recovery")  # the source's own LoRA stage: reuse it
+    if any("source: teacher" in o for o in overrides):
+        _reuse_samples(out, dest)
+    cmd = [str(REPO / ".venv/bin/linearize"), "run", config, f"run_name={name}", f"output_dir={out}",
+           "stages=[lora_recovery,evaluate]", *EVALUATE, *overrides, "--accept-changes"]
+    started = time.time()
+    subprocess.run(cmd, check=True)
+    return time.time() - started
+
+
+def row(name: str, run: Path, seconds: float) -> str:
+    ev = json.loads((run / "evaluate" / "eval.json").read_text())
+    news = ev["texts"]["news"]
+    ret = ev["retrieval"]
+    agree = ev["teacher_agreement"]
+    long_keys = sorted((k for k in agree if k != "0"), key=int)
+    kinds = ev["texts"]
+    cells = [name, f"{news['ppl_ratio']:.3f}", " / ".join(f"{kinds[k]['kl']:.3f}" for k in ("news", "code", "manual") if k in kinds),
+             f"{news['top1_agreement']:.3f}",
+             f"{ret['passkey']['student']['mean_accuracy']:.2f}", f"{ret['badge']['student']['mean_exact']:.2f}",
+             f"{agree['0']['match_share']:.2f}"]
+    cells += [f"{agree[k]['match_share']:.2f} ({agree[k]['mean_prefix']:.1f})" for k in long_keys]
+    cells += [" / ".join(f"{agree[k]['first_kl']:.2f}" for k in ["0", *long_keys]), f"{seconds / 60:.1f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="source", type=Path, required=True, help="a run whose attention_transfer finished")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the variant runs")
+    parser.add_argument("--config", default=str(REPO / "configs/demo.yaml"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args(argv)
+    if not (args.source / "attention_transfer" / "DONE").exists():
+        raise SystemExit(f"error: {args.source} has no finished attention_transfer stage")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.variants:
+        seconds = run_variant(name, args.source, args.out, args.config)
+        rows.append(row(name, args.out / name, seconds))
+        print("\n".join(rows), flush=True)
+    header = ("| variant | news ppl × teacher | KL news / code / manual | news top-1 | passkey @512 | badge @512 | agreement short | "
+              "agreement after 256 tokens (prefix) | after 1,024 tokens (prefix) | first-token KL short / 256 / 1,024 | "
+              "LoRA + eval min |")
+    print("\n" + header)
+    print("|" + "---|" * (header.count("|") - 1))
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

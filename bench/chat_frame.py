@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 # The teacher source as these variants use it: instructions through the chat template, most of them after a
 # document, answers of at most 96 tokens; 6,144 generated tokens cover the 30 LoRA steps' teacher share.
@@ -46,35 +47,48 @@ VARIANTS = {
 # and closeness on code and the manual (8 sequences each: a taste, as the demo's retrieval is).
 EVALUATE = ["evaluate.behaviour.context_windows=[4,16]", "evaluate.behaviour.texts=[news,code,manual]",
             "evaluate.behaviour.text_sequences=8"]
-STAGE1_ITEMS = (".linearize_run", "config.yaml", "teacher.json", "attention_transfer")  # not the .lock
+
+
+def _stage1_items(run) -> list[Path]:
+    """What a LoRA-only variant needs of the source run: its marker, config, teacher record and stage 1
+    (not its lock, nor its later stages)."""
+    return [run.marker, run.config, run.teacher_record, run.stage("attention_transfer").path]
+
+
+def _copy(item: Path, target: Path) -> None:
+    if item.exists() and not target.exists():
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
 
 
 def _copy_stage1(source: Path, dest: Path) -> None:
+    from stages.rundir import RunDir
+
     dest.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        if item.name in STAGE1_ITEMS:
-            target = dest / item.name
-            if target.exists():
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
+    for item in _stage1_items(RunDir(source)):
+        _copy(item, dest / item.name)
 
 
 def _reuse_samples(out: Path, dest: Path) -> None:
     """Copies teacher samples made by an earlier variant (same settings) into `dest` if it has none."""
-    if (dest / "teacher_samples").exists():
-        return
-    for other in sorted(out.iterdir()):
-        if other != dest and (other / "teacher_samples" / "samples.json").exists():
-            shutil.copytree(other / "teacher_samples", dest / "teacher_samples")
+    from stages.rundir import RunDir
+
+    target = RunDir(dest).teacher_samples
+    for other in sorted(p for p in out.iterdir() if p != dest):
+        samples = RunDir(other).teacher_samples
+        if samples.is_dir() and any(samples.iterdir()):
+            _copy(samples, target)
             return
 
 
 def run_variant(name: str, source: Path, out: Path, config: str) -> float:
+    from stages.rundir import RunDir
+
     dest = out / name
     _copy_stage1(source, dest)
     overrides = VARIANTS[name]
-    if not overrides and (source / "lora_recovery" / "DONE").exists() and not (dest / "lora_recovery").exists():
-        shutil.copytree(source / "lora_recovery", dest / "lora_recovery")  # the source's own LoRA stage: reuse it
+    lora = RunDir(source).stage("lora_recovery")
+    if not overrides and lora.done.exists():  # the source's own LoRA stage is this variant's: reuse it
+        _copy(lora.path, dest / lora.path.name)
     if any("source: teacher" in o for o in overrides):
         _reuse_samples(out, dest)
     cmd = [str(REPO / ".venv/bin/linearize"), "run", config, f"run_name={name}", f"output_dir={out}",
@@ -85,7 +99,9 @@ def run_variant(name: str, source: Path, out: Path, config: str) -> float:
 
 
 def row(name: str, run: Path, seconds: float) -> str:
-    ev = json.loads((run / "evaluate" / "eval.json").read_text())
+    from stages.rundir import RunDir
+
+    ev = json.loads(RunDir(run).stage("evaluate").eval.read_text())
     news = ev["texts"]["news"]
     ret = ev["retrieval"]
     agree = ev["teacher_agreement"]
@@ -107,7 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs/demo.yaml"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args(argv)
-    if not (args.source / "attention_transfer" / "DONE").exists():
+    from stages.rundir import RunDir
+
+    if not RunDir(args.source).stage("attention_transfer").done.exists():
         raise SystemExit(f"error: {args.source} has no finished attention_transfer stage")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []

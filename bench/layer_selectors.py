@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.chat_frame import EVALUATE, row  # noqa: E402  (the same evaluation and table cells)
+from bench.chat_frame import BASE, EVALUATE, row  # noqa: E402  (the same start, evaluation and table cells)
 
 
 def choose(config: str, selector: str, scratch: Path) -> tuple[list[int], float]:
@@ -30,7 +30,7 @@ def choose(config: str, selector: str, scratch: Path) -> tuple[list[int], float]
     from stages.config_loader import load_config
     from stages.layer_choice import choose_softmax_layers
 
-    cfg = load_config(config, [f"attention.softmax_layer_selector={selector}"])
+    cfg = load_config(config, [*BASE, f"attention.softmax_layer_selector={selector}"])
     scratch.mkdir(parents=True, exist_ok=True)
     started = time.time()
     record = choose_softmax_layers(cfg, scratch)
@@ -40,7 +40,7 @@ def choose(config: str, selector: str, scratch: Path) -> tuple[list[int], float]
 def train(config: str, out: Path, selector: str, layers: list[int]) -> float:
     cmd = [str(REPO / ".venv/bin/linearize"), "run", config, f"run_name={selector}", f"output_dir={out}",
            "stages=[attention_transfer,lora_recovery,evaluate]", f"attention.softmax_layers=[{','.join(map(str, layers))}]",
-           *EVALUATE]
+           *BASE, *EVALUATE]
     started = time.time()
     subprocess.run(cmd, check=True)
     return time.time() - started

@@ -4,5 +4,5 @@
 # again under the newest releases pyproject.toml allows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
 exec .venv/bin/python -m pytest -q "$@"

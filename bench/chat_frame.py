@@ -51,6 +51,8 @@ VARIANTS = {
                          "data.teacher_samples.tokens=2048", "data.teacher_samples.max_new_tokens=96",
                          "data.teacher_samples.chat_share=1.0", "data.teacher_samples.long_share=0.8",
                          "data.teacher_samples.context_tokens=[600,900]", *SINKS32],
+    # the decayed linear branch (attention.linear_half_life): keys older than a few half-lives stop counting
+    "kl_wiki_sinks32_hl64": [*SINKS32, "attention.linear_half_life=64"],
 }
 # Variants whose LoRA stage trains at another length than the evaluation's: their evaluate stage runs on
 # its own with these overrides, so that every row's news KL is measured on the same 512-token sequences.

@@ -2,6 +2,9 @@
 keys, one shared normalizer, a learned per-head window weight sigmoid(w_h) (init 0.1).
 
 `window_only=True` drops the linear branch (zero features): the sliding-window softmax baseline.
+`linear_half_life=H` decays the linear keys' weights by 2^(−distance/H) (the op's `linear_half_life`): without
+it the linear mass grows with the context and outweighs the window past the training length
+(docs/quality.md, "The linear branch is what loses the chat frame past the window").
 `sink_tokens=N` keeps the first N tokens in every query's softmax part (attention sinks; they never enter
 the linear state), here and in every mechanism that uses `sliding_window`."""
 from __future__ import annotations
@@ -47,13 +50,14 @@ def sliding_window(p: Projected, window_size: int, opts, state, want_state, sink
 
 class WindowLinearAttention(Mechanism):
     name = "window_linear"
-    reads = (*FEATURE_MAP_KEYS, "window_size", "sink_tokens", "window_only", "init_window_logit")
+    reads = (*FEATURE_MAP_KEYS, "window_size", "sink_tokens", "window_only", "init_window_logit", "linear_half_life")
 
     def __init__(self, cfg, num_heads, num_kv_heads, head_dim, hidden_size):
         super().__init__(cfg, num_heads, num_kv_heads, head_dim, hidden_size)
         self.window_size = cfg.window_size
         self.sink_tokens = cfg.sink_tokens
         self.window_only = cfg.window_only
+        self.linear_half_life = cfg.linear_half_life
         if not self.window_only:
             self.feature_maps = FeatureMaps(cfg, num_heads, head_dim, cfg.tie_qk_feature_map)
             self.window_logit = nn.Parameter(torch.full((num_heads,), float(cfg.init_window_logit)))
@@ -65,7 +69,7 @@ class WindowLinearAttention(Mechanism):
         return window_linear_attn(
             p.q_rope, p.k_rope, p.v, fq, fk, self.window_logit, window_size=self.window_size,
             initial_state=state, output_final_state=want_state, sink_tokens=self.sink_tokens,
-            **opts.op_kwargs(state, p.q.shape[1]),
+            linear_half_life=self.linear_half_life, **opts.op_kwargs(state, p.q.shape[1]),
         )
 
     def param_groups(self):
@@ -91,5 +95,5 @@ class WindowLinearAttention(Mechanism):
         fq, fk = self.feature_maps(p.q_rope, repeat_heads(p.k_rope, p.group))
         return window_linear_attn_weights(
             p.q_rope, p.k_rope, fq, fk, self.window_logit, window_size=self.window_size, scale=self.head_dim**-0.5,
-            sink_tokens=self.sink_tokens,
+            sink_tokens=self.sink_tokens, linear_half_life=self.linear_half_life,
         )

@@ -47,6 +47,9 @@ class AttentionConfig:
     window_size: int = field(default=64, metadata=above(0))  # W for window mechanisms
     sink_tokens: int = field(default=0, metadata=at_least(0))  # window mechanisms: the first N tokens stay in every query's softmax part
     window_only: bool = False  # window_linear without the linear branch: the sliding-window baseline
+    # window_linear: the linear keys' weights decay as 2^(-distance / H) (H in tokens), bounding the linear
+    # mass at any context length; None: the undecayed LoLCATs form
+    linear_half_life: Optional[float] = field(default=None, metadata=above(0))
     init_window_logit: float = INIT_WINDOW_LOGIT
     liger_alpha: float = field(default=0.5, metadata=at_least(0))  # liger_window: weight of the sliding-window softmax half
     liger_beta: float = field(default=0.5, metadata=at_least(0))  # liger_window: weight of the gated linear half

@@ -19,11 +19,12 @@ WINDOW_SETTINGS = {
     "window_only": {"window_only": True},
     "liger_window": {},
     "gated_delta_window": {"init": "zero_gate"},
+    "window_linear_decay": {"linear_half_life": 4.0},  # the decayed linear branch
 }
 
 
 def build(make_tiny_model, setting, **overrides):
-    mechanism = "window_linear" if setting == "window_only" else setting
+    mechanism = "window_linear" if setting in ("window_only", "window_linear_decay") else setting
     return converted(make_tiny_model, mechanism, **WINDOW_SETTINGS[setting], **overrides)
 
 
@@ -113,10 +114,24 @@ def test_prefill_then_decoding_equals_full_forward(make_tiny_model, setting):
     assert torch.equal(window.k[:, :, :SINKS], sink_keys)  # the first tokens' keys stay
 
 
-@pytest.mark.parametrize("setting", ["window_linear", "gated_delta_window"])
+@pytest.mark.parametrize("setting", ["window_linear", "gated_delta_window", "window_linear_decay"])
 def test_greedy_generate_matches_full_forwards(make_tiny_model, setting):
     model = build(make_tiny_model, setting, window_size=WINDOW, sink_tokens=SINKS)
     prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(out, greedy_by_full_forwards(model, prompt, 6))
+
+
+def test_the_half_life_reaches_the_op(make_tiny_model):
+    """`attention.linear_half_life` changes window_linear's output once keys are linear, and is the op's
+    decayed form: the same weights with a half-life far beyond the sequence are the undecayed model."""
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, half_life in (("none", None), ("far", 1e9), ("near", 2.0)):
+        model = build(make_tiny_model, "window_linear", window_size=WINDOW, sink_tokens=SINKS,
+                      linear_half_life=half_life)
+        with torch.no_grad():
+            logits[name] = model(ids, use_cache=False).logits
+    assert rel_rms(logits["far"], logits["none"]) <= ORACLE_TOL
+    assert rel_rms(logits["near"], logits["none"]) > 1e-3

@@ -27,9 +27,10 @@ def sliced(inputs, start, stop):
     return [t[:, start:stop] for t in tokens] + [window_logit]
 
 
-def oracle(q, k, v, fq, fk, window_logit, window_size, scale, sink_tokens=0):
+def oracle(q, k, v, fq, fk, window_logit, window_size, scale, sink_tokens=0, half_life=None):
     """Explicit loops over heads and queries, straight from the LoLCATs formula; the first `sink_tokens`
-    keys join every later query's softmax keys and leave its linear keys. Computes in q's dtype."""
+    keys join every later query's softmax keys and leave its linear keys; with `half_life` a linear key's
+    weight is multiplied by 2^(−(t−s)/half_life). Computes in q's dtype."""
     batch, seq_len, heads, _ = q.shape
     group = heads // k.shape[2]
     out = torch.zeros(batch, seq_len, heads, v.shape[-1], dtype=q.dtype)
@@ -44,6 +45,8 @@ def oracle(q, k, v, fq, fk, window_logit, window_size, scale, sink_tokens=0):
             den = a_sm.sum(-1)
             for s in sorted(set(range(t + 1)) - set(window)):
                 a_lin = (fq[:, t, h] * fk[:, s, h]).sum(-1)
+                if half_life is not None:
+                    a_lin = a_lin * 2.0 ** (-(t - s) / half_life)
                 num = num + a_lin[:, None] * v[:, s, kv_h]
                 den = den + a_lin
             out[:, t, h] = num / den[:, None]

@@ -2,14 +2,17 @@
 keys, one shared normalizer (`[B, T, H, D]` layout). Public entry points.
 
 `window_linear_attn(q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-output_final_state=False, chunk_size=64, backend="auto", form="chunk", sink_tokens=0)
--> (o, WindowLinearState | None)`
+output_final_state=False, chunk_size=64, backend="auto", form="chunk", sink_tokens=0,
+linear_half_life=None) -> (o, WindowLinearState | None)`
 
 - q `[B, T, H, D]`, k `[B, T, H_kv, D]`, v `[B, T, H_kv, V]`, fq/fk `[B, T, H, F]`, window_logit `[H]`.
 - Sliding-window-only baseline: pass fq = fk = zeros (the linear branch then contributes nothing).
 - `sink_tokens=N`: the first N keys of the sequence are attention sinks, softmax keys of every later
   query (never linear); the state keeps them beside the window (at most N + W cached keys). Pass the
   same N to every call of one sequence.
+- `linear_half_life=H`: the linear weights decay as 2^(−(t−s)/H) with the key's distance (naive.py), so the
+  linear mass stays bounded at any context length. The pure-PyTorch forms compute it; the Triton kernel does
+  not yet (`backend="auto"` then runs the torch chunk form, `"triton"` is refused).
 - `form` selects the computation: "chunk" (default; `[C, W + C]` blocks, the only form with a Triton
   kernel), "parallel" (quadratic; the reference) or "recurrent" (token by token). `FORMS` maps each
   name to its pure-PyTorch function, all with the same arguments. For forms other than "chunk",
@@ -64,6 +67,7 @@ def window_linear_attn(
     backend="auto",
     form="chunk",
     sink_tokens=0,
+    linear_half_life=None,
 ):
     """Hybrid window + linear attention → (o `[B, T, H, V]`, `WindowLinearState` or None)."""
     if backend == "fla":
@@ -76,6 +80,11 @@ def window_linear_attn(
     )
     if sink_tokens:  # only when set, so every form and backend without sinks sees the arguments it always did
         kwargs["sink_tokens"] = sink_tokens
+    if linear_half_life is not None:
+        if backend == "triton" and form == "chunk":
+            raise ValueError("linear_half_life has no Triton kernel yet: use backend='torch' (or 'auto')")
+        kwargs["linear_half_life"] = linear_half_life
+        backend = "torch"  # auto would pick the kernel on CUDA
     return run_form(
         FORMS, load_triton, (q, k, v, fq, fk, window_logit), kwargs, form=form, backend=backend,
         chunk_size=chunk_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._common import append_ones, check_chunk_size, key_lag, masked_exp, sliding_window_mask
-from .naive import divide_output, final_state, prepare_inputs
+from .naive import decay_powers, divide_output, final_state, prepare_inputs
 
 
 def _window_keys(num_chunks, chunk_size, window_size, front, device, sink_tokens=0):
@@ -87,7 +87,9 @@ def _linear_part(x, front, chunk_size, num_chunks):
     The linear keys of query i in chunk n are the keys up to W before it: in the key block they are
     padded chunk n's keys j <= i (a lower triangle, never the rest of the block), and all keys before
     padded chunk n reach it through the state `kv_n = kv0 + Σ_{m<n} fk_mᵀ [v_m, 1]` (an exclusive
-    cumulative sum over chunks)."""
+    cumulative sum over chunks). With a decay see `_decayed_linear_part`."""
+    if x.decay is not None:
+        return _decayed_linear_part(x, front, chunk_size, num_chunks)
     fk = _shifted(x.fk, front, num_chunks, chunk_size)  # [B, H, N, C, F]
     v1 = _shifted(x.v1, front, num_chunks, chunk_size)  # [B, H, N, C, V + 1]
     fqc = _chunks(x.fq, num_chunks, chunk_size)  # [B, H, N, C, F]
@@ -99,6 +101,31 @@ def _linear_part(x, front, chunk_size, num_chunks):
     if x.has_state:  # a fresh sequence's kv0 is zeros: adding it would be a full pass over every state
         kv = x.kv0.unsqueeze(2) + kv
     return a_lin @ v1 + fqc @ kv  # [B, H, N, C, V + 1]
+
+
+def _decayed_linear_part(x, front, chunk_size, num_chunks):
+    """`_linear_part` with the weights decayed by γ^(t−s). Shifted key c of padded chunk n sits at s = nC + c − W
+    and query i of chunk n at t = nC + i, so inside a chunk the weight is γ^(i−c+W) (c ≤ i); each chunk's keys
+    are summed decayed to the chunk's last key (γ^(C−1−c)); the chunks before n reach it through a decayed
+    exclusive sum (γ^((n−1−m)C) from chunk m), read by query i with γ^(i+1+W); the carried state kv0, decayed
+    to the token before the call, reaches query t with γ^(t+1)."""
+    decay, window = x.decay, front + x.prefix  # γ; W (front = W − P)
+    device = x.fq.device
+    fk = _shifted(x.fk, front, num_chunks, chunk_size)  # [B, H, N, C, F]
+    v1 = _shifted(x.v1, front, num_chunks, chunk_size)  # [B, H, N, C, V + 1]
+    fqc = _chunks(x.fq, num_chunks, chunk_size)  # [B, H, N, C, F]
+    pos = torch.arange(chunk_size, device=device)
+    inside = decay_powers(decay, pos[:, None] - pos[None, :]) * decay**window  # [C, C]: γ^(i−c+W), 0 for c > i
+    a_lin = (fqc @ fk.transpose(-1, -2)) * inside  # [B, H, N, C, C]
+    to_end = decay_powers(decay, chunk_size - 1 - pos)[:, None]  # [C, 1]: γ^(C−1−c)
+    chunk_kv = ((fk * to_end).transpose(-1, -2) @ v1).flatten(3)  # [B, H, N, F·(V + 1)]
+    chunk = torch.arange(num_chunks, device=device)
+    before = decay_powers(decay, (chunk[:, None] - 1 - chunk[None, :]) * chunk_size)  # [N, N]: γ^((n−1−m)C), m < n
+    kv = (before @ chunk_kv).unflatten(-1, x.kv0.shape[-2:]) * decay**window  # [B, H, N, F, V + 1]
+    if x.has_state:  # kv0 reaches chunk n's query i with γ^(nC + i + 1): γ^(nC) here, γ^(i + 1) below
+        kv = kv + x.kv0.unsqueeze(2) * decay_powers(decay, chunk * chunk_size)[:, None, None]
+    fq_aged = fqc * decay_powers(decay, pos + 1)[:, None]  # [B, H, N, C, F]: γ^(i+1)
+    return a_lin @ v1 + fq_aged @ kv  # [B, H, N, C, V + 1]
 
 
 def _shifted(t, front, num_chunks, chunk_size):
@@ -122,14 +149,15 @@ def _chunks(t, num_chunks, chunk_size):
 
 def chunk_window_linear_attn_torch(
     q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-    output_final_state=False, chunk_size=64, sink_tokens=0,
+    output_final_state=False, chunk_size=64, sink_tokens=0, linear_half_life=None,
 ):
     """Chunked form, never a T×T matrix: each query chunk of C tokens takes its window keys from a
     `[C, W + C]` key block (the previous W keys and its own) and its linear keys from the padded chunk
     W tokens earlier (a `[C, C]` triangle) plus the running linear state of everything older. Sinks inside
     the block join its mask; sinks before it are a `[C, N]` score block sharing the row max."""
     check_chunk_size(chunk_size)
-    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state, sink_tokens)
+    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state, sink_tokens,
+                       linear_half_life)
     seq_len = x.q.shape[2]
     num_chunks = -(-seq_len // chunk_size)
     front, back = window_size - x.prefix, num_chunks * chunk_size - seq_len

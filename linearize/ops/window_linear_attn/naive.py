@@ -12,6 +12,9 @@ attention sinks, `sink_tokens=N`) and linear keys: every other s ≤ t−W:
   a_sm(t, s)  = sigmoid(window_logit_h) · exp(scale · q_t·k_s − c_t),  c_t = max softmax score of row t
   a_lin(t, s) = fq_t · fk_s
   o_t = (Σ a_sm v_s + Σ a_lin v_s) / (Σ a_sm + Σ a_lin)
+With `linear_half_life=H` the linear weights decay with the key's distance: a_lin(t, s) = fq_t · fk_s ·
+γ^(t−s), γ = 2^(−1/H), so the linear keys' mass is bounded (by ~H/ln 2 keys' worth) instead of growing with
+the context; None (the default) is the undecayed LoLCATs form.
 The window always holds s = t, so c_t is finite and Σ a_sm > 0: fq = fk = 0 gives the pure
 sliding-window softmax baseline. A sink key is softmax for every later query and never linear: it never
 enters the linear state, and every form computes with its key feature set to 0 (a zero fk contributes no
@@ -20,7 +23,9 @@ fp32.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
+
+import math
 
 import torch
 
@@ -32,7 +37,8 @@ from .._common import (
 
 class WindowLinearState(NamedTuple):
     """Everything a continuation needs. With C = min(N + W, tokens seen) cached keys:
-    kv `[B, H, F, V + 1]`: Σ fk_s [v_s, 1]ᵀ over keys that left the cache;
+    kv `[B, H, F, V + 1]`: Σ fk_s [v_s, 1]ᵀ over keys that left the cache (with a half-life, each term
+    decayed to the last token seen: γ^(τ−s), τ that token's position);
     k `[B, H_kv, C, D]`, v `[B, H_kv, C, V]`, fk `[B, H, C, F]`: the raw keys, values and key features of
     the first min(N, seen) tokens (the sinks; their fk is 0) followed by the last tokens (at most W; the
     oldest is already a linear key for the next query). As long as no key has left, the cache is every
@@ -60,6 +66,22 @@ class _Inputs(NamedTuple):
     v_raw: torch.Tensor  # [B, H_kv, P + T, V]
     has_state: bool  # False: kv0 is the zero state of a fresh sequence
     sink_tokens: int  # N: keys 0..N-1 of the P + T are sinks
+    decay: Optional[float] = None  # γ = 2^(−1/H) per token of distance, or None: no decay
+
+
+def linear_decay(half_life: Optional[float]) -> Optional[float]:
+    """γ = 2^(−1/half_life), or None without a half-life."""
+    if half_life is None:
+        return None
+    if not half_life > 0:
+        raise ValueError(f"linear_half_life must be > 0 tokens, got {half_life}")
+    return 2.0 ** (-1.0 / half_life)
+
+
+def decay_powers(decay: float, exponents: torch.Tensor) -> torch.Tensor:
+    """γ^e elementwise, fp32, for integer exponents e ≥ 0 (negative ones, masked out by the caller, give 0)."""
+    e = exponents.float()
+    return torch.where(e >= 0, torch.exp2(e.clamp_min(0) * math.log2(decay)), torch.zeros_like(e))
 
 
 def _check_inputs(q, k, v, fq, fk, window_logit, window_size, sink_tokens=0):
@@ -137,7 +159,8 @@ def _after_prefix(cached, x):
     return torch.cat([cached, x], dim=2) if cached.shape[2] else x
 
 
-def prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state, sink_tokens=0):
+def prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state, sink_tokens=0,
+                   linear_half_life=None):
     _check_inputs(q, k, v, fq, fk, window_logit, window_size, sink_tokens)
     state = _initial_state(q, k, v, fq, initial_state, window_size, sink_tokens)
     heads = q.shape[2]
@@ -157,6 +180,7 @@ def prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_st
         v_raw=v_all,
         has_state=initial_state is not None,
         sink_tokens=sink_tokens,
+        decay=linear_decay(linear_half_life),
     )
 
 
@@ -168,8 +192,16 @@ def final_state(inputs, window_size):
     def cached(t):  # [B, H_x, P + T, ·] → [B, H_x, C, ·]
         return torch.cat([t[:, :, :sinks], t[:, :, old_end:]], dim=2) if sinks else t[:, :, old_end:]
 
+    if inputs.decay is None:
+        kv = inputs.kv0 + old_fk.transpose(-1, -2) @ old_v1  # [B, H, F, V + 1]
+    else:  # every term decayed to the last key (index P + T − 1); kv0 was decayed to the prefix's last (P − 1)
+        last = inputs.k_raw.shape[2] - 1
+        ages = last - torch.arange(sinks, old_end, device=old_fk.device)  # [n_old]
+        old_fk = old_fk * decay_powers(inputs.decay, ages)[:, None]  # [B, H, n_old, F]
+        tokens = inputs.k_raw.shape[2] - inputs.prefix  # T: steps kv0 decays through
+        kv = inputs.kv0 * inputs.decay**tokens + old_fk.transpose(-1, -2) @ old_v1  # [B, H, F, V + 1]
     return WindowLinearState(
-        kv=inputs.kv0 + old_fk.transpose(-1, -2) @ old_v1,  # [B, H, F, V + 1]
+        kv=kv,
         k=cached(inputs.k_raw),
         v=cached(inputs.v_raw),
         fk=cached(inputs.fk),
@@ -178,7 +210,8 @@ def final_state(inputs, window_size):
 
 def _hybrid_weights(scores, window, linear, fq, fk, gamma):
     """Unnormalized hybrid weights `[..., Tq, Tk]`: γ · exp(score − c_t) on window keys plus fq·fk on linear
-    keys, from raw softmax scores `[..., Tq, Tk]` and the window / linear key masks `[Tq, Tk]`."""
+    keys, from raw softmax scores `[..., Tq, Tk]`, the window key mask `[Tq, Tk]` and the linear keys' weights
+    `[Tq, Tk]` (0/1, or their decay γ^(t−s))."""
     scores = scores.masked_fill(~window, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)  # c_t, finite: every row's window holds s = t
     a_sm = gamma * masked_exp(scores - row_max, window)  # [..., Tq, Tk]
@@ -194,7 +227,18 @@ def _parallel_weights(x, window_size):
     k = x.k_raw.repeat_interleave(x.q.shape[1] // x.k_raw.shape[1], dim=1)  # [B, H, P + T, D]
     scores = x.q @ k.transpose(-1, -2)  # [B, H, T, P + T]
     linear = (lag >= window_size) & ~window  # a sink is never linear
+    if x.decay is not None:
+        linear = linear * decay_powers(x.decay, lag)  # [T, P + T]: γ^(t−s) on linear keys
     return _hybrid_weights(scores, window, linear, x.fq, x.fk, x.gamma)
+
+
+def _state_term(x):
+    """What the carried state kv0 adds to every query `[B, H, T, V + 1]`; with a decay, query i of the call
+    is i + 1 tokens after the state's last one."""
+    if x.decay is None:
+        return x.fq @ x.kv0
+    steps = torch.arange(1, x.q.shape[2] + 1, device=x.q.device)  # [T]
+    return (x.fq * decay_powers(x.decay, steps)[:, None]) @ x.kv0
 
 
 def divide_output(num_den, dtype):
@@ -204,27 +248,29 @@ def divide_output(num_den, dtype):
 
 def parallel_window_linear_attn(
     q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-    output_final_state=False, chunk_size=None, sink_tokens=0,
+    output_final_state=False, chunk_size=None, sink_tokens=0, linear_half_life=None,
 ):
     """Quadratic masked form over all `P + T` keys. `chunk_size` is accepted and ignored."""
-    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state, sink_tokens)
-    num_den = _parallel_weights(x, window_size) @ x.v1 + x.fq @ x.kv0  # [B, H, T, V + 1]
+    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, initial_state, sink_tokens,
+                       linear_half_life)
+    num_den = _parallel_weights(x, window_size) @ x.v1 + _state_term(x)  # [B, H, T, V + 1]
     final = final_state(x, window_size) if output_final_state else None
     return divide_output(num_den, v.dtype), final
 
 
-def window_linear_attn_weights(q, k, fq, fk, window_logit, *, window_size=64, scale=None, sink_tokens=0):
+def window_linear_attn_weights(q, k, fq, fk, window_logit, *, window_size=64, scale=None, sink_tokens=0,
+                               linear_half_life=None):
     """The parallel form's attention weights `[B, H, T, T]` on a fresh sequence (`o = A v`), fp32, rows
     summing to 1; same inputs as `parallel_window_linear_attn` without v."""
     v = k.new_zeros(k.shape[:3] + (1,))  # [B, T, H_kv, 1]: only its shape is read
-    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, None, sink_tokens)
+    x = prepare_inputs(q, k, v, fq, fk, window_logit, window_size, scale, None, sink_tokens, linear_half_life)
     weights = _parallel_weights(x, window_size)  # [B, H, T, T]
     return weights / weights.sum(-1, keepdim=True)
 
 
 def recurrent_window_linear_attn(
     q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-    output_final_state=False, chunk_size=None, sink_tokens=0,
+    output_final_state=False, chunk_size=None, sink_tokens=0, linear_half_life=None,
 ):
     """Token-by-token form over a cache of at most N + W keys (every cached key is a softmax key); a
     `T = 1` call is one step."""
@@ -234,9 +280,10 @@ def recurrent_window_linear_attn(
     group = heads // k.shape[2]
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     gamma = torch.sigmoid(window_logit.float()).view(heads, 1)  # [H, 1]
+    decay = linear_decay(linear_half_life)
     outputs = []
     for t in range(q.shape[1]):
-        state = _push_key(state, k[:, t], v[:, t], fk[:, t], window_size, group, sink_tokens)
+        state = _push_key(state, k[:, t], v[:, t], fk[:, t], window_size, group, sink_tokens, decay)
         q_t = q[:, t].float() * scale  # [B, H, D]
         scores = (state.k.repeat_interleave(group, dim=1) @ q_t.unsqueeze(-1)).squeeze(-1)  # [B, H, W']
         a_sm = gamma * floored_exp(scores - scores.amax(dim=-1, keepdim=True))  # [B, H, W']
@@ -247,20 +294,22 @@ def recurrent_window_linear_attn(
     return divide_output(num_den, v.dtype), (state if output_final_state else None)
 
 
-def _push_key(state, k_t, v_t, fk_t, window_size, group, sink_tokens=0):
+def _push_key(state, k_t, v_t, fk_t, window_size, group, sink_tokens=0, decay=None):
     """Append one token's key/value/feature (`[B, H_kv, D]`, `[B, H_kv, V]`, `[B, H, F]`) to the cache;
     when the cache exceeds N + W keys, its oldest non-sink key (index N) becomes linear and moves into kv.
-    While the cache holds fewer than N keys it holds every token so far, so the new token is a sink."""
+    While the cache holds fewer than N keys it holds every token so far, so the new token is a sink.
+    With a decay γ, kv first ages one token (×γ), and the key that moves in is W tokens old (×γ^W)."""
     if state.k.shape[2] < sink_tokens:
         fk_t = torch.zeros_like(fk_t)
     cache_k = torch.cat([state.k, k_t.float().unsqueeze(2)], dim=2)  # [B, H_kv, W' + 1, D]
     cache_v = torch.cat([state.v, v_t.float().unsqueeze(2)], dim=2)  # [B, H_kv, W' + 1, V]
     cache_fk = torch.cat([state.fk, fk_t.float().unsqueeze(2)], dim=2)  # [B, H, W' + 1, F]
-    kv = state.kv
+    kv = state.kv if decay is None else state.kv * decay
     if cache_k.shape[2] > window_size + sink_tokens:
         n = sink_tokens
         old_v1 = append_ones(cache_v[:, :, n].repeat_interleave(group, dim=1))  # [B, H, V + 1]
-        kv = kv + cache_fk[:, :, n, :, None] * old_v1[:, :, None, :]  # [B, H, F, V + 1]
+        old_fk = cache_fk[:, :, n] if decay is None else cache_fk[:, :, n] * decay**window_size  # [B, H, F]
+        kv = kv + old_fk[:, :, :, None] * old_v1[:, :, None, :]  # [B, H, F, V + 1]
         cache_k, cache_v, cache_fk = (_drop(t, n) for t in (cache_k, cache_v, cache_fk))
     return WindowLinearState(kv=kv, k=cache_k, v=cache_v, fk=cache_fk)
 

@@ -143,16 +143,19 @@ def test_zero_features_give_sliding_window_softmax(form):
     assert rel_rms(out, ref) <= TOL
 
 
-@pytest.mark.parametrize("window_size,chunk_size", [(8, 16), (40, 16)])
-def test_chunk_gradients_match_parallel(window_size, chunk_size):
+@pytest.mark.parametrize("options", [{}, {"sink_tokens": 2, "linear_half_life": 6.0}])  # plain; sinks + decay
+@pytest.mark.parametrize("window_size,chunk_size", [(8, 16), (40, 16), (3, 4)])
+def test_chunk_gradients_match_parallel(window_size, chunk_size, options):
     inputs = make_inputs(45)
-    _, state = window_linear_attn(*make_inputs(20, seed=1), window_size=window_size, output_final_state=True)
+    _, state = window_linear_attn(*make_inputs(20, seed=1), window_size=window_size, output_final_state=True,
+                                  **options)
     grads = {}
     for form, extra in [("parallel", {}), ("chunk", {"chunk_size": chunk_size})]:
         leaves = [t.clone().requires_grad_() for t in (*inputs, *state)]
         initial_state = WindowLinearState(*leaves[6:])
         out, final = FORMS[form](
-            *leaves[:6], window_size=window_size, initial_state=initial_state, output_final_state=True, **extra
+            *leaves[:6], window_size=window_size, initial_state=initial_state, output_final_state=True, **extra,
+            **options,
         )
         weight = torch.linspace(-1, 1, out.numel()).view_as(out)
         loss = (out * weight).sum() + sum(t.square().sum() for t in final)

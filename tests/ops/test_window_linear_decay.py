@@ -1,10 +1,11 @@
 """The LoLCATs hybrid with a decayed linear branch (`linear_half_life`): every form is the float64 formula
-with a_lin(t, s)·2^(−(t−s)/H), states continue across forms and into decode steps, chunk gradients match the
-parallel form's, and the linear mass stays bounded where the undecayed one grows with the context."""
+with a_lin(t, s)·2^(−(t−s)/H), states continue across forms and into decode steps, and the linear mass stays
+bounded where the undecayed one grows with the context. (Chunk gradients with a half-life: the gradient test
+of test_naive_window_linear_attn.py.)"""
 import pytest
 import torch
 
-from linearize.ops.window_linear_attn import FORMS, WindowLinearState, window_linear_attn
+from linearize.ops.window_linear_attn import FORMS, window_linear_attn
 
 from helpers import rel_rms
 from test_naive_window_linear_attn import TOL, assert_states_close, make_inputs, oracle, sliced
@@ -57,25 +58,6 @@ def test_decode_steps_continue_prefill():
                                         form="recurrent", **kw)
         steps.append(out)
     assert rel_rms(torch.cat(steps, dim=1), full[:, 25:]) <= TOL
-
-
-@pytest.mark.parametrize("window_size,chunk_size", [(8, 16), (3, 4)])
-def test_chunk_gradients_match_parallel(window_size, chunk_size):
-    inputs = make_inputs(45)
-    kw = dict(window_size=window_size, linear_half_life=6.0, sink_tokens=2)
-    _, state = window_linear_attn(*make_inputs(20, seed=1), output_final_state=True, **kw)
-    grads = {}
-    for form, extra in [("parallel", {}), ("chunk", {"chunk_size": chunk_size})]:
-        leaves = [t.clone().requires_grad_() for t in (*inputs, *state)]
-        out, final = FORMS[form](*leaves[:6], initial_state=WindowLinearState(*leaves[6:]), output_final_state=True,
-                                 **kw, **extra)
-        weight = torch.linspace(-1, 1, out.numel()).view_as(out)
-        ((out * weight).sum() + sum(t.square().sum() for t in final)).backward()
-        grads[form] = [t.grad for t in leaves]
-    names = "q k v fq fk window_logit kv k_cache v_cache fk_cache".split()
-    for name, got, want in zip(names, grads["chunk"], grads["parallel"]):
-        assert torch.isfinite(got).all(), name
-        assert rel_rms(got, want) <= TOL, name
 
 
 def test_the_decayed_state_stays_bounded():

@@ -115,13 +115,11 @@ def run_variant(name: str, source: Path, out: Path, config: str) -> float:
         _reuse_samples(out, dest)
     base = [str(REPO / ".venv/bin/linearize"), "run", config, f"run_name={name}", f"output_dir={out}"]
     started = time.time()
-    if name in EVAL_APART:
-        subprocess.run([*base, "stages=[lora_recovery]", *BASE, *EVALUATE, *overrides, "--accept-changes"], check=True)
-        subprocess.run([*base, "stages=[evaluate]", *BASE, *EVALUATE, *overrides, *EVAL_APART[name],
-                        "--accept-changes"], check=True)
-    else:
-        subprocess.run([*base, "stages=[lora_recovery,evaluate]", *BASE, *EVALUATE, *overrides, "--accept-changes"],
-                       check=True)
+    common = [*BASE, *EVALUATE, *overrides, "--accept-changes"]
+    apart = name in EVAL_APART
+    subprocess.run([*base, "stages=[lora_recovery]" if apart else "stages=[lora_recovery,evaluate]", *common], check=True)
+    if apart:
+        subprocess.run([*base, "stages=[evaluate]", *common[:-1], *EVAL_APART[name], "--accept-changes"], check=True)
     return time.time() - started
 
 

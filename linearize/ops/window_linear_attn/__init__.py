@@ -81,7 +81,7 @@ def window_linear_attn(
     if sink_tokens:  # only when set, so every form and backend without sinks sees the arguments it always did
         kwargs["sink_tokens"] = sink_tokens
     if linear_half_life is not None:
-        if backend == "triton" and form == "chunk":
+        if backend == "triton":
             raise ValueError("linear_half_life has no Triton kernel yet: use backend='torch' (or 'auto')")
         kwargs["linear_half_life"] = linear_half_life
         backend = "torch"  # auto would pick the kernel on CUDA

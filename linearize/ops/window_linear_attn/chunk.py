@@ -88,11 +88,11 @@ def _linear_part(x, front, chunk_size, num_chunks):
     padded chunk n's keys j <= i (a lower triangle, never the rest of the block), and all keys before
     padded chunk n reach it through the state `kv_n = kv0 + Σ_{m<n} fk_mᵀ [v_m, 1]` (an exclusive
     cumulative sum over chunks). With a decay see `_decayed_linear_part`."""
-    if x.decay is not None:
-        return _decayed_linear_part(x, front, chunk_size, num_chunks)
     fk = _shifted(x.fk, front, num_chunks, chunk_size)  # [B, H, N, C, F]
     v1 = _shifted(x.v1, front, num_chunks, chunk_size)  # [B, H, N, C, V + 1]
     fqc = _chunks(x.fq, num_chunks, chunk_size)  # [B, H, N, C, F]
+    if x.decay is not None:
+        return _decayed_linear_part(x, fk, v1, fqc, front + x.prefix)
     a_lin = (fqc @ fk.transpose(-1, -2)).tril_()  # [B, H, N, C, C]
     chunk_kv = (fk.transpose(-1, -2) @ v1).flatten(3)  # [B, H, N, F·(V + 1)]: the keys each chunk holds
     # Exclusive prefix sum over chunks as one small matmul (cheaper than cumsum and its flip-backward).
@@ -103,17 +103,15 @@ def _linear_part(x, front, chunk_size, num_chunks):
     return a_lin @ v1 + fqc @ kv  # [B, H, N, C, V + 1]
 
 
-def _decayed_linear_part(x, front, chunk_size, num_chunks):
-    """`_linear_part` with the weights decayed by γ^(t−s). Shifted key c of padded chunk n sits at s = nC + c − W
-    and query i of chunk n at t = nC + i, so inside a chunk the weight is γ^(i−c+W) (c ≤ i); each chunk's keys
-    are summed decayed to the chunk's last key (γ^(C−1−c)); the chunks before n reach it through a decayed
-    exclusive sum (γ^((n−1−m)C) from chunk m), read by query i with γ^(i+1+W); the carried state kv0, decayed
-    to the token before the call, reaches query t with γ^(t+1)."""
-    decay, window = x.decay, front + x.prefix  # γ; W (front = W − P)
-    device = x.fq.device
-    fk = _shifted(x.fk, front, num_chunks, chunk_size)  # [B, H, N, C, F]
-    v1 = _shifted(x.v1, front, num_chunks, chunk_size)  # [B, H, N, C, V + 1]
-    fqc = _chunks(x.fq, num_chunks, chunk_size)  # [B, H, N, C, F]
+def _decayed_linear_part(x, fk, v1, fqc, window):
+    """`_linear_part` with the weights decayed by γ^(t−s), from its shifted keys fk, v1 and query chunks fqc
+    (`[B, H, N, C, ·]`). Shifted key c of padded chunk n sits at s = nC + c − W and query i of chunk n at
+    t = nC + i, so inside a chunk the weight is γ^(i−c+W) (c ≤ i); each chunk's keys are summed decayed to the
+    chunk's last key (γ^(C−1−c)); the chunks before n reach it through a decayed exclusive sum (γ^((n−1−m)C)
+    from chunk m), read by query i with γ^(i+1+W); the carried state kv0, decayed to the token before the call,
+    reaches query t with γ^(t+1)."""
+    decay, device = x.decay, fqc.device
+    num_chunks, chunk_size = fqc.shape[2], fqc.shape[3]
     pos = torch.arange(chunk_size, device=device)
     inside = decay_powers(decay, pos[:, None] - pos[None, :]) * decay**window  # [C, C]: γ^(i−c+W), 0 for c > i
     a_lin = (fqc @ fk.transpose(-1, -2)) * inside  # [B, H, N, C, C]

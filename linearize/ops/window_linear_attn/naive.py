@@ -23,9 +23,8 @@ fp32.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
 import math
+from typing import NamedTuple, Optional
 
 import torch
 

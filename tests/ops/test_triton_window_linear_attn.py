@@ -1,7 +1,7 @@
 """Triton fused window + linear attention vs the pure-PyTorch parallel form: output, final state and
 every gradient (Triton backward kernels), on lengths that do not fit the tiles, windows smaller and
-larger than a tile, GQA, split-and-resume through `WindowLinearState`, attention sinks; CPU via the
-interpreter."""
+larger than a tile, GQA, split-and-resume through `WindowLinearState`, attention sinks, the decayed linear
+branch (`linear_half_life`); CPU via the interpreter."""
 from helpers import (  # noqa: F401  (cpu_tests_need_interpreter: an autouse fixture)
     GPU_TOL, cpu_tests_need_interpreter, rel_rms, use_triton_interpreter, window_linear_inputs,
 )
@@ -127,10 +127,37 @@ def test_sinks_split_and_resume_with_gradients_to_the_state():
     assert_matches(rest, TOL, initial_state=state, chunk_size=16, **kw)
 
 
+@pytest.mark.parametrize(
+    "seq_len,window_size,sink_tokens,half_life",
+    # several tiles of linear keys with a window shorter than a tile; a window spanning two tiles with sinks;
+    # sinks spanning two tiles and a decay of 2^-1 per token (faster decays leave window_logit's gradient
+    # below fp32 rounding: both this kernel and the reference then sit ~1e-4 from a float64 oracle)
+    [(100, 5, 0, 3.0), (70, 24, 3, 10.0), (45, 3, 20, 1.0)],
+)
+def test_half_life_matches_reference(seq_len, window_size, sink_tokens, half_life):
+    assert_matches(make_inputs(seq_len, seed=seq_len), TOL, window_size=window_size, chunk_size=16,
+                   sink_tokens=sink_tokens, linear_half_life=half_life)
+
+
+def test_half_life_split_and_resume_with_gradients_to_the_state():
+    """A decayed state (kv decayed to the prefix's last token) continues exactly, gradients included."""
+    *tokens, logit = make_inputs(60)
+    kw = dict(window_size=6, sink_tokens=2, linear_half_life=5.0)
+    _, state = parallel_window_linear_attn(
+        *[t[:, :33].detach() for t in tokens], logit.detach(), output_final_state=True, **kw
+    )
+    state = type(state)(*(t.detach().requires_grad_() for t in state))
+    rest = [t[:, 33:].detach().requires_grad_() for t in tokens] + [logit.detach().requires_grad_()]
+    assert_matches(rest, TOL, initial_state=state, chunk_size=16, **kw)
+
+
 def test_public_dispatch_selects_triton():
     inputs = make_inputs(9)
     o, _ = window_linear_attn(*inputs, window_size=4, backend="triton")
     o_ref, _ = parallel_window_linear_attn(*inputs, window_size=4)
+    assert rel_rms(o, o_ref) < TOL
+    o, _ = window_linear_attn(*inputs, window_size=4, linear_half_life=2.0, backend="triton")
+    o_ref, _ = parallel_window_linear_attn(*inputs, window_size=4, linear_half_life=2.0)
     assert rel_rms(o, o_ref) < TOL
 
 

@@ -11,8 +11,7 @@ linear_half_life=None) -> (o, WindowLinearState | None)`
   query (never linear); the state keeps them beside the window (at most N + W cached keys). Pass the
   same N to every call of one sequence.
 - `linear_half_life=H`: the linear weights decay as 2^(−(t−s)/H) with the key's distance (naive.py), so the
-  linear mass stays bounded at any context length. The pure-PyTorch forms compute it; the Triton kernel does
-  not yet (`backend="auto"` then runs the torch chunk form, `"triton"` is refused).
+  linear mass stays bounded at any context length. Every form and the Triton kernel compute it.
 - `form` selects the computation: "chunk" (default; `[C, W + C]` blocks, the only form with a Triton
   kernel), "parallel" (quadratic; the reference) or "recurrent" (token by token). `FORMS` maps each
   name to its pure-PyTorch function, all with the same arguments. For forms other than "chunk",
@@ -80,11 +79,8 @@ def window_linear_attn(
     )
     if sink_tokens:  # only when set, so every form and backend without sinks sees the arguments it always did
         kwargs["sink_tokens"] = sink_tokens
-    if linear_half_life is not None:
-        if backend == "triton":
-            raise ValueError("linear_half_life has no Triton kernel yet: use backend='torch' (or 'auto')")
+    if linear_half_life is not None:  # likewise only when set
         kwargs["linear_half_life"] = linear_half_life
-        backend = "torch"  # auto would pick the kernel on CUDA
     return run_form(
         FORMS, load_triton, (q, k, v, fq, fk, window_logit), kwargs, form=form, backend=backend,
         chunk_size=chunk_size,

@@ -15,6 +15,10 @@ Sinks (`sink_tokens=N`, the first N keys): before that walk, the tiles of sinks 
 online softmax; inside the walk a key below N counts as a window key at any distance. The wrapper zeroes
 the sinks' fk, so they add nothing to S, z or any linear weight (and their fk gradient is 0).
 GQA by indexing: k, v by kv head `h // group`; q, fq, fk by query head.
+A half-life (`linear_half_life=H`) multiplies each linear weight by 2^(−λ(t − s)), λ = 1/H (λ = 0 without
+one, where every factor is exactly 1). S and z are kept decayed to a reference key index that only moves
+forward (the prefix's last key, then the last key that joined), so every factor is a power ≤ 1: nothing is
+rescaled upwards, and no length overflows. A query reads them times 2^(−λ(t − reference)).
 
 Backward (Triton): with o_t = Σ_s w_ts v_s / den_t, every weight gets dw_ts = (do_t·v_s − do_t·o_t) / den_t.
 A query-side kernel (forward order) gives dq, dfq and the per-row window_logit term; a key-side kernel
@@ -33,7 +37,9 @@ import triton
 import triton.language as tl
 
 from .._triton_utils import MIN_BLOCK as MIN_BLOCK_V, block_k, block_t, block_v, contiguous, new_output
-from .naive import WindowLinearState, _check_inputs, _initial_state, cache_split, zero_sink_features
+from .naive import (
+    WindowLinearState, _check_inputs, _initial_state, cache_split, decay_powers, linear_decay, zero_sink_features,
+)
 
 # Time tile cap for queries and keys: [BT, BT] score tiles beside [BT, BD] / [BT, BF] operands.
 MAX_BLOCK_T = 64
@@ -43,7 +49,7 @@ NEG_LARGE = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _window_linear_fwd_kernel(
-    q, k, v, fq, fk, gamma, kv0, o, den, row_max, row_arg, scale, T, P, W, NS,
+    q, k, v, fq, fk, gamma, kv0, o, den, row_max, row_arg, scale, lam, T, P, W, NS,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
@@ -71,6 +77,7 @@ def _window_linear_fwd_kernel(
         p_kv0 = kv0 + i_bh * F * (V + 1) + o_f[:, None] * (V + 1)  # [BF, 1]
         b_s += tl.load(p_kv0 + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0.0)
         b_z += tl.load(kv0 + i_bh * F * (V + 1) + o_f * (V + 1) + V, mask=m_f, other=0.0)
+    ref = P - 1  # the key index S and z are decayed to (kv0: the prefix's last key)
     for i_t in range(0, tl.cdiv(T, BT)):
         t = i_t * BT + o_t  # query index
         m_t = t < T
@@ -80,9 +87,10 @@ def _window_linear_fwd_kernel(
         b_q = b_q.to(tl.float32) * scale  # [BT, BD]
         b_fq = tl.load(fq + row_q[:, None] * F + o_f[None, :], mask=m_t[:, None] & m_f[None, :], other=0.0)
         b_fq = b_fq.to(tl.float32)  # [BT, BF]
-        # older keys, through the linear state
-        b_lin = tl.dot(b_fq, b_s)  # [BT, BV]
-        b_lin_den = tl.sum(b_fq * b_z[None, :], axis=1)  # [BT]
+        # older keys, through the linear state (every query is after its reference: pos_q > ref)
+        b_age = tl.exp2(-lam * (pos_q - ref).to(tl.float32))  # [BT]
+        b_lin = tl.dot(b_fq, b_s) * b_age[:, None]  # [BT, BV]
+        b_lin_den = tl.sum(b_fq * b_z[None, :], axis=1) * b_age  # [BT]
         b_m = tl.full([BT], NEG_LARGE, dtype=tl.float32)
         b_arg = tl.zeros([BT], dtype=tl.int32)
         b_l = tl.zeros([BT], dtype=tl.float32)
@@ -121,7 +129,8 @@ def _window_linear_fwd_kernel(
             valid = m_t[:, None] & m_s[None, :]
             in_window = valid & (dist >= 0) & ((dist < W) | (s < NS))
             is_linear = valid & (dist >= W) & (s >= NS)
-            b_a_lin = tl.where(is_linear, tl.dot(b_fq, tl.trans(b_fk)), 0.0)  # [BT, BT]
+            b_decay = tl.exp2(-lam * tl.maximum(dist, 0).to(tl.float32))  # [BT, BT]
+            b_a_lin = tl.where(is_linear, tl.dot(b_fq, tl.trans(b_fk)) * b_decay, 0.0)  # [BT, BT]
             b_lin += tl.dot(b_a_lin, b_v)
             b_lin_den += tl.sum(b_a_lin, axis=1)
             b_score = tl.where(in_window, tl.dot(b_q, tl.trans(b_k)), float("-inf"))  # [BT, BT]
@@ -135,9 +144,14 @@ def _window_linear_fwd_kernel(
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v)
             b_m = b_m_new
             if i_s == 0:
-                # this tile is linear for every later chunk's queries
-                b_s += tl.dot(tl.trans(b_fk), b_v)
-                b_z += tl.sum(b_fk, axis=0)
+                # this tile is linear for every later chunk's queries: it joins S and z, all decayed to
+                # the newer of the old reference and the tile's last key
+                new_ref = tl.maximum(ref, lo + BT - 1)
+                b_fk_aged = b_fk * tl.exp2(-lam * tl.maximum(new_ref - s, 0).to(tl.float32))[:, None]  # [BT, BF]
+                b_shift = tl.exp2(-lam * (new_ref - ref).to(tl.float32))
+                b_s = b_s * b_shift + tl.dot(tl.trans(b_fk_aged), b_v)
+                b_z = b_z * b_shift + tl.sum(b_fk_aged, axis=0)
+                ref = new_ref
         b_num = b_gamma * b_acc + b_lin
         # padded query rows have a zero normalizer: give them 1 so nothing divides by 0
         b_den = tl.where(m_t, b_gamma * b_l + b_lin_den, 1.0)
@@ -149,14 +163,19 @@ def _window_linear_fwd_kernel(
             tl.store(row_arg + row_q, b_arg, mask=m_t)
 
 
-def _final_state(k_all, v_all, fk_all, kv0, window_size, sink_tokens=0):
+def _final_state(k_all, v_all, fk_all, kv0, window_size, sink_tokens=0, decay=None, new_tokens=0):
     """State after the last key: the sinks and the last W keys stay cached; the keys between join kv.
-    k_all `[B, L, H_kv, D]`, v_all `[B, L, H_kv, V]`, fk_all `[B, L, H, F]`, kv0 `[B, H, F, V + 1]`."""
+    k_all `[B, L, H_kv, D]`, v_all `[B, L, H_kv, V]`, fk_all `[B, L, H, F]`, kv0 `[B, H, F, V + 1]`. With a
+    decay γ every kv term is decayed to the last key, as in naive.final_state (kv0 through `new_tokens`)."""
     batch, num_keys, kv_heads, _ = k_all.shape
     heads, feat = fk_all.shape[2], fk_all.shape[3]
     sinks, old_end = cache_split(num_keys, window_size, sink_tokens)
     num_old = old_end - sinks
     fk_old = fk_all[:, sinks:old_end].float()
+    if decay is not None:
+        ages = num_keys - 1 - torch.arange(sinks, old_end, device=fk_old.device)  # [n]
+        fk_old = fk_old * decay_powers(decay, ages)[:, None, None]  # [B, n, H, F]
+        kv0 = kv0 * decay**new_tokens
     fk_old = fk_old.view(batch, num_old, kv_heads, heads // kv_heads, feat)  # [B, n, Hkv, G, F]
     v_old = v_all[:, sinks:old_end].float()
     v1_old = torch.cat([v_old, torch.ones_like(v_old[..., :1])], dim=-1)  # [B, n, H_kv, V + 1]
@@ -173,7 +192,7 @@ def _final_state(k_all, v_all, fk_all, kv0, window_size, sink_tokens=0):
 
 @triton.jit
 def _window_linear_bwd_q_kernel(
-    q, k, v, fq, fk, gamma, kv0, do, den, row_max, delta, dq, dfq, dlog, scale, T, P, W, NS,
+    q, k, v, fq, fk, gamma, kv0, do, den, row_max, delta, dq, dfq, dlog, scale, lam, T, P, W, NS,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
@@ -199,6 +218,7 @@ def _window_linear_bwd_q_kernel(
         p_kv0 = kv0 + i_bh * F * (V + 1) + o_f[:, None] * (V + 1)  # [BF, 1]
         b_s += tl.load(p_kv0 + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0.0)
         b_z += tl.load(kv0 + i_bh * F * (V + 1) + o_f * (V + 1) + V, mask=m_f, other=0.0)
+    ref = P - 1  # as in the forward kernel
     for i_t in range(0, tl.cdiv(T, BT)):
         t = i_t * BT + o_t
         m_t = t < T
@@ -213,7 +233,8 @@ def _window_linear_bwd_q_kernel(
         b_c = tl.load(row_max + row_q, mask=m_t, other=0.0)
         b_dn = b_do / b_den[:, None]  # [BT, BV] gradient of the numerator
         b_dd = -tl.load(delta + row_q, mask=m_t, other=0.0) / b_den  # [BT] gradient of the normalizer
-        b_dfq = tl.dot(b_dn, tl.trans(b_s)) + b_dd[:, None] * b_z[None, :]  # [BT, BF]
+        b_age = tl.exp2(-lam * (pos_q - ref).to(tl.float32))  # [BT]
+        b_dfq = (tl.dot(b_dn, tl.trans(b_s)) + b_dd[:, None] * b_z[None, :]) * b_age[:, None]  # [BT, BF]
         b_dq = tl.zeros([BT, BD], dtype=tl.float32)
         b_dlog = tl.zeros([BT], dtype=tl.float32)
         lo = P + i_t * BT - W
@@ -252,10 +273,15 @@ def _window_linear_bwd_q_kernel(
             b_dscore = b_w * b_dw
             b_dq += tl.dot(b_dscore, b_k)
             b_dlog += tl.sum(b_dscore, axis=1)
-            b_dfq += tl.dot(tl.where(is_linear, b_dw, 0.0), b_fk)
+            b_decay = tl.exp2(-lam * tl.maximum(dist, 0).to(tl.float32))  # [BT, BT]
+            b_dfq += tl.dot(tl.where(is_linear, b_dw * b_decay, 0.0), b_fk)
             if i_s == 0:
-                b_s += tl.dot(tl.trans(b_fk), b_v)
-                b_z += tl.sum(b_fk, axis=0)
+                new_ref = tl.maximum(ref, lo + BT - 1)
+                b_fk_aged = b_fk * tl.exp2(-lam * tl.maximum(new_ref - s, 0).to(tl.float32))[:, None]  # [BT, BF]
+                b_shift = tl.exp2(-lam * (new_ref - ref).to(tl.float32))
+                b_s = b_s * b_shift + tl.dot(tl.trans(b_fk_aged), b_v)
+                b_z = b_z * b_shift + tl.sum(b_fk_aged, axis=0)
+                ref = new_ref
         tl.store(dq + row_q[:, None] * D + o_d[None, :], b_dq * scale, mask=m_t[:, None] & m_d[None, :])
         tl.store(dfq + row_q[:, None] * F + o_f[None, :], b_dfq, mask=m_t[:, None] & m_f[None, :])
         tl.store(dlog + row_q, b_dlog, mask=m_t)
@@ -263,14 +289,15 @@ def _window_linear_bwd_q_kernel(
 
 @triton.jit
 def _window_linear_bwd_kv_kernel(
-    q, k, v, fq, fk, gamma, do, den, row_max, delta, dk, dv, dfk, scale, T, P, W, NS,
+    q, k, v, fq, fk, gamma, do, den, row_max, delta, dk, dv, dfk, scale, lam, T, P, W, NS,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
 ):
     """Key side, key tiles in reverse order. Query tiles starting at the key tile and covering W + BT
     positions are visited explicitly; later queries are all linear for these keys and arrive through
     R = Σ fq_tᵀ dN_t, r = Σ fq_t dD_t, to which each key tile adds its last query tile before moving on.
-    Writes per-query-head dk, dv (the wrapper sums GQA groups) and dfk. One value tile (BV ≥ V)."""
+    With a half-life R is kept decayed to the first query position it holds, and a key reads it times
+    2^(−λ(that position − s)). Writes per-query-head dk, dv (the wrapper sums GQA groups) and dfk. One value tile (BV ≥ V)."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -300,8 +327,10 @@ def _window_linear_bwd_kv_kernel(
         b_k = b_k.to(tl.float32)  # [BT, BD]
         b_fk = b_fk.to(tl.float32)  # [BT, BF]
         b_v = b_v.to(tl.float32)  # [BT, BV]
-        b_dv = tl.dot(b_fk, b_r)  # [BT, BV]
-        b_dfk = tl.dot(b_v, tl.trans(b_r)) + b_rz[None, :]  # [BT, BF]
+        # R holds the queries from position (i_k + num_q_tiles)·BT on, decayed to that position
+        b_key_age = tl.exp2(-lam * ((i_k + num_q_tiles) * BT - s).to(tl.float32))  # [BT]
+        b_dv = tl.dot(b_fk, b_r) * b_key_age[:, None]  # [BT, BV]
+        b_dfk = (tl.dot(b_v, tl.trans(b_r)) + b_rz[None, :]) * b_key_age[:, None]  # [BT, BF]
         b_dk = tl.zeros([BT, BD], dtype=tl.float32)
         n_q = num_q_tiles
         if i_k * BT < NS:  # sinks here: softmax keys of every later query tile, not only the next W + BT
@@ -327,14 +356,18 @@ def _window_linear_bwd_kv_kernel(
             is_linear = valid & (dist >= W) & (s >= NS) & (i_q < num_q_tiles)
             b_score = tl.dot(b_q, tl.trans(b_k)) - b_c[:, None]
             b_w = tl.where(in_window, b_gamma * tl.exp(tl.minimum(b_score, 0.0)), 0.0)  # [BT, BT]
-            b_a = tl.where(is_linear, tl.dot(b_fq, tl.trans(b_fk)), 0.0)  # [BT, BT]
+            b_decay = tl.exp2(-lam * tl.maximum(dist, 0).to(tl.float32))  # [BT, BT]
+            b_a = tl.where(is_linear, tl.dot(b_fq, tl.trans(b_fk)) * b_decay, 0.0)  # [BT, BT]
             b_dw = tl.dot(b_dn, tl.trans(b_v)) + b_dd[:, None]  # [BT, BT]
             b_dv += tl.dot(tl.trans(b_w + b_a), b_dn)
             b_dk += tl.dot(tl.trans(b_w * b_dw), b_q)
-            b_dfk += tl.dot(tl.trans(tl.where(is_linear, b_dw, 0.0)), b_fq)
+            b_dfk += tl.dot(tl.trans(tl.where(is_linear, b_dw * b_decay, 0.0)), b_fq)
             if i_q == num_q_tiles - 1:
-                b_r += tl.dot(tl.trans(b_fq), b_dn)
-                b_rz += tl.sum(b_fq * b_dd[:, None], axis=0)
+                # this query tile joins R, whose reference moves back to the tile's first position
+                b_q_age = tl.exp2(-lam * o_t.to(tl.float32))  # [BT]: pos_q − (i_k + num_q_tiles − 1)·BT
+                b_shift = tl.exp2(-lam * BT)
+                b_r = b_r * b_shift + tl.dot(tl.trans(b_fq * b_q_age[:, None]), b_dn)
+                b_rz = b_rz * b_shift + tl.sum(b_fq * (b_dd * b_q_age)[:, None], axis=0)
         row_kq = (i_b * L + s) * H + i_h  # per-query-head gradient rows
         tl.store(dk + row_kq[:, None] * D + o_d[None, :], b_dk, mask=m_s[:, None] & m_d[None, :])
         tl.store(dv + row_kq[:, None] * V + o_v[None, :], b_dv, mask=m_s[:, None] & m_v[None, :])
@@ -349,7 +382,8 @@ def _launch_dims(q, k_all, v_all, fq, chunk_size):
 
 
 def window_forward_fp32(
-    q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state, sink_tokens=0
+    q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state, sink_tokens=0,
+    lam=0.0,
 ):
     """Kernel launch on contiguous inputs (keys include the cached prefix) → fp32 o `[B, T, H, V]`,
     normalizer and window max `[B, T, H]`."""
@@ -361,7 +395,7 @@ def window_forward_fp32(
     row_arg = torch.zeros((batch, seq_len, heads), dtype=torch.int32, device=q.device)
     bv = block_v(value_dim)
     _window_linear_fwd_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
-        q, k_all, v_all, fq, fk_all, gamma, kv0, o, den, row_max, row_arg, scale, seq_len, prefix, window_size,
+        q, k_all, v_all, fq, fk_all, gamma, kv0, o, den, row_max, row_arg, scale, lam, seq_len, prefix, window_size,
         sink_tokens, **dims, **blocks, BV=bv, USE_INITIAL_STATE=has_state,
     )
     return o, den, row_max, row_arg
@@ -391,22 +425,24 @@ class _WindowCore(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, q, k_all, v_all, fq, fk_all, window_logit, kv0, scale, window_size, chunk_size, has_state, sink_tokens
+        ctx, q, k_all, v_all, fq, fk_all, window_logit, kv0, scale, window_size, chunk_size, has_state, sink_tokens,
+        lam,
     ):
         q, k_all, v_all, fq, fk_all, kv0 = (contiguous(x) for x in (q, k_all, v_all, fq, fk_all, kv0))
         gamma = torch.sigmoid(window_logit.float()).contiguous()  # [H]
         prefix = k_all.shape[1] - q.shape[1]
         o, den, row_max, row_arg = window_forward_fp32(
-            q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state, sink_tokens
+            q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state, sink_tokens,
+            lam,
         )
         ctx.save_for_backward(q, k_all, v_all, fq, fk_all, gamma, kv0, o, den, row_max, row_arg)
-        ctx.config = (scale, window_size, prefix, chunk_size, has_state, sink_tokens)
+        ctx.config = (scale, window_size, prefix, chunk_size, has_state, sink_tokens, lam)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k_all, v_all, fq, fk_all, gamma, kv0, o, den, row_max, row_arg = ctx.saved_tensors
-        scale, window_size, prefix, chunk_size, has_state, sink_tokens = ctx.config
+        scale, window_size, prefix, chunk_size, has_state, sink_tokens, lam = ctx.config
         batch, seq_len, heads, dims, blocks = _launch_dims(q, k_all, v_all, fq, chunk_size)
         num_keys = k_all.shape[1]
         do = do.float().contiguous()
@@ -418,7 +454,7 @@ class _WindowCore(torch.autograd.Function):
         dv = new_output((batch, num_keys, heads, dims["V"]), q.device)
         dfk = new_output(fk_all.shape, q.device)
         bv = max(MIN_BLOCK_V, triton.next_power_of_2(dims["V"]))  # one value tile: dw needs all of do·v
-        common = (scale, seq_len, prefix, window_size, sink_tokens)
+        common = (scale, lam, seq_len, prefix, window_size, sink_tokens)
         _window_linear_bwd_q_kernel[(batch * heads,)](
             q, k_all, v_all, fq, fk_all, gamma, kv0, do, den, row_max, delta, dq, dfq, dlog, *common,
             **dims, **blocks, BV=bv, USE_INITIAL_STATE=has_state,
@@ -432,23 +468,28 @@ class _WindowCore(torch.autograd.Function):
         dkv0 = None
         if has_state:
             dn_dd = torch.cat([do, -delta.unsqueeze(-1)], dim=-1) / den.unsqueeze(-1)  # [B, T, H, V + 1]
-            dkv0 = torch.einsum("bthf,bthv->bhfv", fq.float(), dn_dd)  # [B, H, F, V + 1]
+            # query t reads kv0 decayed by t + 1 more tokens (2^(−λ(t + 1)); 1 without a half-life)
+            ages = torch.exp2(-lam * torch.arange(1, seq_len + 1, device=q.device, dtype=torch.float32))  # [T]
+            dkv0 = torch.einsum("bthf,bthv->bhfv", fq.float() * ages[:, None, None], dn_dd)  # [B, H, F, V + 1]
         kv_heads = k_all.shape[2]
         return (
             dq.to(q.dtype), _group_sum(dk, kv_heads).to(k_all.dtype), _group_sum(dv, kv_heads).to(v_all.dtype),
-            dfq.to(fq.dtype), dfk.to(fk_all.dtype), dlogit, dkv0, None, None, None, None, None,
+            dfq.to(fq.dtype), dfk.to(fk_all.dtype), dlogit, dkv0, None, None, None, None, None, None,
         )
 
 
 def window_linear_attn_triton(
     q, k, v, fq, fk, window_logit, *, window_size=64, scale=None, initial_state=None,
-    output_final_state=False, chunk_size=64, sink_tokens=0,
+    output_final_state=False, chunk_size=64, sink_tokens=0, linear_half_life=None,
 ):
     """Hybrid sliding-window softmax + linear attention (and `sink_tokens` sinks), Triton forward and
     backward; q `[B, T, H, D]`, k `[B, T, H_kv, D]`, v `[B, T, H_kv, V]`, fq, fk `[B, T, H, F]`, window_logit
     `[H]` → (o `[B, T, H, V]` in v.dtype, `WindowLinearState` or None). `chunk_size` sets the query/key tile
-    (rounded down to a power of two in [16, 64]); the result does not depend on it."""
+    (rounded down to a power of two in [16, 64]); the result does not depend on it. `linear_half_life`: the
+    decayed linear branch (naive.py)."""
     _check_inputs(q, k, v, fq, fk, window_logit, window_size, sink_tokens)
+    decay = linear_decay(linear_half_life)
+    lam = 0.0 if linear_half_life is None else 1.0 / float(linear_half_life)  # −log2 γ per token
     has_state = initial_state is not None
     state = _initial_state(q, k, v, fq, initial_state, window_size, sink_tokens)
     if has_state:
@@ -463,7 +504,8 @@ def window_linear_attn_triton(
     scale = float(scale if scale is not None else q.shape[-1] ** -0.5)
     kv0 = state.kv.float()
     o = _WindowCore.apply(
-        q, k_all, v_all, fq, fk_all, window_logit, kv0, scale, window_size, chunk_size, has_state, sink_tokens
+        q, k_all, v_all, fq, fk_all, window_logit, kv0, scale, window_size, chunk_size, has_state, sink_tokens, lam
     )
-    final = _final_state(k_all, v_all, fk_all, kv0, window_size, sink_tokens) if output_final_state else None
+    final = (_final_state(k_all, v_all, fk_all, kv0, window_size, sink_tokens, decay, q.shape[1])
+             if output_final_state else None)
     return o.to(v.dtype), final

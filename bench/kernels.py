@@ -58,6 +58,7 @@ DELTA_GPU_SHAPE = dict(batch=4, **SMOLLM2_HEADS)
 DELTA_CPU_LENGTHS = [512, 2048]
 DELTA_CPU_SHAPE = dict(batch=1, **SMOLLM2_HEADS)
 WINDOW_SIZE = 64  # the LoLCATs default window
+DEMO_HALF_LIFE = 64.0  # configs/demo.yaml's attention.linear_half_life
 LIGER_GATE_DIVISOR = 16  # Liger's g = logsigmoid(k) / 16
 CPU_REPEATS = 5
 MS_PER_S = 1000.0
@@ -99,6 +100,11 @@ def _ours(backend: str) -> dict[str, Callable]:
         "gated_linear_attn": lambda x: chunk_gated_linear_attn(x["q"], x["k"], x["v"], x["g"], backend=backend)[0],
         "window_linear_attn": lambda x: window_linear_attn(
             x["q"], x["k"], x["v"], x["fq"], x["fk"], x["window_logit"], window_size=WINDOW_SIZE, backend=backend
+        )[0],
+        # the decayed linear branch the demo trains with (attention.linear_half_life: 64)
+        "window_linear_attn half-life 64": lambda x: window_linear_attn(
+            x["q"], x["k"], x["v"], x["fq"], x["fk"], x["window_logit"], window_size=WINDOW_SIZE, backend=backend,
+            linear_half_life=DEMO_HALF_LIFE,
         )[0],
     }
 

@@ -163,7 +163,9 @@ def test_public_dispatch_selects_triton():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs CUDA and TRITON_INTERPRET=0")
-def test_gpu_bf16():
+# the plain LoLCATs form, and the demo's attention (32 sinks, linear half-life 64)
+@pytest.mark.parametrize("extra", [{}, {"sink_tokens": 32, "linear_half_life": 64.0}])
+def test_gpu_bf16(extra):
     inputs = make_inputs(300, head_dim=64, feature_dim=64, value_dim=64, device="cuda")
     low = [x.detach().bfloat16().requires_grad_() for x in inputs[:5]] + [inputs[5]]
-    assert_matches(low, GPU_TOL, window_size=64)
+    assert_matches(low, GPU_TOL, window_size=64, **extra)

@@ -45,8 +45,9 @@ def oracle(q, k, v, fq, fk, window_logit, window_size, scale, sink_tokens=0, hal
             den = a_sm.sum(-1)
             for s in sorted(set(range(t + 1)) - set(window)):
                 a_lin = (fq[:, t, h] * fk[:, s, h]).sum(-1)
-                if half_life is not None:
-                    a_lin = a_lin * 2.0 ** (-(t - s) / half_life)
+                if half_life is not None:  # one half-life, or one per head (a tensor `[H]`)
+                    h_life = half_life[h] if isinstance(half_life, torch.Tensor) else half_life
+                    a_lin = a_lin * 2.0 ** (-(t - s) / h_life)
                 num = num + a_lin[:, None] * v[:, s, kv_h]
                 den = den + a_lin
             out[:, t, h] = num / den[:, None]

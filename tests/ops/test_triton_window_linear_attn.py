@@ -139,6 +139,15 @@ def test_half_life_matches_reference(seq_len, window_size, sink_tokens, half_lif
                    sink_tokens=sink_tokens, linear_half_life=half_life)
 
 
+def test_per_head_half_lives_match_reference():
+    """One half-life per query head (a tensor `[H]`, as a learned one is at inference): each head decays by its own."""
+    half_lives = torch.tensor([1.5, 40.0, 4.0, 9.0])
+    assert_matches(make_inputs(90, seed=9), TOL, window_size=7, chunk_size=16, sink_tokens=2,
+                   linear_half_life=half_lives)
+    with pytest.raises(ValueError, match="no Triton backward"):
+        window_linear_attn_triton(*make_inputs(9), window_size=4, linear_half_life=half_lives.requires_grad_())
+
+
 def test_half_life_split_and_resume_with_gradients_to_the_state():
     """A decayed state (kv decayed to the prefix's last token) continues exactly, gradients included."""
     *tokens, logit = make_inputs(60)

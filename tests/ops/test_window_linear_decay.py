@@ -8,7 +8,7 @@ import torch
 from linearize.ops.window_linear_attn import FORMS, window_linear_attn
 
 from helpers import rel_rms
-from test_naive_window_linear_attn import TOL, assert_states_close, make_inputs, oracle, sliced
+from test_naive_window_linear_attn import HEADS, TOL, assert_states_close, make_inputs, oracle, sliced
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -83,3 +83,69 @@ def test_bad_half_lives_raise():
     for form in FORMS:
         with pytest.raises(ValueError, match="linear_half_life must be > 0"):
             FORMS[form](*inputs, window_size=4, linear_half_life=0.0)
+
+
+# one half-life per query head (HEADS = 4): fast, slow, and two in between
+PER_HEAD = [1.5, 40.0, 4.0, 9.0]
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_per_head_half_lives_match_the_float64_oracle(form):
+    inputs = make_inputs(23, batch=1)
+    half_lives = torch.tensor(PER_HEAD)
+    ref = oracle(*[t.double() for t in inputs], window_size=3, scale=0.3, sink_tokens=2,
+                 half_life=half_lives.double())
+    for extra in ([{"chunk_size": 4}, {"chunk_size": 16}] if form == "chunk" else [{}]):
+        out, _ = FORMS[form](*inputs, window_size=3, scale=0.3, sink_tokens=2, linear_half_life=half_lives, **extra)
+        assert rel_rms(out.double(), ref) <= TOL, extra
+
+
+def test_per_head_half_lives_are_each_heads_own_half_life():
+    """Head h of a per-head call equals a one-half-life call with head h's half-life, outputs and state."""
+    inputs = make_inputs(50)
+    kw = dict(window_size=5, sink_tokens=2, chunk_size=8, output_final_state=True)
+    out, state = window_linear_attn(*inputs, linear_half_life=torch.tensor(PER_HEAD), **kw)
+    for h, half_life in enumerate(PER_HEAD):
+        one, one_state = window_linear_attn(*inputs, linear_half_life=half_life, **kw)
+        assert rel_rms(out[:, :, h], one[:, :, h]) <= TOL, h
+        assert rel_rms(state.kv[:, h], one_state.kv[:, h]) <= TOL, h
+
+
+def test_per_head_split_resume_and_decode():
+    """A per-head decayed state continues across forms and into decode steps."""
+    inputs = make_inputs(60)
+    half_lives = torch.tensor(PER_HEAD)
+    kw = dict(window_size=6, sink_tokens=2, linear_half_life=half_lives, output_final_state=True)
+    full, full_state = FORMS["parallel"](*inputs, **kw)
+    head, state = FORMS["chunk"](*sliced(inputs, 0, 37), chunk_size=16, **kw)
+    steps = [head]
+    for t in range(37, 60):
+        out, state = FORMS["recurrent"](*sliced(inputs, t, t + 1), initial_state=state, **kw)
+        steps.append(out)
+    assert rel_rms(torch.cat(steps, dim=1), full) <= TOL
+    assert_states_close(state, full_state)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_learned_half_life_gets_the_float64_gradient(form):
+    """Gradients reach a per-head half-life tensor through the output, equal to the float64 oracle's."""
+    inputs = make_inputs(21, batch=1)
+    weights = torch.randn(1, 21, HEADS, inputs[2].shape[-1], generator=torch.Generator().manual_seed(3))
+    ref_lives = torch.tensor(PER_HEAD, dtype=torch.float64, requires_grad=True)
+    ref = oracle(*[t.double() for t in inputs], window_size=3, scale=0.3, sink_tokens=1, half_life=ref_lives)
+    (ref_grad,) = torch.autograd.grad((ref * weights.double()).sum(), ref_lives)
+    lives = torch.tensor(PER_HEAD, requires_grad=True)
+    extra = {"chunk_size": 8} if form == "chunk" else {}
+    out, _ = FORMS[form](*inputs, window_size=3, scale=0.3, sink_tokens=1, linear_half_life=lives, **extra)
+    (grad,) = torch.autograd.grad((out * weights).sum(), lives)
+    assert ref_grad.abs().min() > 1e-4  # every head's half-life matters here
+    assert rel_rms(grad.double(), ref_grad) <= 1e-4  # fp32 forms against float64: summation order over 21² terms
+
+
+def test_a_learned_half_life_runs_the_torch_forms_not_the_kernel():
+    inputs = make_inputs(12)
+    lives = torch.tensor(PER_HEAD, requires_grad=True)
+    out, _ = window_linear_attn(*inputs, window_size=3, linear_half_life=lives)  # auto: torch on any device
+    assert out.requires_grad
+    with pytest.raises(ValueError, match="per head"):
+        window_linear_attn(*inputs, window_size=3, linear_half_life=torch.tensor([4.0, -1.0, 2.0, 3.0]))

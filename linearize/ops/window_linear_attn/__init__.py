@@ -11,7 +11,9 @@ linear_half_life=None) -> (o, WindowLinearState | None)`
   query (never linear); the state keeps them beside the window (at most N + W cached keys). Pass the
   same N to every call of one sequence.
 - `linear_half_life=H`: the linear weights decay as 2^(−(t−s)/H) with the key's distance (naive.py), so the
-  linear mass stays bounded at any context length. Every form and the Triton kernel compute it.
+  linear mass stays bounded at any context length. Every form and the Triton kernel compute it. H is a number
+  or a tensor `[H]` (one per query head); a tensor needing its gradient (a learned half-life) runs the torch
+  forms (`auto`), the kernel refuses it.
 - `form` selects the computation: "chunk" (default; `[C, W + C]` blocks, the only form with a Triton
   kernel), "parallel" (quadratic; the reference) or "recurrent" (token by token). `FORMS` maps each
   name to its pure-PyTorch function, all with the same arguments. For forms other than "chunk",
@@ -25,6 +27,8 @@ step), `chunk.py` the tuned CPU chunk form, `triton.py` the fused kernel.
 Math, shapes and the state layout: see `naive.py`.
 """
 from __future__ import annotations
+
+import torch
 
 from .._common import BACKENDS, run_form
 from .chunk import chunk_window_linear_attn_torch
@@ -81,6 +85,8 @@ def window_linear_attn(
         kwargs["sink_tokens"] = sink_tokens
     if linear_half_life is not None:  # likewise only when set
         kwargs["linear_half_life"] = linear_half_life
+        if isinstance(linear_half_life, torch.Tensor) and linear_half_life.requires_grad and backend == "auto":
+            backend = "torch"  # a learned half-life: the kernel computes no gradient for it
     return run_form(
         FORMS, load_triton, (q, k, v, fq, fk, window_logit), kwargs, form=form, backend=backend,
         chunk_size=chunk_size,

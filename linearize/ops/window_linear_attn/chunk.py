@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._common import append_ones, check_chunk_size, key_lag, masked_exp, sliding_window_mask
-from .naive import decay_powers, divide_output, final_state, prepare_inputs
+from .naive import decay_factor, decay_powers, divide_output, final_state, prepare_inputs
 
 
 def _window_keys(num_chunks, chunk_size, window_size, front, device, sink_tokens=0):
@@ -109,20 +109,21 @@ def _decayed_linear_part(x, fk, v1, fqc, window):
     t = nC + i, so inside a chunk the weight is γ^(i−c+W) (c ≤ i); each chunk's keys are summed decayed to the
     chunk's last key (γ^(C−1−c)); the chunks before n reach it through a decayed exclusive sum (γ^((n−1−m)C)
     from chunk m), read by query i with γ^(i+1+W); the carried state kv0, decayed to the token before the call,
-    reaches query t with γ^(t+1)."""
+    reaches query t with γ^(t+1). A per-head γ adds a leading head dim to every power, placed before the chunk dim.
+    """
     decay, device = x.decay, fqc.device
     num_chunks, chunk_size = fqc.shape[2], fqc.shape[3]
     pos = torch.arange(chunk_size, device=device)
-    inside = decay_powers(decay, pos[:, None] - pos[None, :]) * decay**window  # [C, C]: γ^(i−c+W), 0 for c > i
-    a_lin = (fqc @ fk.transpose(-1, -2)) * inside  # [B, H, N, C, C]
-    to_end = decay_powers(decay, chunk_size - 1 - pos)[:, None]  # [C, 1]: γ^(C−1−c)
+    inside = decay_powers(decay, pos[:, None] - pos[None, :]) * decay_factor(decay, window, 2)  # [(H,) C, C]: γ^(i−c+W), 0 for c > i
+    a_lin = (fqc @ fk.transpose(-1, -2)) * inside.unsqueeze(-3)  # [B, H, N, C, C]
+    to_end = decay_powers(decay, chunk_size - 1 - pos)[..., None].unsqueeze(-3)  # [(H,) 1, C, 1]: γ^(C−1−c)
     chunk_kv = ((fk * to_end).transpose(-1, -2) @ v1).flatten(3)  # [B, H, N, F·(V + 1)]
     chunk = torch.arange(num_chunks, device=device)
-    before = decay_powers(decay, (chunk[:, None] - 1 - chunk[None, :]) * chunk_size)  # [N, N]: γ^((n−1−m)C), m < n
-    kv = (before @ chunk_kv).unflatten(-1, x.kv0.shape[-2:]) * decay**window  # [B, H, N, F, V + 1]
+    before = decay_powers(decay, (chunk[:, None] - 1 - chunk[None, :]) * chunk_size)  # [(H,) N, N]: γ^((n−1−m)C), m < n
+    kv = (before @ chunk_kv).unflatten(-1, x.kv0.shape[-2:]) * decay_factor(decay, window, 3)  # [B, H, N, F, V + 1]
     if x.has_state:  # kv0 reaches chunk n's query i with γ^(nC + i + 1): γ^(nC) here, γ^(i + 1) below
-        kv = kv + x.kv0.unsqueeze(2) * decay_powers(decay, chunk * chunk_size)[:, None, None]
-    fq_aged = fqc * decay_powers(decay, pos + 1)[:, None]  # [B, H, N, C, F]: γ^(i+1)
+        kv = kv + x.kv0.unsqueeze(2) * decay_powers(decay, chunk * chunk_size)[..., None, None]
+    fq_aged = fqc * decay_powers(decay, pos + 1)[..., None].unsqueeze(-3)  # [B, H, N, C, F]: γ^(i+1)
     return a_lin @ v1 + fq_aged @ kv  # [B, H, N, C, V + 1]
 
 

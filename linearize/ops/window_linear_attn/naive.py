@@ -14,7 +14,8 @@ attention sinks, `sink_tokens=N`) and linear keys: every other s ≤ t−W:
   o_t = (Σ a_sm v_s + Σ a_lin v_s) / (Σ a_sm + Σ a_lin)
 With `linear_half_life=H` the linear weights decay with the key's distance: a_lin(t, s) = fq_t · fk_s ·
 γ^(t−s), γ = 2^(−1/H), so the linear keys' mass is bounded (by ~H/ln 2 keys' worth) instead of growing with
-the context; None (the default) is the undecayed LoLCATs form.
+the context; None (the default) is the undecayed LoLCATs form. H is one number, or a tensor `[H]` of one
+half-life per query head (gradients reach it: a learned half-life).
 The window always holds s = t, so c_t is finite and Σ a_sm > 0: fq = fk = 0 gives the pure
 sliding-window softmax baseline. A sink key is softmax for every later query and never linear: it never
 enters the linear state, and every form computes with its key feature set to 0 (a zero fk contributes no
@@ -65,22 +66,40 @@ class _Inputs(NamedTuple):
     v_raw: torch.Tensor  # [B, H_kv, P + T, V]
     has_state: bool  # False: kv0 is the zero state of a fresh sequence
     sink_tokens: int  # N: keys 0..N-1 of the P + T are sinks
-    decay: Optional[float] = None  # γ = 2^(−1/H) per token of distance, or None: no decay
+    decay: Optional[object] = None  # γ = 2^(−1/H) per token of distance (a float, or `[H]` per head), or None
 
 
-def linear_decay(half_life: Optional[float]) -> Optional[float]:
-    """γ = 2^(−1/half_life), or None without a half-life."""
+def linear_decay(half_life):
+    """γ = 2^(−1/half_life): a float for one half-life, an fp32 tensor `[H]` for a tensor of one per query
+    head (differentiable in it), or None without a half-life."""
     if half_life is None:
         return None
+    if isinstance(half_life, torch.Tensor):
+        if half_life.dim() != 1 or not bool((half_life > 0).all()):
+            raise ValueError(f"linear_half_life must be > 0 tokens, one per head, got {half_life}")
+        return torch.exp2(-1.0 / half_life.float())
     if not half_life > 0:
         raise ValueError(f"linear_half_life must be > 0 tokens, got {half_life}")
     return 2.0 ** (-1.0 / half_life)
 
 
-def decay_powers(decay: float, exponents: torch.Tensor) -> torch.Tensor:
-    """γ^e elementwise, fp32, for integer exponents e ≥ 0 (negative ones, masked out by the caller, give 0)."""
+def decay_powers(decay, exponents: torch.Tensor) -> torch.Tensor:
+    """γ^e elementwise, fp32, for integer exponents e ≥ 0 (negative ones, masked out by the caller, give 0):
+    `[*e]` for one γ, `[H, *e]` for one per head."""
     e = exponents.float()
-    return torch.where(e >= 0, torch.exp2(e.clamp_min(0) * math.log2(decay)), torch.zeros_like(e))
+    if isinstance(decay, torch.Tensor):
+        log2 = torch.log2(decay).view(-1, *([1] * e.dim()))  # [H, 1, ...]
+    else:
+        log2 = math.log2(decay)
+    return torch.where(e >= 0, torch.exp2(e.clamp_min(0) * log2), torch.zeros_like(e))
+
+
+def decay_factor(decay, exponent: int, trailing: int):
+    """γ^exponent scaling a `[B, H, ...]` tensor with `trailing` dims after the heads: a float for one γ,
+    `[H, 1 × trailing]` for one per head."""
+    if isinstance(decay, torch.Tensor):
+        return (decay**exponent).view(-1, *([1] * trailing))
+    return decay**exponent
 
 
 def _check_inputs(q, k, v, fq, fk, window_logit, window_size, sink_tokens=0):
@@ -196,9 +215,9 @@ def final_state(inputs, window_size):
     else:  # every term decayed to the last key (index P + T − 1); kv0 was decayed to the prefix's last (P − 1)
         last = inputs.k_raw.shape[2] - 1
         ages = last - torch.arange(sinks, old_end, device=old_fk.device)  # [n_old]
-        old_fk = old_fk * decay_powers(inputs.decay, ages)[:, None]  # [B, H, n_old, F]
+        old_fk = old_fk * decay_powers(inputs.decay, ages)[..., None]  # [B, H, n_old, F]
         tokens = inputs.k_raw.shape[2] - inputs.prefix  # T: steps kv0 decays through
-        kv = inputs.kv0 * inputs.decay**tokens + old_fk.transpose(-1, -2) @ old_v1  # [B, H, F, V + 1]
+        kv = inputs.kv0 * decay_factor(inputs.decay, tokens, 2) + old_fk.transpose(-1, -2) @ old_v1  # [B, H, F, V + 1]
     return WindowLinearState(
         kv=kv,
         k=cached(inputs.k_raw),
@@ -227,7 +246,7 @@ def _parallel_weights(x, window_size):
     scores = x.q @ k.transpose(-1, -2)  # [B, H, T, P + T]
     linear = (lag >= window_size) & ~window  # a sink is never linear
     if x.decay is not None:
-        linear = linear * decay_powers(x.decay, lag)  # [T, P + T]: γ^(t−s) on linear keys
+        linear = linear * decay_powers(x.decay, lag)  # [T, P + T] (or [H, T, P + T]): γ^(t−s) on linear keys
     return _hybrid_weights(scores, window, linear, x.fq, x.fk, x.gamma)
 
 
@@ -237,7 +256,7 @@ def _state_term(x):
     if x.decay is None:
         return x.fq @ x.kv0
     steps = torch.arange(1, x.q.shape[2] + 1, device=x.q.device)  # [T]
-    return (x.fq * decay_powers(x.decay, steps)[:, None]) @ x.kv0
+    return (x.fq * decay_powers(x.decay, steps)[..., None]) @ x.kv0
 
 
 def divide_output(num_den, dtype):
@@ -303,11 +322,11 @@ def _push_key(state, k_t, v_t, fk_t, window_size, group, sink_tokens=0, decay=No
     cache_k = torch.cat([state.k, k_t.float().unsqueeze(2)], dim=2)  # [B, H_kv, W' + 1, D]
     cache_v = torch.cat([state.v, v_t.float().unsqueeze(2)], dim=2)  # [B, H_kv, W' + 1, V]
     cache_fk = torch.cat([state.fk, fk_t.float().unsqueeze(2)], dim=2)  # [B, H, W' + 1, F]
-    kv = state.kv if decay is None else state.kv * decay
+    kv = state.kv if decay is None else state.kv * decay_factor(decay, 1, 2)
     if cache_k.shape[2] > window_size + sink_tokens:
         n = sink_tokens
         old_v1 = append_ones(cache_v[:, :, n].repeat_interleave(group, dim=1))  # [B, H, V + 1]
-        old_fk = cache_fk[:, :, n] if decay is None else cache_fk[:, :, n] * decay**window_size  # [B, H, F]
+        old_fk = cache_fk[:, :, n] if decay is None else cache_fk[:, :, n] * decay_factor(decay, window_size, 1)  # [B, H, F]
         kv = kv + old_fk[:, :, :, None] * old_v1[:, :, None, :]  # [B, H, F, V + 1]
         cache_k, cache_v, cache_fk = (_drop(t, n) for t in (cache_k, cache_v, cache_fk))
     return WindowLinearState(kv=kv, k=cache_k, v=cache_v, fk=cache_fk)

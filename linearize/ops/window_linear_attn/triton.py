@@ -15,8 +15,9 @@ Sinks (`sink_tokens=N`, the first N keys): before that walk, the tiles of sinks 
 online softmax; inside the walk a key below N counts as a window key at any distance. The wrapper zeroes
 the sinks' fk, so they add nothing to S, z or any linear weight (and their fk gradient is 0).
 GQA by indexing: k, v by kv head `h // group`; q, fq, fk by query head.
-A half-life (`linear_half_life=H`) multiplies each linear weight by 2^(−λ(t − s)), λ = 1/H (λ = 0 without
-one, where every factor is exactly 1). S and z are kept decayed to a reference key index that only moves
+A half-life (`linear_half_life=H`, one or one per head) multiplies each linear weight by 2^(−λ_h(t − s)),
+λ_h = 1/H_h (λ = 0 without one, where every factor is exactly 1); a learned (gradient-needing) half-life
+has no Triton backward for itself and runs the torch forms. S and z are kept decayed to a reference key index that only moves
 forward (the prefix's last key, then the last key that joined), so every factor is a power ≤ 1: nothing is
 rescaled upwards, and no length overflows. A query reads them times 2^(−λ(t − reference)).
 
@@ -32,13 +33,16 @@ einsum.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .._triton_utils import MIN_BLOCK as MIN_BLOCK_V, block_k, block_t, block_v, contiguous, new_output
 from .naive import (
-    WindowLinearState, _check_inputs, _initial_state, cache_split, decay_powers, linear_decay, zero_sink_features,
+    WindowLinearState, _check_inputs, _initial_state, cache_split, decay_factor, decay_powers, linear_decay,
+    zero_sink_features,
 )
 
 # Time tile cap for queries and keys: [BT, BT] score tiles beside [BT, BD] / [BT, BF] operands.
@@ -49,7 +53,7 @@ NEG_LARGE = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _window_linear_fwd_kernel(
-    q, k, v, fq, fk, gamma, kv0, o, den, row_max, row_arg, scale, lam, T, P, W, NS,
+    q, k, v, fq, fk, gamma, kv0, o, den, row_max, row_arg, scale, lams, T, P, W, NS,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
@@ -70,6 +74,7 @@ def _window_linear_fwd_kernel(
     m_f = o_f < F
     m_v = o_v < V
     b_gamma = tl.load(gamma + i_h)
+    lam = tl.load(lams + i_h)  # this head's −log2 γ per token (0: no decay)
     b_s = tl.zeros([BF, BV], dtype=tl.float32)
     b_z = tl.zeros([BF], dtype=tl.float32)
     if USE_INITIAL_STATE:
@@ -174,8 +179,10 @@ def _final_state(k_all, v_all, fk_all, kv0, window_size, sink_tokens=0, decay=No
     fk_old = fk_all[:, sinks:old_end].float()
     if decay is not None:
         ages = num_keys - 1 - torch.arange(sinks, old_end, device=fk_old.device)  # [n]
-        fk_old = fk_old * decay_powers(decay, ages)[:, None, None]  # [B, n, H, F]
-        kv0 = kv0 * decay**new_tokens
+        powers = decay_powers(decay, ages)  # [n], or [H, n] per head
+        powers = powers.t()[..., None] if powers.dim() == 2 else powers[:, None, None]  # [n, H or 1, 1]
+        fk_old = fk_old * powers  # [B, n, H, F]
+        kv0 = kv0 * decay_factor(decay, new_tokens, 2)
     fk_old = fk_old.view(batch, num_old, kv_heads, heads // kv_heads, feat)  # [B, n, Hkv, G, F]
     v_old = v_all[:, sinks:old_end].float()
     v1_old = torch.cat([v_old, torch.ones_like(v_old[..., :1])], dim=-1)  # [B, n, H_kv, V + 1]
@@ -192,7 +199,7 @@ def _final_state(k_all, v_all, fk_all, kv0, window_size, sink_tokens=0, decay=No
 
 @triton.jit
 def _window_linear_bwd_q_kernel(
-    q, k, v, fq, fk, gamma, kv0, do, den, row_max, delta, dq, dfq, dlog, scale, lam, T, P, W, NS,
+    q, k, v, fq, fk, gamma, kv0, do, den, row_max, delta, dq, dfq, dlog, scale, lams, T, P, W, NS,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
@@ -212,6 +219,7 @@ def _window_linear_bwd_q_kernel(
     m_f = o_f < F
     m_v = o_v < V
     b_gamma = tl.load(gamma + i_h)
+    lam = tl.load(lams + i_h)  # this head's −log2 γ per token (0: no decay)
     b_s = tl.zeros([BF, BV], dtype=tl.float32)
     b_z = tl.zeros([BF], dtype=tl.float32)
     if USE_INITIAL_STATE:
@@ -289,7 +297,7 @@ def _window_linear_bwd_q_kernel(
 
 @triton.jit
 def _window_linear_bwd_kv_kernel(
-    q, k, v, fq, fk, gamma, do, den, row_max, delta, dk, dv, dfk, scale, lam, T, P, W, NS,
+    q, k, v, fq, fk, gamma, do, den, row_max, delta, dk, dv, dfk, scale, lams, T, P, W, NS,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
 ):
@@ -311,6 +319,7 @@ def _window_linear_bwd_kv_kernel(
     m_f = o_f < F
     m_v = o_v < V
     b_gamma = tl.load(gamma + i_h)
+    lam = tl.load(lams + i_h)  # this head's −log2 γ per token (0: no decay)
     b_r = tl.zeros([BF, BV], dtype=tl.float32)
     b_rz = tl.zeros([BF], dtype=tl.float32)
     num_q_tiles = tl.cdiv(W + BT, BT)
@@ -383,11 +392,13 @@ def _launch_dims(q, k_all, v_all, fq, chunk_size):
 
 def window_forward_fp32(
     q, k_all, v_all, fq, fk_all, gamma, kv0, scale, window_size, prefix, chunk_size, has_state, sink_tokens=0,
-    lam=0.0,
+    lam=None,
 ):
     """Kernel launch on contiguous inputs (keys include the cached prefix) → fp32 o `[B, T, H, V]`,
-    normalizer and window max `[B, T, H]`."""
+    normalizer and window max `[B, T, H]`. lam `[H]`: −log2 γ per token of each head (None: no decay)."""
     batch, seq_len, heads, dims, blocks = _launch_dims(q, k_all, v_all, fq, chunk_size)
+    if lam is None:  # no decay: every factor 2^0
+        lam = torch.zeros(heads, device=q.device)
     value_dim = dims["V"]
     o = new_output((batch, seq_len, heads, value_dim), q.device)
     den = new_output((batch, seq_len, heads), q.device)
@@ -468,9 +479,10 @@ class _WindowCore(torch.autograd.Function):
         dkv0 = None
         if has_state:
             dn_dd = torch.cat([do, -delta.unsqueeze(-1)], dim=-1) / den.unsqueeze(-1)  # [B, T, H, V + 1]
-            # query t reads kv0 decayed by t + 1 more tokens (2^(−λ(t + 1)); 1 without a half-life)
-            ages = torch.exp2(-lam * torch.arange(1, seq_len + 1, device=q.device, dtype=torch.float32))  # [T]
-            dkv0 = torch.einsum("bthf,bthv->bhfv", fq.float() * ages[:, None, None], dn_dd)  # [B, H, F, V + 1]
+            # query t reads kv0 decayed by t + 1 more tokens (2^(−λ_h(t + 1)); 1 without a half-life)
+            steps = torch.arange(1, seq_len + 1, device=q.device, dtype=torch.float32)
+            ages = torch.exp2(-steps[:, None] * lam[None, :])  # [T, H]
+            dkv0 = torch.einsum("bthf,bthv->bhfv", fq.float() * ages[..., None], dn_dd)  # [B, H, F, V + 1]
         kv_heads = k_all.shape[2]
         return (
             dq.to(q.dtype), _group_sum(dk, kv_heads).to(k_all.dtype), _group_sum(dv, kv_heads).to(v_all.dtype),
@@ -488,8 +500,17 @@ def window_linear_attn_triton(
     (rounded down to a power of two in [16, 64]); the result does not depend on it. `linear_half_life`: the
     decayed linear branch (naive.py)."""
     _check_inputs(q, k, v, fq, fk, window_logit, window_size, sink_tokens)
+    if isinstance(linear_half_life, torch.Tensor) and linear_half_life.requires_grad:
+        raise ValueError("a linear_half_life that needs its gradient (learned) has no Triton backward: use "
+                         "backend='torch' (or 'auto')")
     decay = linear_decay(linear_half_life)
-    lam = 0.0 if linear_half_life is None else 1.0 / float(linear_half_life)  # −log2 γ per token
+    heads = q.shape[2]
+    if decay is None:
+        lam = torch.zeros(heads, device=q.device)  # [H]
+    elif isinstance(decay, torch.Tensor):
+        lam = (-torch.log2(decay)).to(q.device).contiguous()  # [H]: −log2 γ per token
+    else:
+        lam = torch.full((heads,), -math.log2(decay), device=q.device)  # [H]
     has_state = initial_state is not None
     state = _initial_state(q, k, v, fq, initial_state, window_size, sink_tokens)
     if has_state:

@@ -105,6 +105,13 @@ def test_attention_weight_loss_needs_a_mechanism_that_gives_weights():
     load_config(DEMO, ["attention.mechanism=linear", "attention.form=parallel", "attention_transfer.attn_ce_weight=0.5"])
 
 
+def test_a_learned_half_life_needs_one_to_start_from():
+    message = refusal(["attention.linear_half_life=null", "attention.linear_half_life_learned=true"])
+    assert message == ("command line: attention.linear_half_life_learned: true needs attention.linear_half_life "
+                       "(the half-life every head starts from)")
+    load_config(DEMO, ["attention.linear_half_life=32", "attention.linear_half_life_learned=true"])
+
+
 @pytest.mark.parametrize("mechanism", [m for m in MECHANISMS if m != "gated_delta"])
 def test_native_family_takes_only_gated_delta(mechanism):
     message = refusal([f"attention.mechanism={mechanism}", "attention.native_family=qwen3_5"])

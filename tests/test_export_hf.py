@@ -57,6 +57,8 @@ def _ids(batch: int = 2, length: int = PROMPT_LEN, seed: int = 1) -> torch.Tenso
 DELTA_CASES = [("llama", mechanism, {"softmax_layers": [1], "window_size": 4}) for mechanism in DELTA_MECHANISMS]
 CASES = [("llama", "linear", {}), ("llama", "window_linear", {"window_size": 4}),
          ("llama", "window_linear", {"window_size": 4, "sink_tokens": 2, "linear_half_life": 3.0}),
+         # a learned half-life: one per head, nudged apart like every student parameter
+         ("llama", "window_linear", {"window_size": 4, "linear_half_life": 3.0, "linear_half_life_learned": True}),
          ("qwen3", "liger", {"feature_map": "softmax_dim"}), ("mistral", "lawcat", {}),
          ("qwen2", "linear", {"softmax_layers": [1]}), *DELTA_CASES]
 
@@ -148,7 +150,8 @@ def test_standalone_load_without_linearize(tmp_path, tiny_tokenizer):
 
 GENERATION_CASES = [("llama", "linear", {}), ("qwen2", "window_linear", {"window_size": 4, "softmax_layers": [1]}),
                     ("mistral", "lawcat", {}), *DELTA_CASES,
-                    ("llama", "window_linear", {"window_size": 4, "linear_half_life": 3.0})]
+                    ("llama", "window_linear", {"window_size": 4, "linear_half_life": 3.0}),
+                    ("llama", "window_linear", {"window_size": 4, "linear_half_life": 3.0, "linear_half_life_learned": True})]
 
 
 @pytest.mark.parity

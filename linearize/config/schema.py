@@ -50,6 +50,8 @@ class AttentionConfig:
     # window_linear: the linear keys' weights decay as 2^(-distance / H) (H in tokens), bounding the linear
     # mass at any context length; None: the undecayed LoLCATs form
     linear_half_life: Optional[float] = field(default=None, metadata=above(0))
+    # window_linear: one half-life per head, starting at linear_half_life and learned with the feature maps
+    linear_half_life_learned: bool = False
     init_window_logit: float = INIT_WINDOW_LOGIT
     liger_alpha: float = field(default=0.5, metadata=at_least(0))  # liger_window: weight of the sliding-window softmax half
     liger_beta: float = field(default=0.5, metadata=at_least(0))  # liger_window: weight of the gated linear half

@@ -86,6 +86,9 @@ def _mechanism_problems(cfg: RunConfig) -> Problems:
                                                         "true has none")
         elif attention.form != "parallel":  # [B, H, T, T] weights exist only in the quadratic form
             yield "attention_transfer.attn_ce_weight", "> 0 needs attention.form=parallel (attention weights)"
+    if attention.linear_half_life_learned and attention.linear_half_life is None:
+        yield "attention.linear_half_life_learned", ("true needs attention.linear_half_life (the half-life every "
+                                                     "head starts from)")
     yield from _native_family_problems(cfg, registry)
 
 

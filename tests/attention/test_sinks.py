@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from attn_helpers import converted, greedy_by_full_forwards, rel_rms
+import linearize
+from attn_helpers import attention_config, converted, greedy_by_full_forwards, rel_rms
 from linearize.attention.window_linear import sliding_window
 
 # fp32 mechanism vs float64 formula over 16 tokens: rounding sits near 1e-7.
@@ -20,11 +21,13 @@ WINDOW_SETTINGS = {
     "liger_window": {},
     "gated_delta_window": {"init": "zero_gate"},
     "window_linear_decay": {"linear_half_life": 4.0},  # the decayed linear branch
+    "window_linear_learned_decay": {"linear_half_life": 4.0, "linear_half_life_learned": True},  # one per head
 }
+DECAYED = ("window_linear_decay", "window_linear_learned_decay")
 
 
 def build(make_tiny_model, setting, **overrides):
-    mechanism = "window_linear" if setting in ("window_only", "window_linear_decay") else setting
+    mechanism = "window_linear" if setting in ("window_only", *DECAYED) else setting
     return converted(make_tiny_model, mechanism, **WINDOW_SETTINGS[setting], **overrides)
 
 
@@ -114,7 +117,7 @@ def test_prefill_then_decoding_equals_full_forward(make_tiny_model, setting):
     assert torch.equal(window.k[:, :, :SINKS], sink_keys)  # the first tokens' keys stay
 
 
-@pytest.mark.parametrize("setting", ["window_linear", "gated_delta_window", "window_linear_decay"])
+@pytest.mark.parametrize("setting", ["window_linear", "gated_delta_window", *DECAYED])
 def test_greedy_generate_matches_full_forwards(make_tiny_model, setting):
     model = build(make_tiny_model, setting, window_size=WINDOW, sink_tokens=SINKS)
     prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
@@ -135,3 +138,25 @@ def test_the_half_life_reaches_the_op(make_tiny_model):
             logits[name] = model(ids, use_cache=False).logits
     assert rel_rms(logits["far"], logits["none"]) <= ORACLE_TOL
     assert rel_rms(logits["near"], logits["none"]) > 1e-3
+
+
+def test_a_learned_half_life_is_per_head_and_trains(make_tiny_model):
+    """`linear_half_life_learned`: every head starts at linear_half_life, the parameter sits in the gates group
+    (trained in attention transfer), a loss reaches it, and a head whose half-life moves changes its output."""
+    fresh = make_tiny_model("llama")
+    linearize.linearize_model(fresh, attention_config("window_linear", **WINDOW_SETTINGS["window_linear_learned_decay"]))
+    start = fresh.model.layers[0].self_attn.mechanism.half_life()
+    assert torch.allclose(start, torch.full_like(start, 4.0))  # every head at linear_half_life
+    model = build(make_tiny_model, "window_linear_learned_decay", window_size=WINDOW, sink_tokens=SINKS)
+    attn, p = projected(model)
+    mech = attn.mechanism  # moved off its init: one half-life per head
+    gates = [name for name, _ in linearize.student_parameters(model)["gates"]]
+    assert any(name.endswith("half_life_log2") for name in gates)
+    y, _ = mech(p, None, attn.opts, want_state=False)
+    y.square().sum().backward()
+    assert mech.half_life_log2.grad.abs().min() > 0
+    with torch.no_grad():
+        mech.half_life_log2[0] += 0.5  # head 0: 4 → 64 tokens
+        moved, _ = mech(p, None, attn.opts, want_state=False)
+    assert rel_rms(moved[:, :, 0], y[:, :, 0].detach()) > 1e-3
+    assert rel_rms(moved[:, :, 1:], y[:, :, 1:].detach()) <= ORACLE_TOL

@@ -52,6 +52,18 @@ NEG_LARGE = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _join_state(b_s, b_z, ref, b_fk, b_v, s, last, lam):
+    """S `[BF, BV]` and z `[BF]` (decayed to key index `ref`) after a key tile at positions s joins them, all
+    decayed to the newer of `ref` and the tile's `last` key → (S, z, new reference)."""
+    new_ref = tl.maximum(ref, last)
+    b_fk_aged = b_fk * tl.exp2(-lam * tl.maximum(new_ref - s, 0).to(tl.float32))[:, None]  # [BT, BF]
+    b_shift = tl.exp2(-lam * (new_ref - ref).to(tl.float32))
+    b_s = b_s * b_shift + tl.dot(tl.trans(b_fk_aged), b_v)
+    b_z = b_z * b_shift + tl.sum(b_fk_aged, axis=0)
+    return b_s, b_z, new_ref
+
+
+@triton.jit
 def _window_linear_fwd_kernel(
     q, k, v, fq, fk, gamma, kv0, o, den, row_max, row_arg, scale, lams, T, P, W, NS,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
@@ -149,14 +161,8 @@ def _window_linear_fwd_kernel(
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v)
             b_m = b_m_new
             if i_s == 0:
-                # this tile is linear for every later chunk's queries: it joins S and z, all decayed to
-                # the newer of the old reference and the tile's last key
-                new_ref = tl.maximum(ref, lo + BT - 1)
-                b_fk_aged = b_fk * tl.exp2(-lam * tl.maximum(new_ref - s, 0).to(tl.float32))[:, None]  # [BT, BF]
-                b_shift = tl.exp2(-lam * (new_ref - ref).to(tl.float32))
-                b_s = b_s * b_shift + tl.dot(tl.trans(b_fk_aged), b_v)
-                b_z = b_z * b_shift + tl.sum(b_fk_aged, axis=0)
-                ref = new_ref
+                # this tile is linear for every later chunk's queries
+                b_s, b_z, ref = _join_state(b_s, b_z, ref, b_fk, b_v, s, lo + BT - 1, lam)
         b_num = b_gamma * b_acc + b_lin
         # padded query rows have a zero normalizer: give them 1 so nothing divides by 0
         b_den = tl.where(m_t, b_gamma * b_l + b_lin_den, 1.0)
@@ -284,12 +290,7 @@ def _window_linear_bwd_q_kernel(
             b_decay = tl.exp2(-lam * tl.maximum(dist, 0).to(tl.float32))  # [BT, BT]
             b_dfq += tl.dot(tl.where(is_linear, b_dw * b_decay, 0.0), b_fk)
             if i_s == 0:
-                new_ref = tl.maximum(ref, lo + BT - 1)
-                b_fk_aged = b_fk * tl.exp2(-lam * tl.maximum(new_ref - s, 0).to(tl.float32))[:, None]  # [BT, BF]
-                b_shift = tl.exp2(-lam * (new_ref - ref).to(tl.float32))
-                b_s = b_s * b_shift + tl.dot(tl.trans(b_fk_aged), b_v)
-                b_z = b_z * b_shift + tl.sum(b_fk_aged, axis=0)
-                ref = new_ref
+                b_s, b_z, ref = _join_state(b_s, b_z, ref, b_fk, b_v, s, lo + BT - 1, lam)
         tl.store(dq + row_q[:, None] * D + o_d[None, :], b_dq * scale, mask=m_t[:, None] & m_d[None, :])
         tl.store(dfq + row_q[:, None] * F + o_f[None, :], b_dfq, mask=m_t[:, None] & m_f[None, :])
         tl.store(dlog + row_q, b_dlog, mask=m_t)

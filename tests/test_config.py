@@ -61,7 +61,13 @@ def test_presets_follow_their_recipes():
     assert lolcats.attention_transfer.lr == pytest.approx(1e-2)
     assert lolcats.attention_transfer.mse_factor == 1000.0
     assert (lolcats.lora_recovery.rank, lolcats.lora_recovery.alpha) == (8, 16.0)
-    assert list(lolcats.lora_recovery.targets) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # the behaviour recipe of the 141K-token table (docs/quality.md, 2026-12-07)
+    assert list(lolcats.lora_recovery.targets) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"]
+    assert (lolcats.lora_recovery.kl_weight, lolcats.lora_recovery.ce_weight) == (1.0, 0.0)
+    assert lolcats.lora_recovery.lr == pytest.approx(1e-3)
+    assert (lolcats.attention.sink_tokens, lolcats.attention.linear_half_life) == (32, 64)
+    assert (lolcats.attention.softmax_layers, lolcats.attention.softmax_layer_count) == ("auto", 3)
     assert "attention_transfer" not in load_config(CONFIGS_DIR / "baseline_no_transfer.yaml").stages
     assert load_config(CONFIGS_DIR / "baseline_window_only.yaml").attention.window_only
     assert load_config(CONFIGS_DIR / "engine/zero3.yaml").engine.name == "deepspeed"

@@ -16,9 +16,11 @@ from dataclasses import replace
 from typing import Optional
 
 from linearize.adapters import teacher_view
+from linearize.evals import passkey, recall
 from linearize.evals.agreement import teacher_agreement
 from linearize.evals.passkey import passkey_retrieval
 from linearize.evals.recall import badge_recall
+from linearize.evals.teacher_cache import TeacherCache, source_digest, tokenizer_digest
 from linearize.train.evaluation import compare_on_tokens
 
 # Kind of text -> data source; None: the run's own data.eval (news in the presets).
@@ -54,19 +56,29 @@ def retrieval_lengths(cfg) -> list[int]:
     return list(settings.retrieval_lengths) or [f * cfg.data.seq_len for f in RETRIEVAL_FACTORS]
 
 
-def _retrieval(cfg, model, tokenizer, settings) -> dict:
+def _retrieval(cfg, model, tokenizer, settings, cache: Optional[TeacherCache] = None) -> dict:
     """Passkey (`retrieval_prompts` per length, spread over the depths) and badge recall, student and
-    teacher, at each retrieval length."""
+    teacher, at each retrieval length; the teacher's from `cache` when it holds them."""
     lengths = retrieval_lengths(cfg)
     per_depth = max(1, round(settings.retrieval_prompts / len(PASSKEY_DEPTHS)))
+    # What the teacher's results depend on besides its weights (the cache key; the prompts are built inside
+    # the measurement, so their format is keyed by its module's source and the tokenizer).
+    parts = {"lengths": lengths, "depths": list(PASSKEY_DEPTHS), "per_depth": per_depth,
+             "prompts": settings.retrieval_prompts, "seed": cfg.seed,
+             "tokenizer": tokenizer_digest(tokenizer) if cache is not None else None}
     result = {}
-    for name, measure in (("passkey", lambda m: passkey_retrieval(m, tokenizer, lengths, list(PASSKEY_DEPTHS),
-                                                                    per_depth, seed=cfg.seed)),
-                          ("badge", lambda m: badge_recall(m, tokenizer, lengths, settings.retrieval_prompts,
-                                                           seed=cfg.seed))):
+    for name, module, measure in (
+            ("passkey", passkey, lambda m: passkey_retrieval(m, tokenizer, lengths, list(PASSKEY_DEPTHS), per_depth,
+                                                             seed=cfg.seed)),
+            ("badge", recall, lambda m: badge_recall(m, tokenizer, lengths, settings.retrieval_prompts, seed=cfg.seed))):
         student = measure(model)
-        with teacher_view(model):
-            teacher = measure(model)
+
+        def measure_teacher(measure=measure):
+            with teacher_view(model):
+                return measure(model)
+
+        teacher = (measure_teacher() if cache is None else
+                   cache.results(model, name, {**parts, "source": source_digest(module)}, measure_teacher))
         result[name] = {"student": student, "teacher": teacher}
     return result
 
@@ -74,16 +86,23 @@ def _retrieval(cfg, model, tokenizer, settings) -> dict:
 def behaviour_metrics(cfg, model, tokenizer, held_out: Optional[dict] = None) -> dict:
     """eval.json's behaviour keys for `model` (a converted model, possibly with its LoRA adapter):
     `texts`, `retrieval`, `teacher_agreement`. `held_out`: the evaluation's metrics on the run's eval text
-    (`compare_on_tokens` with the teacher), reused for the news kind when they cover the same rows."""
+    (`compare_on_tokens` with the teacher), reused for the news kind when they cover the same rows. With
+    `evaluate.behaviour.teacher_cache`, the teacher's retrieval results and answers are read from that folder
+    when an earlier evaluation of the same teacher stored them, and stored there otherwise."""
     settings = cfg.evaluate.behaviour
     window = getattr(cfg.attention, "window_size", 0) or DEFAULT_WINDOW
-    return {
+    cache = TeacherCache(settings.teacher_cache) if settings.teacher_cache else None
+    result = {
         "texts": _texts(cfg, model, tokenizer, settings, held_out),
-        "retrieval": _retrieval(cfg, model, tokenizer, settings),
+        "retrieval": _retrieval(cfg, model, tokenizer, settings, cache),
         "teacher_agreement": teacher_agreement(model, tokenizer, window=window, n=settings.instructions,
                                                multipliers=list(settings.context_windows), related=settings.related,
-                                               seed=cfg.seed),
+                                               seed=cfg.seed, cache=cache),
     }
+    if cache is not None:
+        print(f"teacher measurements: {cache.hits} reused from {cache.folder}, {cache.misses} measured and stored "
+              "there", flush=True)
+    return result
 
 
 def summary_lines(behaviour: dict) -> list[str]:

@@ -114,6 +114,8 @@ def behaviour_overrides(options: CompareOptions) -> list[str]:
     return [f"{b}.enabled=true", f"{b}.texts={_list(measured)}", f"{b}.text_sequences={options.text_sequences}",
             f"{b}.retrieval_prompts={options.retrieval_prompts}", f"{b}.instructions={options.instructions}",
             f"{b}.context_windows={_list(options.context_windows)}",
+            # every row measures the same teacher on the same prompts: the first row's teacher results serve all
+            f"{b}.teacher_cache={json.dumps(str(CompareDir(options.out_dir).teacher_cache))}",  # quoted: any path
             "evaluate.long_context.passkey_lengths=[]"]  # the behaviour pass measures the passkey already
 
 

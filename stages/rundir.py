@@ -63,6 +63,7 @@ COMPARE_RECORD = "compare_run.json"  # per compared run: wall time and the cache
 COMPARE_MD, COMPARE_JSON, COMPARE_PNG = "compare.md", "compare.json", "compare.png"
 COMPARE_AGREEMENT_PNG = "compare_agreement.png"
 TEXTS_DIR = "texts"  # <compare out>/texts/<kind>.jsonl
+TEACHER_CACHE_DIR = "teacher_cache"  # the teacher's measurements, shared by the rows (evaluate.behaviour.teacher_cache)
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,10 @@ class CompareDir:
 
     def text(self, kind: str) -> Path:
         return self.texts / f"{kind}.jsonl"
+
+    @property
+    def teacher_cache(self) -> Path:
+        return self.root / TEACHER_CACHE_DIR
 
     @property
     def marker(self) -> Path:

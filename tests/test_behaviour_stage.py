@@ -75,3 +75,35 @@ def test_the_news_kind_reuses_the_evaluations_own_rows(behaviour_run, monkeypatc
 
 
 HELD_OUT = {"teacher_ppl": 10.0, "student_ppl": 20.0, "kl": 0.5, "top1_agreement": 0.5, "sequences": 1}
+
+
+def test_a_second_evaluation_reads_the_teacher_from_the_cache(behaviour_run, tmp_path):
+    """With evaluate.behaviour.teacher_cache, the first evaluation stores the teacher's retrieval and answers
+    and the next one (here: the same run evaluated again) reads all of them: its eval.json equals the
+    uncached one's, and the setting does not make the finished stages stale."""
+    import dataclasses
+    import shutil
+
+    from stages.pipeline import run_stages
+
+    cfg, run_dir, _ = behaviour_run
+    copy_dir = tmp_path / "runs"
+    shutil.copytree(run_dir, copy_dir / run_dir.name)
+    settings = dataclasses.replace(cfg.evaluate.behaviour, teacher_cache=str(tmp_path / "teacher_cache"))
+    cached = dataclasses.replace(cfg, output_dir=str(copy_dir),
+                                 evaluate=dataclasses.replace(cfg.evaluate, behaviour=settings))
+    printed = []
+    for _ in range(2):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            run_stages(cached, ["evaluate"], force=True)
+        printed.append(out.getvalue())
+    assert "teacher measurements: 0 reused" in printed[0] and ", 0 measured" in printed[1]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        run_stages(cached, ["attention_transfer", "evaluate"])  # the key is not part of any stage's config
+    assert out.getvalue().count("done, skipping") == 2
+    original = json.loads((run_dir / "evaluate" / "eval.json").read_text())
+    again = json.loads((copy_dir / run_dir.name / "evaluate" / "eval.json").read_text())
+    for name in ("passkey", "badge"):
+        assert again["retrieval"][name]["teacher"] == original["retrieval"][name]["teacher"]
+    assert again["teacher_agreement"] == original["teacher_agreement"]

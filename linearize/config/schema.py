@@ -216,6 +216,9 @@ class BehaviourConfig:
     # Documents before the instructions, in windows (attention.window_size, or 64): 16 x 64 ~ 1,000 tokens.
     context_windows: list[int] = field(default_factory=lambda: [2, 4, 16], metadata=above(0, each=True))
     related: bool = True  # also documents that hold the facts the question asks about
+    # A folder that keeps the teacher's retrieval results and answers between evaluations of students of one
+    # teacher (`linearize compare` sets it); null: measured every time. Not part of any stage's config digest.
+    teacher_cache: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..losses.distill import kl_per_position
 from ..surgery import wrapped_attentions
 from .instructions import EVAL_INSTRUCTIONS, pick_instructions, related_case
+from .teacher_cache import TeacherCache, tokens_digest
 
 SHORT_TOKENS = 16  # greedy tokens compared without a document
 LONG_TOKENS = 32  # and after one
@@ -162,6 +163,17 @@ def agreement_scores(student: Answers, teacher: Answers) -> dict:
             "first_kl": first_kl.mean().item(), "n": n, "tokens": width}
 
 
+def _reference_answers(model, prompts, tokens: int, pad: int, batch_size: int, bar: tqdm,
+                       cache: Optional[TeacherCache]) -> Answers:
+    """The teacher's greedy answers to `prompts`, from `cache` when it holds them (keyed by the prompt ids)."""
+    if cache is None:
+        return greedy_answers(model, prompts, tokens, pad, batch_size, bar)
+    parts = {"prompts": tokens_digest(prompts), "tokens": tokens, "pad": pad, "batch_size": batch_size}
+    found = cache.tensors(model, "agreement", parts, lambda: vars(greedy_answers(model, prompts, tokens, pad, batch_size)))
+    bar.update(len(prompts))
+    return Answers(found["tokens"], found["first_logits"])
+
+
 def _teacher(model, teacher) -> tuple[object, Callable[[], ContextManager]]:
     """The model that answers as the teacher, and a factory of the context it answers in."""
     if teacher is not None:
@@ -176,12 +188,13 @@ def teacher_agreement(model, tokenizer, *, window: int, multipliers: Sequence[in
                       instructions: Sequence[str] = EVAL_INSTRUCTIONS, n: Optional[int] = None,
                       short_tokens: int = SHORT_TOKENS, long_tokens: int = LONG_TOKENS, related: bool = True,
                       documents: Optional[Sequence[str]] = None, teacher=None, batch_size: int = 8,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, cache: Optional[TeacherCache] = None) -> dict:
     """eval.json's `teacher_agreement`: {context tokens: scores} with "0" (no document, `short_tokens`
     compared) and str(m · window) for each multiplier (unrelated document, `long_tokens` compared; with
     `related`, a "related" entry of the same scores beside them). Scores: `agreement_scores` and one
     example answer pair. `documents`: the unrelated text (default: the registered corpus
-    UNRELATED_CORPUS); `teacher`: a separate teacher model (default: `model` itself in teacher view)."""
+    UNRELATED_CORPUS); `teacher`: a separate teacher model (default: `model` itself in teacher view);
+    `cache`: the teacher's answers are read from it when it holds them for these exact prompts."""
     if window < 1 or any(m < 1 for m in multipliers):
         raise ValueError(f"teacher agreement: window and multipliers must be >= 1, got {window}, {list(multipliers)}")
     chosen = pick_instructions(n, instructions)
@@ -203,7 +216,7 @@ def teacher_agreement(model, tokenizer, *, window: int, multipliers: Sequence[in
             batch = prompts[(key, kind)]
             student = greedy_answers(model, batch, tokens, pad, batch_size, bar)
             with teacher_view():
-                reference = greedy_answers(teacher_model, batch, tokens, pad, batch_size, bar)
+                reference = _reference_answers(teacher_model, batch, tokens, pad, batch_size, bar, cache)
             scores = agreement_scores(student, reference)
             scores["example"] = {"teacher": tokenizer.decode(reference.tokens[0], skip_special_tokens=True),
                                  "student": tokenizer.decode(student.tokens[0], skip_special_tokens=True)}

@@ -9,15 +9,29 @@ from ..config import RunConfig, changed_keys, config_to_dict, stage_sections  # 
 from ..errors import UserError
 from ..files import write_json
 
-# Keys that name or order a run but change nothing a stage computes.
-NON_COMPUTING_KEYS = ("run_name", "output_dir", "stages")
+# Keys (dotted below the top level) that name, order or speed up a run but change nothing a stage computes:
+# the teacher cache only saves measuring the same teacher again.
+NON_COMPUTING_KEYS = ("run_name", "output_dir", "stages", "evaluate.behaviour.teacher_cache")
+
+
+def _without(tree, path: list[str]):
+    """`tree` (nested dicts) without the key at `path`; the input is not changed."""
+    head, *rest = path
+    if not isinstance(tree, dict) or head not in tree:
+        return tree
+    if not rest:
+        return {key: value for key, value in tree.items() if key != head}
+    return {**tree, head: _without(tree[head], rest)}
 
 
 def stage_view(config: dict, stage: str) -> dict:
-    """The part of a full config dict that stage `stage` depends on: everything except run naming and
-    the sections of the other stages."""
-    skip = set(NON_COMPUTING_KEYS) | (set(stage_sections()) - {stage})
-    return {key: value for key, value in config.items() if key not in skip}
+    """The part of a full config dict that stage `stage` depends on: everything except NON_COMPUTING_KEYS
+    and the sections of the other stages."""
+    skip = set(stage_sections()) - {stage}
+    view = {key: value for key, value in config.items() if key not in skip}
+    for dotted in NON_COMPUTING_KEYS:
+        view = _without(view, dotted.split("."))
+    return view
 
 
 # The two ways past a refused resume, named once for every message that offers them.

@@ -56,7 +56,7 @@ def teacher_digest(model: torch.nn.Module) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # the bytes, whatever the dtype
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, whatever the dtype (no copy)
     generation = getattr(model, "generation_config", None)
     digest.update(json.dumps(getattr(generation, "eos_token_id", None)).encode())
     return digest.hexdigest()
@@ -83,7 +83,7 @@ def tokens_digest(prompts) -> str:
     for p in prompts:
         ids = p.detach().cpu().to(torch.int64).contiguous()
         digest.update(f"{ids.numel()}|".encode())
-        digest.update(ids.numpy().tobytes())
+        digest.update(ids.numpy())
     return digest.hexdigest()
 
 

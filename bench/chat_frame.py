@@ -120,7 +120,9 @@ def run_variant(name: str, source: Path, out: Path, config: str) -> float:
         _reuse_samples(out, dest)
     base = [str(REPO / ".venv/bin/linearize"), "run", config, f"run_name={name}", f"output_dir={out}"]
     started = time.time()
-    common = [*BASE, *EVALUATE, *overrides, "--accept-changes"]
+    # every variant is a student of the same teacher on the same prompts: its measurements are made once
+    cache = f"evaluate.behaviour.teacher_cache={json.dumps(str(out / 'teacher_cache'))}"
+    common = [*BASE, *EVALUATE, cache, *overrides, "--accept-changes"]
     apart = name in EVAL_APART
     subprocess.run([*base, "stages=[lora_recovery]" if apart else "stages=[lora_recovery,evaluate]", *common], check=True)
     if apart:

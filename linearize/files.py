@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -145,7 +146,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         # Created here, not by the library: the mode follows the umask, as for a plain open().
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         yield tmp
+        # A library may replace the file with its own (safetensors 0.8 writes a private 0o600 temp file and
+        # renames it over the path): the result keeps the mode a plain open() gives, so that a student or an
+        # export is readable by whoever the umask lets read it.
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync_folder(path.parent)

@@ -53,6 +53,13 @@ def sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------------------------- write faults
 
 
+def tensor_sha256(tensor) -> str:
+    """sha256 of a CPU tensor's bytes (any dtype, bfloat16 included)."""
+    import torch
+
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
 class WriteFault(UserError, OSError):
     """A write that failed for the machine's reasons (disk full, read-only, permissions, size limit).
     A UserError (one line, no traceback) and still an OSError, so code that handles a machine's write

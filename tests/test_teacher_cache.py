@@ -5,7 +5,6 @@ setting changes no stage's config digest, and `linearize compare` sets it for it
 import copy
 import dataclasses
 
-import pytest
 import torch
 
 import linearize
@@ -14,7 +13,7 @@ from linearize.evals.agreement import teacher_agreement
 from linearize.evals.teacher_cache import TeacherCache, teacher_digest, teacher_name
 
 from conftest import tiny_model
-from test_agreement import DOCS, SETTINGS
+from test_agreement import SETTINGS
 
 ATTENTION = linearize.AttentionConfig(mechanism="window_linear", window_size=4, feature_dim=8, chunk_size=4)
 

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..files import save_safetensors, write_json
+from ..files import save_safetensors, tensor_sha256, write_json
 
 # Name segments of wrappers around the teacher's own modules: peft's LoRA layers and the converted
 # attentions keep the original module under `base_layer`, and peft prefixes the whole model.
@@ -54,9 +54,8 @@ def teacher_digest(model: torch.nn.Module) -> str:
             tensors[plain] = tensor
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, whatever the dtype (no copy)
+        t = tensors[name].detach().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{tensor_sha256(t)}|".encode())
     generation = getattr(model, "generation_config", None)
     digest.update(json.dumps(getattr(generation, "eos_token_id", None)).encode())
     return digest.hexdigest()
@@ -79,12 +78,7 @@ def source_digest(module) -> str:
 
 def tokens_digest(prompts) -> str:
     """sha256 of a sequence of 1-D LongTensors (their lengths and ids)."""
-    digest = hashlib.sha256()
-    for p in prompts:
-        ids = p.detach().cpu().to(torch.int64).contiguous()
-        digest.update(f"{ids.numel()}|".encode())
-        digest.update(ids.numpy())
-    return digest.hexdigest()
+    return hashlib.sha256("|".join(tensor_sha256(p.detach().cpu().to(torch.int64)) for p in prompts).encode()).hexdigest()
 
 
 class TeacherCache:
@@ -104,22 +98,28 @@ class TeacherCache:
         key = json.dumps({"teacher": self._digests[id(model)], "device": device, "name": name, **parts}, sort_keys=True)
         return self.folder / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:KEY_CHARS]}{suffix}"
 
-    def results(self, model: torch.nn.Module, name: str, parts: dict, measure: Callable[[], dict]) -> dict:
-        """JSON results of `measure()` (the teacher view of `model` measured under (`name`, `parts`)),
-        measured only when not cached."""
-        path = self._path(model, name, parts, ".json")
+    def _lookup(self, path: Path, load: Callable, save: Callable, measure: Callable):
+        """What `load(path)` reads, or (when it cannot: absent, damaged) `measure()` saved there by `save`."""
         try:
-            cached = json.loads(path.read_text())
-        except (OSError, ValueError):
+            cached = load(path)
+        except (OSError, ValueError):  # absent, or damaged (not JSON, not safetensors): measured again, replaced
             cached = None
-        if isinstance(cached, dict):
+        if cached:
             self.hits += 1
             return cached
         self.misses += 1
-        result = measure()
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_json(path, result)
-        return json.loads(path.read_text())  # what a hit returns: the same JSON types every time
+        save(path, measure())
+        return load(path)  # what a hit returns: the same types every time
+
+    def results(self, model: torch.nn.Module, name: str, parts: dict, measure: Callable[[], dict]) -> dict:
+        """JSON results of `measure()` (the teacher view of `model` measured under (`name`, `parts`)),
+        measured only when not cached."""
+        def load(path: Path):
+            value = json.loads(path.read_text())
+            return value if isinstance(value, dict) else None
+
+        return self._lookup(self._path(model, name, parts, ".json"), load, write_json, measure)
 
     def tensors(self, model: torch.nn.Module, name: str, parts: dict,
                 measure: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -127,16 +127,13 @@ class TeacherCache:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        path = self._path(model, name, parts, ".safetensors")
-        try:
-            cached = load_file(str(path))
-        except (OSError, SafetensorError, ValueError):
-            cached = None
-        if cached:
-            self.hits += 1
-            return cached
-        self.misses += 1
-        result = {k: v.detach().cpu().contiguous() for k, v in measure().items()}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors(result, path)
-        return result
+        def load(path: Path):
+            try:
+                return load_file(str(path))
+            except SafetensorError as exc:  # a damaged file reads as one that is not there
+                raise ValueError(str(exc)) from None
+
+        def save(path: Path, result: dict) -> None:
+            save_safetensors({k: v.detach().cpu().contiguous() for k, v in result.items()}, path)
+
+        return self._lookup(self._path(model, name, parts, ".safetensors"), load, save, measure)

@@ -29,7 +29,7 @@ import torch
 
 from ..dtypes import DTYPES
 from ..errors import UserError
-from ..files import save_safetensors, write_json
+from ..files import save_safetensors, tensor_sha256, write_json
 from ..models.lazy import LazyDecoder, SafetensorsReader
 from .engine import autocast_context
 from .sampler import sample_indices
@@ -42,11 +42,6 @@ INDEX_KEYS = {"key": str, "rows": int, "shard_rows": int, "shards": int, "dtype"
 # the next boundary's shard is computed from it.
 SHARD_BYTES = 256 * 2**20
 GB = 10**9  # attention_transfer.cache_gb counts decimal gigabytes, as disks are sold
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes (any dtype, bfloat16 included)."""
-    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def row_key(row: torch.Tensor) -> str:

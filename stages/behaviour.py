@@ -100,8 +100,9 @@ def behaviour_metrics(cfg, model, tokenizer, held_out: Optional[dict] = None) ->
                                                seed=cfg.seed, cache=cache),
     }
     if cache is not None:
-        print(f"teacher measurements: {cache.hits} reused from {cache.folder}, {cache.misses} measured and stored "
-              "there", flush=True)
+        waited = f" ({cache.waits} after waiting for another evaluation measuring them)" if cache.waits else ""
+        print(f"teacher measurements: {cache.hits} reused from {cache.folder}{waited}, {cache.misses} measured and "
+              "stored there", flush=True)
     return result
 
 

@@ -1,9 +1,14 @@
 """The teacher cache (linearize/evals/teacher_cache.py, `evaluate.behaviour.teacher_cache`): one key for every
 student of one teacher, another for a teacher changed in place; a second evaluation reads the teacher's
 results instead of measuring them and gets the same eval.json; a damaged entry is measured again; the
-setting changes no stage's config digest, and `linearize compare` sets it for its rows."""
+setting changes no stage's config digest, and `linearize compare` sets it for its rows; an evaluation beside
+another that is measuring an entry waits and reads it; a folder it cannot write in is one line."""
 import copy
 import dataclasses
+import errno
+import threading
+
+import pytest
 
 import torch
 
@@ -11,6 +16,7 @@ import linearize
 from linearize import adapters
 from linearize.evals.agreement import teacher_agreement
 from linearize.evals.teacher_cache import TeacherCache, teacher_digest, teacher_name
+from linearize.files import WriteFault
 
 from conftest import tiny_model
 from test_agreement import SETTINGS
@@ -91,12 +97,57 @@ def test_a_damaged_entry_is_measured_again(tmp_path, tiny_tokenizer):
     student = _student(tiny_model("llama"))
     cache = TeacherCache(tmp_path / "cache")
     first = teacher_agreement(student, tokenizer, cache=cache, **SETTINGS)
-    entries = sorted((tmp_path / "cache").iterdir())
+    entries = sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))  # not the locks
     assert entries and all(p.suffix == ".safetensors" for p in entries)
     entries[0].write_bytes(b"not a safetensors file")
     again = TeacherCache(tmp_path / "cache")
     assert teacher_agreement(student, tokenizer, cache=again, **SETTINGS) == first
     assert again.misses == 1 and again.hits == len(entries) - 1
+
+
+def test_an_evaluation_beside_one_measuring_an_entry_waits_and_reads_it(tmp_path):
+    # Two TeacherCache objects on one folder, as two compare rows in two processes: flock locks belong to the open
+    # file, so two threads that each open the lock file contend as two processes do.
+    model = torch.nn.Linear(2, 2)
+    started, release, measured_by_second = threading.Event(), threading.Event(), threading.Event()
+    first_cache, second_cache = TeacherCache(tmp_path), TeacherCache(tmp_path)
+    results = {}
+
+    def slow_measure():
+        started.set()
+        release.wait(10)
+        return {"exact": [0.5]}
+
+    def second_measure():
+        measured_by_second.set()
+        return {"exact": [0.0]}
+
+    first = threading.Thread(target=lambda: results.update(first=first_cache.results(model, "passkey", {}, slow_measure)))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: results.update(second=second_cache.results(model, "passkey", {},
+                                                                                        second_measure)))
+    second.start()
+    # Without the lock the second lookup measures at once; with it, it waits. 0.5 s gives it the time to go wrong.
+    assert not measured_by_second.wait(0.5)
+    release.set()
+    first.join(10), second.join(10)
+    assert results["second"] == results["first"] == {"exact": [0.5]}
+    assert (second_cache.hits, second_cache.misses, second_cache.waits) == (1, 0, 1)
+    assert (first_cache.hits, first_cache.misses, first_cache.waits) == (0, 1, 0)
+
+
+def test_a_cache_folder_it_cannot_write_in_is_one_line(tmp_path, monkeypatch):
+    import linearize.evals.teacher_cache as teacher_cache
+
+    def read_only(path, *args, **kwargs):  # as open() in a folder this user may not write in (root may write anywhere)
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(teacher_cache, "open", read_only, raising=False)
+    with pytest.raises(WriteFault) as fault:
+        TeacherCache(tmp_path).results(torch.nn.Linear(2, 2), "passkey", {}, lambda: {"exact": [1.0]})
+    assert str(tmp_path) in str(fault.value) and "\n" not in str(fault.value)
+    assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
 
 
 def test_retrieval_reads_the_teachers_results_from_the_cache(tmp_path, monkeypatch):

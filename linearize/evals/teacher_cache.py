@@ -14,19 +14,24 @@ time, and they cost about as much as the student's own. A cache entry is keyed b
   (retrieval), so that a change of prompt format is a new key.
 
 Entries are `<name>-<key>.json` (results) and `<name>-<key>.safetensors` (tensors), written atomically;
-nothing is unpickled. An entry that does not read back is measured again and replaced."""
+nothing is unpickled. An entry that does not read back is measured again and replaced. A process that is about
+to measure an entry holds an exclusive `flock` on `.<entry>.lock` meanwhile, so that students evaluated side by
+side (compare rows in parallel) wait for one measurement of the teacher instead of each making its own; the
+kernel drops the lock when its holder dies, so a killed evaluation leaves nothing to clean up."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import inspect
 import json
 import re
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..files import save_safetensors, tensor_sha256, write_json
+from ..files import faults_named, save_safetensors, tensor_sha256, write_json
 
 # Name segments of wrappers around the teacher's own modules: peft's LoRA layers and the converted
 # attentions keep the original module under `base_layer`, and peft prefixes the whole model.
@@ -34,6 +39,7 @@ _WRAPPER_SEGMENTS = re.compile(r"(^base_model\.model\.)|(\.base_layer(?=\.))")
 # Parameters the teacher view never computes with: the converted layers' mechanisms and LoRA's matrices.
 _NOT_TEACHER = re.compile(r"(^|\.)(mechanism|lora_[A-Za-z_]+)\.")
 KEY_CHARS = 32  # hex digits of sha256 in a file name: 128 bits
+LOCK_SUFFIX = ".lock"
 
 
 def teacher_name(name: str) -> Optional[str]:
@@ -81,15 +87,45 @@ def tokens_digest(prompts) -> str:
     return hashlib.sha256("|".join(tensor_sha256(p.detach().cpu().to(torch.int64)) for p in prompts).encode()).hexdigest()
 
 
+def _read(path: Path, load: Callable):
+    """`load(path)`, or None when the entry is absent or damaged (not JSON, not safetensors): measured again."""
+    try:
+        return load(path)
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _entry_lock(path: Path) -> Iterator[bool]:
+    """Holds an exclusive lock beside entry `path` for the block, waiting for another process that holds it;
+    yields whether it waited."""
+    lock = path.with_name(f".{path.name}{LOCK_SUFFIX}")
+    with faults_named(lock):  # a folder it cannot write in: one line naming the file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 class TeacherCache:
     """Teacher measurements in `folder`. Each lookup names the model whose teacher view is measured (a
     converted student, or a separate teacher model); its digest is taken once per model. `hits` / `misses`
-    count lookups, for the caller's log."""
+    count lookups, and `waits` the lookups that waited for another process's measurement, for the caller's
+    log."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._digests: dict[int, str] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.waits = 0
 
     def _path(self, model: torch.nn.Module, name: str, parts: dict, suffix: str) -> Path:
         if id(model) not in self._digests:
@@ -100,17 +136,17 @@ class TeacherCache:
 
     def _lookup(self, path: Path, load: Callable, save: Callable, measure: Callable):
         """What `load(path)` reads, or (when it cannot: absent, damaged) `measure()` saved there by `save`."""
-        try:
-            cached = load(path)
-        except (OSError, ValueError):  # absent, or damaged (not JSON, not safetensors): measured again, replaced
-            cached = None
-        if cached:
-            self.hits += 1
-            return cached
-        self.misses += 1
-        self.folder.mkdir(parents=True, exist_ok=True)
-        save(path, measure())
-        return load(path)  # what a hit returns: the same types every time
+        cached = _read(path, load)
+        if not cached:
+            with _entry_lock(path) as waited:
+                self.waits += waited
+                cached = _read(path, load)  # measured by another process while this one waited
+                if not cached:
+                    self.misses += 1
+                    save(path, measure())
+                    return load(path)  # what a hit returns: the same types every time
+        self.hits += 1
+        return cached
 
     def results(self, model: torch.nn.Module, name: str, parts: dict, measure: Callable[[], dict]) -> dict:
         """JSON results of `measure()` (the teacher view of `model` measured under (`name`, `parts`)),

@@ -26,11 +26,13 @@ def tokenizer(tiny_tokenizer):
 
 
 class Copier(torch.nn.Module):
-    """Answers every badge question right: reads the asked name, finds its line, copies the number."""
+    """Answers every badge question right: reads the asked name, finds its line, copies the number.
+    `first_listed`: copies the first guest's number whoever is asked, as the 141K-token students with 32 sink
+    tokens do (the list's first line lies inside the sinks; docs/quality.md)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, first_listed: bool = False):
         super().__init__()
-        self.tokenizer = tokenizer
+        self.tokenizer, self.first_listed = tokenizer, first_listed
         self.dummy = torch.nn.Parameter(torch.zeros(1))  # badge_recall reads the device from a parameter
 
     def generate(self, input_ids, max_new_tokens, **kwargs):
@@ -38,7 +40,8 @@ class Copier(torch.nn.Module):
         for ids in input_ids:
             text = self.tokenizer.decode(ids)
             name = re.search(r"the guard reads one line of the list aloud: (.+) wears badge number$", text).group(1)
-            number = re.search(rf"\n{name} wears badge number( \d+)\.", text).group(1)
+            name = r"[^\n]+" if self.first_listed else re.escape(name)
+            number = re.search(rf"\n{name} wears badge number( \d+)\.", text).group(1)  # the first match
             answer = self.tokenizer(number, add_special_tokens=False)["input_ids"][:max_new_tokens]
             rows.append(torch.cat([ids, torch.tensor(answer + [0] * (max_new_tokens - len(answer)))]))
         return torch.stack(rows)
@@ -65,6 +68,17 @@ def test_a_perfect_copier_scores_one_and_a_random_model_about_zero(tokenizer):
     assert guessing["exact"] == [0.0, 0.0]
     assert guessing["mean_per_token"] < 0.2  # a random model hits a digit in place ~1/256 of the time
     assert guessing["lengths"] == LENGTHS and guessing["trials"] == 4
+
+
+def test_the_example_pairs_one_cases_answer_with_its_own_generation(tokenizer):
+    perfect = badge_recall(Copier(tokenizer), tokenizer, LENGTHS, trials=6, batch_size=4)  # two batches a length
+    assert [e["generated"] for e in perfect["examples"]] == [e["answer"] for e in perfect["examples"]]
+
+
+def test_copying_the_first_listed_guest_scores_about_one_in_six(tokenizer):
+    # The heuristic of a student that only reads the sinks: right when the first guest is the one asked for.
+    first = badge_recall(Copier(tokenizer, first_listed=True), tokenizer, [LENGTHS[0]], trials=36)
+    assert 0.0 < first["exact"][0] < 0.4  # 1/6 expected; 36 trials: 2 standard deviations is about 0.12
 
 
 def test_recall_loss_is_the_mean_answer_token_cross_entropy(tokenizer):

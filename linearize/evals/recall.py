@@ -94,6 +94,9 @@ def badge_recall(model, tokenizer, lengths: Sequence[int], trials: int = 36, see
                 ids = torch.stack([prompt for prompt, _ in batch]).to(device)  # [N, L]
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=width,
                                      do_sample=False, pad_token_id=pad)
+                if start == 0:  # the example: the first case's answer beside the first case's generation
+                    examples.append({"length": length, "answer": tokenizer.decode(cases[0][1]),
+                                     "generated": tokenizer.decode(out[0, length:], skip_special_tokens=True)})
                 for row, (_, answer) in zip(out[:, length:].tolist(), batch):
                     got = row[:len(answer)]
                     hits += got == answer
@@ -102,8 +105,6 @@ def badge_recall(model, tokenizer, lengths: Sequence[int], trials: int = 36, see
                 bar.update(len(batch))
             exact.append(hits / trials)
             per_token.append(credit / trials)
-            examples.append({"length": length, "answer": tokenizer.decode(cases[0][1]),
-                             "generated": tokenizer.decode(out[0, length:], skip_special_tokens=True)})
     return {"lengths": list(lengths), "trials": trials, "exact": exact, "per_token": per_token,
             "mean_exact": sum(exact) / len(exact), "mean_per_token": sum(per_token) / len(per_token),
             "examples": examples}

@@ -282,6 +282,17 @@ def _retrieval(evaluation: dict) -> dict:
     return out
 
 
+def _passkey_by_depth(evaluation: dict) -> Optional[dict]:
+    """eval.json's passkey grids ([length][depth] exact shares), student and teacher, or None without a passkey.
+    The table's passkey column averages over depths, which hides where a student finds the needle: in the
+    sinks (start), the window (end), or only where exact attention over the whole prompt is needed (middle)."""
+    passkey = evaluation["retrieval"].get("passkey")
+    if passkey is None:
+        return None
+    return {"lengths": passkey["student"]["lengths"], "depths": passkey["student"]["depths"],
+            "student": passkey["student"]["accuracy"], "teacher": passkey["teacher"]["accuracy"]}
+
+
 def make_row(path: Path, cfg, evaluation: dict, extra: dict, wall_s: float) -> dict:
     missing = [k for k in ("retrieval", "teacher_agreement") if k not in evaluation]
     run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -293,6 +304,7 @@ def make_row(path: Path, cfg, evaluation: dict, extra: dict, wall_s: float) -> d
             "student_ppl": evaluation["student_ppl"], "teacher_ppl": evaluation["teacher_ppl"],
             "ppl_ratio": _ratio(evaluation), "kl": evaluation["kl"], "top1_agreement": evaluation["top1_agreement"],
             "texts": _texts(evaluation), "retrieval": _retrieval(evaluation),
+            "passkey_by_depth": _passkey_by_depth(evaluation),
             "teacher_agreement": evaluation["teacher_agreement"], "retrieval_lengths": retrieval_lengths(cfg),
             "behaviour": {key: getattr(cfg.evaluate.behaviour, key) for key in BEHAVIOUR_SETTINGS},
             "state_bytes": extra["state_bytes"], "teacher_state_bytes": extra["teacher_state_bytes"],
@@ -392,7 +404,29 @@ def markdown(result: dict) -> str:
                   "short; 32 after the longest unrelated document). ppl ratio: student / teacher perplexity "
                   f"(teacher: {teachers}). Teacher KV cache at the same context: "
                   f"{first['teacher_state_bytes'] / BYTES_PER_MIB:.2f} MiB per sequence."]
+    lines += _depth_table(rows)
     return "\n".join(lines) + "\n"
+
+
+DEPTH_NAMES = {0.0: "start", 0.5: "middle", 1.0: "end"}
+
+
+def _depth_table(rows: list[dict]) -> list[str]:
+    """Passkey exact share by prompt length and needle depth, the teacher first (from the first row that has
+    the grids), or nothing when the rows do not share one set of lengths and depths."""
+    grids = [(r["name"], r.get("passkey_by_depth")) for r in rows]
+    grids = [(name, g) for name, g in grids if g is not None]
+    if not grids or len({(tuple(g["lengths"]), tuple(g["depths"])) for _, g in grids}) != 1:
+        return []
+    lengths, depths = grids[0][1]["lengths"], grids[0][1]["depths"]
+    names = " / ".join(DEPTH_NAMES.get(d, f"{d:g}") for d in depths)
+    header = ["config"] + [f"@{n}: {names}" for n in lengths]
+    lines = ["", "Passkey by needle depth (exact; where a student finds it: start = in the sink tokens, end = in "
+             "the window, middle = only through attention over the whole prompt):", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, grid in [("teacher", grids[0][1]["teacher"])] + [(name, g["student"]) for name, g in grids]:
+        lines.append("| " + " | ".join([name] + [" / ".join(f"{x:.2f}" for x in row) for row in grid]) + " |")
+    return lines
 
 
 def _new_figure(size: tuple[float, float]):

@@ -91,7 +91,8 @@ def test_two_configs_give_two_rows_the_table_and_the_plot(compared):
     table = (out / "compare.md").read_text()
     assert f"{SEQ_LEN}-token sequences" in table  # one length: every row scored on the same tokens
     assert "retrieval: 1 prompts a length" in table and "agreement: 2 instructions" in table  # the runs' own settings
-    rows_of_table = [line for line in table.splitlines() if line.startswith("|")]
+    main_table, depth_table = [block for block in table.split("\n\n") if block.startswith("|")]
+    rows_of_table = main_table.splitlines()
     assert len(rows_of_table) == 4 and len({line.count("|") for line in rows_of_table}) == 1  # header, rule, 2 rows
     header = [cell.strip() for cell in rows_of_table[0].strip("|").split("|")]
     assert header[:13] == ["config", "KL news", "KL code", "KL manual", "top-1 news",
@@ -101,6 +102,16 @@ def test_two_configs_give_two_rows_the_table_and_the_plot(compared):
     assert window_row[:2] == ["window", f"{rows['window']['kl']:.3f}"]
     assert window_row[10].endswith("(@16)")
     assert window_row[-2:-1] == ["attention_transfer, lora_recovery"]
+    # Passkey by needle depth: the teacher, then each row's grid, cell by cell from eval.json.
+    depth_lines = depth_table.splitlines()
+    assert depth_lines[0].startswith("| config | @400: start / middle / end | @448: start / middle / end")
+    for line, (name, side) in zip(depth_lines[2:], [("window", "teacher"), ("window", "student"),
+                                                    ("liger", "student")]):
+        passkey = json.loads((out / name / "evaluate" / "eval.json").read_text())["retrieval"]["passkey"]
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[0] == (name if side == "student" else "teacher")
+        assert cells[1:] == [" / ".join(f"{x:.2f}" for x in row) for row in passkey[side]["accuracy"]]
+    assert len(depth_lines) == 5  # header, rule, teacher, 2 rows
     for plot in ("compare.png", "compare_agreement.png"):
         assert (out / plot).read_bytes()[:8] == PNG_MAGIC
     # One legend entry per run and the teacher, and one point each, even where two runs coincide.
@@ -206,3 +217,20 @@ def test_a_run_evaluated_without_behaviour_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"has no retrieval or teacher_agreement .*delete .*old/evaluate") as err:
         compare.make_row(tmp_path / "old.yaml", cfg, older, {}, 0.0)
     assert "\n" not in str(err.value)
+
+
+def test_the_depth_table_puts_each_grid_where_it_belongs():
+    grid = lambda *rows: [list(r) for r in rows]  # noqa: E731  [length][depth]
+    row = lambda name, student, teacher: {"name": name, "passkey_by_depth": {  # noqa: E731
+        "lengths": [512, 1024], "depths": [0.0, 0.5, 1.0], "student": student, "teacher": teacher}}
+    teacher = grid((1.0, 1.0, 0.25), (0.5, 1.0, 0.75))
+    rows = [row("sinks", grid((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)), teacher),
+            row("window", grid((0.0, 0.0, 1.0), (0.0, 0.0, 0.5)), teacher), {"name": "old", "passkey_by_depth": None}]
+    lines = [line for line in compare._depth_table(rows) if line.startswith("|")]
+    assert lines[0] == "| config | @512: start / middle / end | @1024: start / middle / end |"
+    assert lines[2:] == ["| teacher | 1.00 / 1.00 / 0.25 | 0.50 / 1.00 / 0.75 |",
+                         "| sinks | 1.00 / 0.00 / 0.00 | 1.00 / 0.00 / 0.00 |",
+                         "| window | 0.00 / 0.00 / 1.00 | 0.00 / 0.00 / 0.50 |"]  # a row without grids is left out
+    other = row("longer", grid((1.0, 1.0, 1.0)), teacher)
+    other["passkey_by_depth"]["lengths"] = [2048]
+    assert compare._depth_table(rows + [other]) == []  # no shared lengths: no table

@@ -63,6 +63,7 @@ def main() -> None:
         with students_only_in(model, layers), torch.no_grad():
             return passkey_retrieval(model, tokenizer, [args.length], [args.depth], trials=args.trials)["accuracy"][0][0]
 
+    out = args.out or args.run_dir / "passkey_layers.json"
     started = time.time()
     result = {"run": str(args.run_dir), "length": args.length, "depth": args.depth, "trials": args.trials,
               "converted": converted, "student": exact(converted), "teacher_attention": exact([])}
@@ -99,10 +100,10 @@ def main() -> None:
                           "exact": exact([layer for layer in converted if layer not in kept])})
             print(f"greedy: kept {kept}: answer cross-entropy {losses[best]:.3f}, exact {steps[-1]['exact']:.2f}",
                   flush=True)
+            write_json(out, {**result, "greedy": steps})  # each step kept: a stopped run loses at most one
         result["greedy"] = steps
     result["seconds"] = time.time() - started
 
-    out = args.out or args.run_dir / "passkey_layers.json"
     write_json(out, result)  # atomic: a rerun never leaves half a file
     print(f"passkey at {args.length} tokens, needle depth {args.depth}, {args.trials} prompts; {args.run_dir}")
     print(f"| layers converted | exact |\n|---|---|\n| all {len(converted)} (the student) | {result['student']:.2f} |")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a finished run (its config.yaml and stages)")
+    parser.add_argument("run_dir", type=Path, help="a finished run (its resolved config and stages)")
     parser.add_argument("--length", type=int, default=512, help="prompt tokens (default 512)")
     parser.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5: the middle)")
     parser.add_argument("--trials", type=int, default=12, help="prompts (default 12)")
@@ -48,10 +48,11 @@ def main() -> None:
     from linearize.surgery import students_only_in, wrapped_attentions
     from stages.config_loader import load_config
     from stages.evaluate import final_student
+    from stages.rundir import RunDir
 
-    config = args.run_dir / "config.yaml"
+    config = RunDir(args.run_dir).config
     if not config.is_file():
-        raise SystemExit(f"error: {config} does not exist (a run directory holds its config.yaml)")
+        raise SystemExit(f"error: {config} does not exist (a run directory holds its {config.name})")
     try:
         start = final_student(load_config(config, []), args.run_dir)
     except UserError as err:

@@ -61,7 +61,7 @@ def main() -> None:
     converted = sorted(a.layer_idx for a in wrapped_attentions(model))
 
     def exact(layers) -> float:
-        with students_only_in(model, layers), torch.no_grad():
+        with students_only_in(model, layers):  # both measures run under no_grad
             return passkey_retrieval(model, tokenizer, [args.length], [args.depth], trials=args.trials)["accuracy"][0][0]
 
     out = args.out or args.run_dir / "passkey_layers.json"
@@ -88,7 +88,7 @@ def main() -> None:
                              torch.arange(args.length, args.length + len(answer))))
 
         def answer_loss(layers) -> float:
-            with students_only_in(model, layers), torch.no_grad():
+            with students_only_in(model, layers):  # both measures run under no_grad
                 return recall_loss(model, examples)
 
         kept, steps = [], [{"kept": [], "loss": answer_loss(converted), "exact": result["student"]}]

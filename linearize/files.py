@@ -50,14 +50,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-# --------------------------------------------------------------------------------------------- write faults
-
-
 def tensor_sha256(tensor) -> str:
     """sha256 of a CPU tensor's bytes (any dtype, bfloat16 included)."""
     import torch
 
     return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- write faults
 
 
 class WriteFault(UserError, OSError):

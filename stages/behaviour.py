@@ -26,7 +26,9 @@ from linearize.train.evaluation import compare_on_tokens
 # Kind of text -> data source; None: the run's own data.eval (news in the presets).
 TEXT_KINDS: dict[str, Optional[str]] = {"news": None, "code": "python-code", "manual": "python-manual"}
 RETRIEVAL_FACTORS = (1, 2, 4)  # retrieval prompt lengths in training lengths: seen, and beyond
-PASSKEY_DEPTHS = (0.0, 0.5, 1.0)  # the needle at the start, middle and end of the filler
+# Needle depths of the passkey (0 puts it first, 1 right before the question) and their names in tables: a
+# student's sink tokens can keep the start and its window the end; only the middle needs the whole prompt.
+PASSKEY_DEPTHS = {0.0: "start", 0.5: "middle", 1.0: "end"}
 DEFAULT_WINDOW = 64  # agreement documents are measured in windows; a mechanism without one uses this
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 from linearize.errors import UserError
 from linearize.files import save_figure, write_json, write_text
 
-from .behaviour import TEXT_KINDS, retrieval_lengths
+from .behaviour import PASSKEY_DEPTHS, TEXT_KINDS, retrieval_lengths
 from .config_loader import CONFIGS_DIR, load_config
 from .registry import TRAINING_STAGES
 from .rundir import CompareDir, RunDir, claim_compare
@@ -408,9 +408,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-DEPTH_NAMES = {0.0: "start", 0.5: "middle", 1.0: "end"}
-
-
 def _depth_table(rows: list[dict]) -> list[str]:
     """Passkey exact share by prompt length and needle depth, the teacher first (from the first row that has
     the grids), or nothing when the rows do not share one set of lengths and depths."""
@@ -419,7 +416,7 @@ def _depth_table(rows: list[dict]) -> list[str]:
     if not grids or len({(tuple(g["lengths"]), tuple(g["depths"])) for _, g in grids}) != 1:
         return []
     lengths, depths = grids[0][1]["lengths"], grids[0][1]["depths"]
-    names = " / ".join(DEPTH_NAMES.get(d, f"{d:g}") for d in depths)
+    names = " / ".join(PASSKEY_DEPTHS.get(d, f"{d:g}") for d in depths)
     header = ["config"] + [f"@{n}: {names}" for n in lengths]
     lines = ["", "Passkey by needle depth (exact; where a student finds it: start = in the sink tokens, end = in "
              "the window, middle = only through attention over the whole prompt):", "",

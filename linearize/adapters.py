@@ -40,19 +40,27 @@ def _quiet_peft():
 def wrap(model: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: Sequence[str],
          train_student: bool = False):
     """A PeftModel with LoRA (rank, alpha, dropout) on the modules named `targets`. Only the adapters
-    train, and with `train_student` also the student parameters (feature maps, gates, ...)."""
+    train, and with `train_student` also the student parameters (feature maps, gates, ...). No targets:
+    the model itself, with only its student parameters trainable (no adapter)."""
     from peft import LoraConfig, get_peft_model
 
     model.requires_grad_(False)
+    if not targets:
+        _train_student(model)
+        return model
     lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                       task_type="CAUSAL_LM")
     with _quiet_peft():
         peft_model = get_peft_model(model, lora)
     if train_student:
-        for params in student_parameters(unwrap(peft_model)).values():
-            for _, param in params:
-                param.requires_grad_(True)
+        _train_student(unwrap(peft_model))
     return peft_model
+
+
+def _train_student(model: torch.nn.Module) -> None:
+    for params in student_parameters(model).values():
+        for _, param in params:
+            param.requires_grad_(True)
 
 
 def attach(model: torch.nn.Module, adapter: Path):

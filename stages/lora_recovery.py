@@ -25,7 +25,7 @@ STAGE = "lora_recovery"
 
 def wrap_with_lora(model: torch.nn.Module, stage_cfg):
     """A PeftModel with LoRA on `stage_cfg.targets`; only the adapters (and, with train_student, the
-    student parameters) train. Converted layers recompute their mechanism in backward unless
+    student parameters) train. No targets: the model itself, with only its student parameters trainable. Converted layers recompute their mechanism in backward unless
     `recompute_attention` is off."""
     linearize.set_recompute(model, stage_cfg.recompute_attention)
     return adapters.wrap(model, rank=stage_cfg.rank, alpha=stage_cfg.alpha, dropout=stage_cfg.dropout,
@@ -41,8 +41,9 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
                                  kl_temperature=stage_cfg.kl_temperature, hidden_weight=stage_cfg.hidden_weight)
     metrics = train_stage(start, peft_model, loss_fn, cfg.lora_recovery, accept_changes)
     outputs = StageDir(start.stage_dir)
-    with faults_named(outputs.adapter):  # peft writes the folder; a full disk is one line naming it
-        peft_model.save_pretrained(outputs.adapter)
+    if adapters.is_wrapped(peft_model):  # no targets: no adapter, only the student parameters trained
+        with faults_named(outputs.adapter):  # peft writes the folder; a full disk is one line naming it
+            peft_model.save_pretrained(outputs.adapter)
     save_student(adapters.unwrap(peft_model), outputs.student)
     student_from = str(start.student_from) if start.student_from else "none (no transfer)"
     return finish_stage(start, {**metrics, "student_from": student_from})

@@ -501,9 +501,13 @@ def find_student_file(run_dir: Path, sources=STUDENT_SOURCES) -> Optional[Path]:
 
 
 def adapter_dir(run_dir: Path) -> Optional[Path]:
-    """The LoRA stage's adapter folder if that stage finished, None if it never ran; UserError if it
-    finished without a loadable adapter (or started and did not finish)."""
+    """The LoRA stage's adapter folder if that stage finished, None if it never ran or ran without LoRA
+    targets (it trained only the student parameters); UserError if it finished without a loadable adapter
+    (or started and did not finish)."""
     if not finished(run_dir, "lora_recovery"):
+        return None
+    done = read_done(Path(run_dir) / "lora_recovery", verify=False)  # verified by finished()
+    if done.get("config", {}).get("lora_recovery", {}).get("targets") == []:
         return None
     adapter = Path(run_dir) / "lora_recovery" / ADAPTER_DIR
     for needed in ADAPTER_FILES:

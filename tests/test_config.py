@@ -140,6 +140,8 @@ def test_range_and_consistency_checks(tmp_path):
     assert "no loss to train on" in load_error(path, ["lora_recovery.ce_weight=0", "lora_recovery.kl_weight=0"])
     assert "lora_recovery.ce_weight" in load_error(path, ["lora_recovery.ce_weight=-1"])
     load_config(path, ["lora_recovery.ce_weight=0", "lora_recovery.kl_weight=1"])  # KL-only distillation
+    assert "nothing to train" in load_error(path, ["lora_recovery.targets=[]"])
+    load_config(path, ["lora_recovery.targets=[]", "lora_recovery.train_student=true"])  # the student's own parameters
 
 
 def test_includes_merge_in_order_then_file(tmp_path):

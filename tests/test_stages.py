@@ -257,6 +257,39 @@ def test_no_transfer_baseline_and_unknown_stage(tmp_path, tiny_tokenizer):
         run_stages(cfg, ["distill"])
 
 
+def test_stage_2_without_lora_targets_trains_the_student_and_keeps_the_teacher_inside_the_window(tmp_path, tiny_tokenizer):
+    """`lora_recovery.targets: []` with train_student: no adapter is made or written, only the student
+    parameters train, and a prompt that fits the window is computed exactly as the teacher computes it."""
+    from safetensors.torch import load_file
+
+    from linearize import adapters
+    from stages.common import attach_adapter, build_student
+    from stages.pipeline import run_stages
+
+    cfg = tiny_run_config(tmp_path, tiny_tokenizer, lora_recovery={"targets": [], "train_student": True})
+    results = run_stages(cfg)
+    run_dir = tmp_path / "runs" / "tiny"
+    lora_dir = run_dir / "lora_recovery"
+    assert not (lora_dir / "adapter").exists()
+    trained = load_file(lora_dir / "step_3" / "trainable.safetensors")
+    student = load_file(lora_dir / "student.safetensors")
+    transferred = load_file(run_dir / "attention_transfer" / "student.safetensors")
+    assert set(trained) == set(student)  # the student parameters, and nothing else, trained
+    assert any(not torch.equal(student[name], transferred[name]) for name in student)
+    assert results["export"]["merged_lora"] is False and results["evaluate"]["student_ppl"] > 1.0
+
+    model, _, _ = build_student(cfg, run_dir)
+    model = attach_adapter(model, run_dir)
+    assert not adapters.is_wrapped(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, cfg.attention.window_size))  # fits the window whole
+    with torch.no_grad():
+        student_logits = model(ids).logits
+        with adapters.teacher_view(model):
+            teacher_logits = model(ids).logits
+    # Same weights and softmax over the same keys; only the summation order of the two attention paths differs.
+    torch.testing.assert_close(student_logits, teacher_logits, rtol=0, atol=1e-5)
+
+
 def test_switching_a_presets_mechanism_on_the_command_line_runs_end_to_end(tmp_path, tiny_tokenizer, capsys):
     """`linearize run configs/demo.yaml attention.mechanism=liger`, on the tiny model: liger brings its own
     feature map, stage 1 has nothing to train and is skipped, the other stages run."""

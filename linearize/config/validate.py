@@ -66,6 +66,9 @@ def _run_problems(cfg: RunConfig) -> Problems:
         yield "stages", f"lists a stage twice: {list(cfg.stages)}"
     if cfg.lora_recovery.ce_weight <= 0 and cfg.lora_recovery.kl_weight <= 0:
         yield "lora_recovery.ce_weight", "is 0 and so is lora_recovery.kl_weight: LoRA would have no loss to train on"
+    if not cfg.lora_recovery.targets and not cfg.lora_recovery.train_student:
+        yield "lora_recovery.targets", ("is empty and lora_recovery.train_student is false: stage 2 would have nothing "
+                                        "to train (name LoRA targets, or set train_student: true)")
 
 
 def _mechanism_problems(cfg: RunConfig) -> Problems:

@@ -178,7 +178,7 @@ class LoraRecoveryConfig(TrainStageConfig):
     alpha: float = 16.0
     dropout: float = field(default=0.0, metadata=in_range(0, 1, high_open=True))
     # Empty (with train_student): no adapter, only the student's own parameters train, so the teacher's weights
-    # stay as they are and a prompt inside the window (and sinks) is computed exactly as the teacher computes it.
+    # stay as they are; with window_linear a prompt inside the window (and sinks) is then the teacher's exactly.
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # KL-first (docs/quality.md): KL to the teacher's logits is the recovery objective; next-token CE on one
     # corpus pulls the student away from the teacher (closer news perplexity, worse KL, code and retrieval).

@@ -17,7 +17,7 @@ from linearize.files import faults_named
 from linearize.losses import recovery_objective
 from linearize.train.student import save_student
 
-from .common import finish_stage, start_stage, train_stage
+from .common import finish_stage, skip_stage, start_stage, train_stage
 from .rundir import StageDir
 
 STAGE = "lora_recovery"
@@ -37,6 +37,8 @@ def run(cfg, run_dir: Path, accept_changes: bool = False) -> dict:
     start = start_stage(cfg, run_dir, STAGE, sources=("attention_transfer",))
     peft_model = wrap_with_lora(start.model, cfg.lora_recovery)
     stage_cfg = cfg.lora_recovery
+    if not any(param.requires_grad for param in peft_model.parameters()):  # no targets, and no student parameters
+        return skip_stage(start, f"no LoRA targets, and {cfg.attention.mechanism} adds no trainable parameters")
     loss_fn = recovery_objective(stage_cfg.kl_weight, stage_cfg.ce_weight, kl_top_k=stage_cfg.kl_top_k,
                                  kl_temperature=stage_cfg.kl_temperature, hidden_weight=stage_cfg.hidden_weight)
     metrics = train_stage(start, peft_model, loss_fn, cfg.lora_recovery, accept_changes)

@@ -328,6 +328,20 @@ def test_a_stage_with_nothing_to_train_is_skipped_and_recorded(tmp_path, tiny_to
     assert run_stages(changed, ["attention_transfer"], accept_changes=True)["attention_transfer"] == {"skipped": reason}
 
 
+def test_stage_2_without_lora_targets_or_student_parameters_is_skipped(tmp_path, tiny_tokenizer, capsys):
+    """`lora_recovery.targets: []` on a mechanism with nothing of its own to train (liger): stage 2 says so
+    in one line and is recorded as skipped; evaluation and export then use the converted model as it is."""
+    from stages.pipeline import run_stages
+
+    cfg = tiny_run_config(tmp_path, tiny_tokenizer, attention={"mechanism": "liger", "feature_map": "softmax_dim"},
+                          lora_recovery={"targets": [], "train_student": True})
+    results = run_stages(cfg)
+    reason = "no LoRA targets, and liger adds no trainable parameters"
+    assert results["lora_recovery"] == {"skipped": reason}
+    assert f"lora_recovery: skipped: {reason}\n" in capsys.readouterr().out
+    assert results["evaluate"]["student_ppl"] > 1.0 and results["export"]["merged_lora"] is False
+
+
 def test_evaluate_target_on_run_and_export_dirs(tiny_run, tmp_path):
     from stages.evaluate import evaluate_target
 

@@ -25,8 +25,8 @@ STAGE = "lora_recovery"
 
 def wrap_with_lora(model: torch.nn.Module, stage_cfg):
     """A PeftModel with LoRA on `stage_cfg.targets`; only the adapters (and, with train_student, the
-    student parameters) train. No targets: the model itself, with only its student parameters trainable. Converted layers recompute their mechanism in backward unless
-    `recompute_attention` is off."""
+    student parameters) train; no targets: the model itself, with only its student parameters trainable.
+    Converted layers recompute their mechanism in backward unless `recompute_attention` is off."""
     linearize.set_recompute(model, stage_cfg.recompute_attention)
     return adapters.wrap(model, rank=stage_cfg.rank, alpha=stage_cfg.alpha, dropout=stage_cfg.dropout,
                          targets=stage_cfg.targets, train_student=stage_cfg.train_student)

@@ -159,6 +159,33 @@ def test_zero2_delta_student_with_softmax_layers_matches_single_process(tmp_path
                              _losses(tmp_path / "single" / "runs" / "tiny" / stage))
 
 
+def test_zero2_stage_2_without_an_adapter_matches_single_process(tmp_path, tiny_tokenizer):
+    """`lora_recovery.targets: []` with `train_student`: ZeRO-2 wraps the student itself (no peft model), with
+    the teacher's weights frozen inside it. Same per-step losses as one process, the same export, and no
+    adapter written by either."""
+    no_adapter = {"targets": [], "train_student": True, "lr": 1e-2}
+    runs = {}
+    for name in ("single", "ranks"):
+        (tmp_path / name).mkdir()
+        config = _config(tmp_path / name, tiny_tokenizer, SINGLE if name == "single" else PER_RANK,
+                         [*TRAIN_STAGES, "export"])
+        config["lora_recovery"].update(no_adapter)
+        if name == "single":
+            _run_single(config)
+        else:
+            done = _launch(config, tmp_path / "ranks.yaml", zero_stage=2)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        runs[name] = tmp_path / name / "runs" / "tiny"
+    lora = [_losses(runs[name] / "lora_recovery") for name in ("ranks", "single")]
+    assert lora[1][0][1] != lora[1][-1][1]  # the student trains: its loss moves
+    _assert_close_losses(*lora)
+    from stages.rundir import ADAPTER_DIR
+
+    for run_dir in runs.values():
+        assert not any(p.name == ADAPTER_DIR for p in (run_dir / "lora_recovery").rglob("*")), run_dir
+    _assert_same_export(runs["ranks"], runs["single"])
+
+
 @pytest.mark.slow
 def test_zero3_both_stages_match_single_process(tmp_path, tiny_tokenizer, single_run):
     """ZeRO-3 partitions the frozen teacher weights too: the transfer teacher and the KL teacher must

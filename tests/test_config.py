@@ -61,13 +61,15 @@ def test_presets_follow_their_recipes():
     assert lolcats.attention_transfer.lr == pytest.approx(1e-2)
     assert lolcats.attention_transfer.mse_factor == 1000.0
     assert (lolcats.lora_recovery.rank, lolcats.lora_recovery.alpha) == (8, 16.0)
-    # the behaviour recipe of the 141K-token table (docs/quality.md, 2026-12-07)
-    assert list(lolcats.lora_recovery.targets) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                   "down_proj"]
+    # the behaviour recipe of the 141K-token table (docs/quality.md, 2026-12-08): no adapter in stage 2, the
+    # recall selector's layers, 30% recall data
+    assert list(lolcats.lora_recovery.targets) == [] and lolcats.lora_recovery.train_student
     assert (lolcats.lora_recovery.kl_weight, lolcats.lora_recovery.ce_weight) == (1.0, 0.0)
-    assert lolcats.lora_recovery.lr == pytest.approx(1e-3)
+    assert lolcats.lora_recovery.lr == pytest.approx(3e-3)
     assert (lolcats.attention.sink_tokens, lolcats.attention.linear_half_life) == (32, 64)
     assert (lolcats.attention.softmax_layers, lolcats.attention.softmax_layer_count) == ("auto", 3)
+    assert lolcats.attention.softmax_layer_selector == "recall"
+    assert [(m.source, m.weight) for m in lolcats.data.mix] == [("recall", 0.3), ("demo-wiki", 0.7)]
     assert "attention_transfer" not in load_config(CONFIGS_DIR / "baseline_no_transfer.yaml").stages
     assert load_config(CONFIGS_DIR / "baseline_window_only.yaml").attention.window_only
     assert load_config(CONFIGS_DIR / "engine/zero3.yaml").engine.name == "deepspeed"

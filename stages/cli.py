@@ -170,7 +170,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validates everything a run reads before it starts: config, model location, tokenizer, data."""
     cfg = load_config(args.config, args.overrides)
-    from linearize.data import build_datasets
+    from linearize.data import build_datasets, mix_entries
     from linearize.models.teacher import load_model_tokenizer, resolve_model_path
 
     location = resolve_model_path(cfg.model.path)
@@ -179,7 +179,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     attention = f"{cfg.attention.mechanism} + {cfg.attention.feature_map}"
     print(f"config  {args.config}: ok ({attention}, stages {list(cfg.stages)})")
     print(f"model   {cfg.model.path} -> {location}")
-    print(f"train   {cfg.data.train}: {train.shape[0]} sequences x {train.shape[1]} tokens")
+    # data.mix replaces data.train: name what the rows were drawn from
+    sources = (cfg.data.train if cfg.data.mix is None
+               else "mix of " + " + ".join(f"{source} ({weight:g})" for source, weight in mix_entries(cfg.data.mix)))
+    print(f"train   {sources}: {train.shape[0]} sequences x {train.shape[1]} tokens")
     print(f"eval    {cfg.data.eval or 'held out'}: {evaluation.shape[0]} sequences x {evaluation.shape[1]} tokens")
     return 0
 

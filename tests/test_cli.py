@@ -77,6 +77,17 @@ def test_check_reports_sizes(tmp_path, tiny_dir):
                      "data.eval_fraction=0.25", "data.seq_len=32")
     assert result.returncode == 0, result.stderr
     assert "sequences x 32 tokens" in result.stdout
+    assert f"train   {text}:" in result.stdout
+
+
+def test_check_names_the_mix_that_replaces_data_train(tmp_path, tiny_dir):
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(["Linear attention replaces the softmax with a kernel feature map."] * 40))
+    result = run_cli("check", DEMO, f"model.path={tiny_dir}", f"data.mix=[{{source: {text}, weight: 1}}]",
+                     "data.eval=", "data.eval_fraction=0.25", "data.seq_len=32")
+    assert result.returncode == 0, result.stderr
+    train_line = next(line for line in result.stdout.splitlines() if line.startswith("train"))
+    assert train_line.startswith(f"train   mix of {text} (1):") and "demo-wiki" not in train_line, train_line
 
 
 def test_python_dash_m_linearize_and_argparse_errors():

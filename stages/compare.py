@@ -481,7 +481,8 @@ def agreement_figure(result: dict):
             ax.plot(*zip(*related), linestyle="--", alpha=0.6, **_style(i))
     ax.axhline(1.0, color="black", linewidth=1, label="teacher")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("tokens of document before the instruction (dashed: the document holds the answer)")
+    # two lines: on one, the label is wider than the axes the outside legend leaves, and its start is cut off
+    ax.set_xlabel("tokens of document before the instruction\n(dashed: the document holds the answer)")
     ax.set_ylabel("answers equal to the teacher's (share)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
